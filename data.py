@@ -1,0 +1,559 @@
+"""Data for the ALICE Zero Degree Calorimeter fast-simulation models.
+
+Two jobs, one interface:
+
+1. Load the real ALICE files (``--data DIR``): a responses file (N, H, W) of photon counts and a particles
+   file (N, 10) ``E, vx, vy, vz, px, py, pz, mass, charge, pdg`` (or the 9 feature columns without the PDG
+   id). A sample file written by any model's ``--sample`` (keys ``responses`` and ``particles``) loads too.
+2. A fast toy Monte Carlo of both calorimeters (``--data toy``, the default). It writes exactly the real file
+   format into a cache folder (``$ZDC_CACHE``, default ``~/.cache/zdc_fastsim``) and is then loaded by the
+   same code path as real data. Because it is a simulator, :func:`resimulate` can redraw any set of
+   conditions with fresh randomness: that gives the exact noise floor of every metric.
+
+Toy physics in one paragraph (all lengths in cm, energies in GeV). A few thousand distinct particles are
+drawn (21 types, energy 1-7000 GeV), each simulated ``runs`` times with fresh randomness. The impact point
+on the detector plane at L = 112.6 m is vertex + (px, py) / |pz| * L, plus a magnetic deflection
+x += K q / p (K = 66 cm TeV) for charged particles, so positive ones bend toward ZP. A shower is a set of
+photons drawn from a profile: Gaussian core blob(s), an exponential halo and a wide exponential spray;
+photons are binned into fibres and those falling off the detector face are lost (edge containment). Binning
+a Poisson number of photons drawn from the profile is exactly a Poisson draw per fibre of the integrated
+profile, at a cost proportional to the photon count rather than the pixel count. Electromagnetic showers
+are reproducible (Poisson + 3 % gain); hadronic ones fluctuate through the first-interaction depth
+(leakage), the electromagnetic fraction, 1-4 displaced sub-cores and the halo; strange hadrons (Lambda,
+K0, Sigma, Xi) additionally lose a random fraction of their energy to decay products.
+Everything tunable is in ``TOY``; its hash names the cache folder, so a change regenerates the data.
+"""
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.special import ndtr, ndtri
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------------
+# Detectors and file names
+# ----------------------------------------------------------------------------------------------------------
+SHAPES = {"neutron": (44, 44), "proton": (56, 30)}
+FILES = {  # the real ALICE file names for the neutron set; the proton set follows the same pattern
+    "neutron": ("data_nonrandom_responses.npz", "data_nonrandom_particles.npz"),
+    "proton": ("data_proton_responses.npz", "data_proton_particles.npz"),
+}
+FEATURES = ["E", "vx", "vy", "vz", "px", "py", "pz", "mass", "charge"]  # the 9 conditioning features
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and the problem."""
+
+
+# 21 particle types: name, PDG id, mass (MeV), charge (e), shower class, production weight.
+# The production weights are the mix of *drawn* particles. They were tuned (see tests/test_data.py for the
+# measured result) so that the neutron set, after transport and the >= 10 photon cut, lands near the
+# published mix: photons 61 %, neutrons 23 %, protons 5 %, Lambda 3 %, K0S 2 %, K0L 2 %, pi+ 1.3 %.
+PARTICLES = [
+    ("gamma", 22, 0.0, 0, "em", 0.560),
+    ("n", 2112, 939.565, 0, "had", 0.220),
+    ("p", 2212, 938.272, 1, "had", 0.045),
+    ("Lambda", 3122, 1115.683, 0, "strange", 0.032),
+    ("K0S", 310, 497.611, 0, "strange", 0.022),
+    ("K0L", 130, 497.611, 0, "strange", 0.022),
+    ("pi+", 211, 139.570, 1, "had", 0.026),
+    ("pi-", -211, 139.570, -1, "had", 0.004),
+    ("K+", 321, 493.677, 1, "had", 0.004),
+    ("K-", -321, 493.677, -1, "had", 0.003),
+    ("nbar", -2112, 939.565, 0, "had", 0.006),
+    ("pbar", -2212, 938.272, -1, "had", 0.003),
+    ("Lambdabar", -3122, 1115.683, 0, "strange", 0.005),
+    ("e-", 11, 0.511, -1, "em", 0.003),
+    ("e+", -11, 0.511, 1, "em", 0.004),
+    ("mu-", 13, 105.658, -1, "mip", 0.003),
+    ("mu+", -13, 105.658, 1, "mip", 0.003),
+    ("Sigma+", 3222, 1189.37, 1, "strange", 0.004),
+    ("Sigma-", 3112, 1197.449, -1, "strange", 0.002),
+    ("Xi0", 3322, 1314.86, 0, "strange", 0.003),
+    ("Xi-", 3312, 1321.71, -1, "strange", 0.002),
+]
+PDG_NAMES = {p[1]: p[0] for p in PARTICLES}
+_PDG = np.array([p[1] for p in PARTICLES])
+_MASS = np.array([p[2] for p in PARTICLES])
+_CHARGE = np.array([p[3] for p in PARTICLES], dtype=float)
+_CLASS = np.array([["em", "had", "strange", "mip"].index(p[4]) for p in PARTICLES])
+_WEIGHT = np.array([p[5] for p in PARTICLES]) / sum(p[5] for p in PARTICLES)
+
+# Every tunable number of the toy. Its hash (with the version) names the cache folder.
+TOY = dict(
+    version=1,
+    L=11260.0, k_bend=66.0,                      # detector distance (cm); deflection x = k_bend q / p[TeV]
+    n_conditions=14400, runs=170, chunk=16,       # distinct particles, runs per particle, particles per chunk
+    logE_median=3.8, logE_sigma=1.7,             # ln-normal energy spectrum of drawn particles (GeV)
+    beam_frac=dict(n=0.01, p=0.5),             # fraction of a type at the 7 TeV beam-energy bump
+    pt_sigma=0.2, pt_power=0.5, vtx_sigma=1e-5, vz_sigma=0.02, vtx_zero=0.4,
+    neutron=dict(x0=-3.52, y0=-3.52, pitch=0.16, core=0.20, halo=1.0, spray=3.0,
+                 yield_em=0.58, yield_had=0.40, mip=12.0, cut=10),
+    proton=dict(x0=13.15, y0=-6.0, pitch=0.40, core=0.35, halo=2.0, spray=6.0,
+                yield_em=0.45, yield_had=0.30, mip=8.0, cut=1),
+    em=dict(core=0.80, halo=0.18, gain=0.03),    # light fractions and gain spread of EM showers
+    had=dict(depth=0.6, em_mean=0.4, halo=0.30, halo_spread=0.4, subcore_spread=2.5),
+    spray=dict(em=0.02, had=0.05),
+    strange_visible=(0.6, 0.8),                  # Beta(a, b) visible fraction after decay in flight
+)
+MAX_SUBCORES = 4
+
+
+def cache_dir():
+    return Path(os.environ.get("ZDC_CACHE", Path.home() / ".cache" / "zdc_fastsim"))
+
+
+def toy_hash(toy=TOY):
+    return hashlib.sha1(json.dumps(toy, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Toy Monte Carlo
+# ----------------------------------------------------------------------------------------------------------
+def draw_particles(n, rng, toy=TOY):
+    """Draw n distinct particles: (n, 10) array E, vx, vy, vz, px, py, pz, mass, charge, pdg."""
+    t = rng.choice(len(PARTICLES), size=n, p=_WEIGHT)
+    m = _MASS[t] / 1000.0
+    lo, hi = ndtr((np.log([1.0, 7000.0]) - toy["logE_median"]) / toy["logE_sigma"])  # truncated ln-normal
+    E = np.exp(toy["logE_median"] + toy["logE_sigma"] * ndtri(rng.uniform(lo, hi, n)))
+    beam = np.zeros(n, bool)
+    for name, frac in toy["beam_frac"].items():
+        sel = _PDG[t] == next(p[1] for p in PARTICLES if p[0] == name)
+        beam |= sel & (rng.random(n) < frac)
+    E = np.where(beam, 7000.0 - np.abs(rng.normal(0, 30.0, n)), E)
+    E = np.clip(E, np.maximum(1.0, 1.05 * m), 7000.0)
+    p = np.sqrt(np.maximum(E**2 - m**2, 1e-12))
+    px, py = rng.normal(0, toy["pt_sigma"], (2, n)) * (E / 550.0) ** toy["pt_power"]
+    pt = np.hypot(px, py)
+    shrink = np.minimum(1.0, 0.5 * p / np.maximum(pt, 1e-12))  # keep the particle forward
+    px, py = px * shrink, py * shrink
+    pz = np.sqrt(p**2 - px**2 - py**2) * rng.choice([-1.0, 1.0], n)
+    zero = rng.random(n) < toy["vtx_zero"]
+    vx, vy = np.where(zero, 0.0, rng.normal(0, toy["vtx_sigma"], (2, n)))
+    vz = np.where(zero, 0.0, rng.normal(0, toy["vz_sigma"], n))
+    return np.stack([E, vx, vy, vz, px, py, pz, _MASS[t], _CHARGE[t], _PDG[t]], 1)
+
+
+def type_index(particles):
+    """Index into PARTICLES for each row: from the PDG id when given, else from (mass, charge)."""
+    particles = np.asarray(particles, float)
+    if particles.shape[1] >= 10 and np.all(np.isin(particles[:, 9], _PDG)):
+        sorter = np.argsort(_PDG)
+        return sorter[np.searchsorted(_PDG, particles[:, 9], sorter=sorter)]
+    d = np.abs(particles[:, 7:8] - _MASS[None]) + 1e3 * np.abs(particles[:, 8:9] - _CHARGE[None])
+    if np.any(d.min(1) > 1.0):
+        bad = int(np.argmax(d.min(1) > 1.0))
+        raise DataError(f"particle row {bad} (mass {particles[bad, 7]} MeV, charge {particles[bad, 8]}) "
+                        "matches none of the toy's 21 particle types: cannot simulate it")
+    return d.argmin(1)
+
+
+def _shower(particles, rng, toy):
+    """Detector-independent part of each event: impact point, visible energy, light fractions, sub-cores."""
+    n = len(particles)
+    t = type_index(particles)
+    cls = _CLASS[t]
+    E, vx, vy, _, px, py, pz, _, q = particles[:, :9].T
+    p = np.sqrt(px**2 + py**2 + pz**2)
+    x = vx + px / np.abs(pz) * toy["L"] + toy["k_bend"] * q / np.maximum(p / 1000.0, 1e-6)
+    y = vy + py / np.abs(pz) * toy["L"]
+    em, had = cls == 0, (cls == 1) | (cls == 2)
+    # visible energy
+    vis = E * np.exp(rng.normal(0, toy["em"]["gain"], n))
+    depth = rng.exponential(1.0, n)                       # first interaction depth (interaction lengths)
+    f_em = rng.beta(2.0, 2.0 / toy["had"]["em_mean"] - 2.0, n)
+    had_vis = E * np.exp(-toy["had"]["depth"] * depth) * (1 + 0.45 * f_em) / (1 + 0.45 * toy["had"]["em_mean"])
+    vis = np.where(had, had_vis, vis)
+    vis = np.where(cls == 2, vis * rng.beta(*toy["strange_visible"], n), vis)
+    # light fractions: core (split into sub-cores), halo, spray
+    halo = np.where(em, toy["em"]["halo"],
+                    toy["had"]["halo"] * np.exp(rng.normal(0, toy["had"]["halo_spread"], n)))
+    spray = np.where(em, toy["spray"]["em"], toy["spray"]["had"])
+    core = np.where(had, 0.3 + 0.5 * f_em, 1.0 - toy["em"]["halo"] - toy["spray"]["em"])
+    total = core + halo + spray
+    k = np.where(had, 1 + rng.binomial(MAX_SUBCORES - 1, 0.4, n), 1)
+    share = rng.gamma(1.5, 1.0, (n, MAX_SUBCORES)) * (np.arange(MAX_SUBCORES)[None] < k[:, None])
+    share /= share.sum(1, keepdims=True)
+    offset = rng.normal(0, 1.0, (2, n, MAX_SUBCORES)) * had[None, :, None] * (np.arange(MAX_SUBCORES) > 0)
+    offset *= np.where(cls == 2, 2.0, 1.0)[None, :, None]
+    width = np.exp(rng.normal(0, 0.15, (n, MAX_SUBCORES)))  # core width jitter (relative)
+    return dict(cls=cls, x=x, y=y, vis=vis, core=share * (core / total)[:, None], halo=halo / total,
+                spray=spray / total, offset=offset, width=width, jitter=rng.normal(0, 1.0, (2, n)))
+
+
+def _radial_exp(rng, n, scale):
+    """Offsets with 2-D density proportional to exp(-r / scale): r ~ Gamma(2, scale)."""
+    r = rng.gamma(2.0, scale)
+    phi = rng.uniform(0, 2 * np.pi, n)
+    return r * np.cos(phi), r * np.sin(phi)
+
+
+def _photons(sh, det, rng, toy):
+    """Photons of one detector for the showers `sh` that land on its face: (event index, flat pixel)."""
+    d = toy[det]
+    H, W = SHAPES[det]
+    n = len(sh["x"])
+    yld = np.select([sh["cls"] == 0, sh["cls"] == 3], [d["yield_em"], 0.0], d["yield_had"])
+    mu = yld * sh["vis"] + np.where(sh["cls"] == 3, d["mip"], 0.0)
+    x0, y0, x1, y1 = d["x0"], d["y0"], d["x0"] + H * d["pitch"], d["y0"] + W * d["pitch"]
+
+    def dist(cx, cy):  # distance from a point to the detector face (0 inside)
+        return np.hypot(np.maximum(0, np.maximum(x0 - cx, cx - x1)), np.maximum(0, np.maximum(y0 - cy, cy - y1)))
+
+    comps = []  # (event index, x, y) of every photon of every component
+    ev = np.arange(n)
+    # core blobs: Gaussian with width core * jitter; blobs farther than 7 widths from the face are skipped
+    cx = sh["x"][:, None] + sh["offset"][0] * d["core"] * toy["had"]["subcore_spread"]
+    cy = sh["y"][:, None] + sh["offset"][1] * d["core"] * toy["had"]["subcore_spread"]
+    sig = d["core"] * sh["width"]
+    cnt = rng.poisson(mu[:, None] * sh["core"] * (dist(cx, cy) < 7 * sig)).ravel()
+    e = np.repeat(np.repeat(ev, MAX_SUBCORES), cnt)
+    s = np.repeat(sig.ravel(), cnt)
+    comps.append((e, np.repeat(cx.ravel(), cnt) + s * rng.standard_normal(len(e)),
+                  np.repeat(cy.ravel(), cnt) + s * rng.standard_normal(len(e))))
+    # halo (centre jittered by a core width) and spray: radial exponentials, skipped beyond 12 scales
+    hx, hy = sh["x"] + d["core"] * sh["jitter"][0], sh["y"] + d["core"] * sh["jitter"][1]
+    for frac, scale in ((sh["halo"], d["halo"]), (sh["spray"], d["spray"])):
+        cnt = rng.poisson(mu * frac * (dist(hx, hy) < 12 * scale))
+        e = np.repeat(ev, cnt)
+        ox, oy = _radial_exp(rng, len(e), np.full(len(e), scale))
+        comps.append((e, np.repeat(hx, cnt) + ox, np.repeat(hy, cnt) + oy))
+    e = np.concatenate([c[0] for c in comps])
+    ix = np.floor((np.concatenate([c[1] for c in comps]) - x0) / d["pitch"]).astype(np.int64)
+    iy = np.floor((np.concatenate([c[2] for c in comps]) - y0) / d["pitch"]).astype(np.int64)
+    on = (ix >= 0) & (ix < H) & (iy >= 0) & (iy < W)       # photons off the face are lost
+    return e[on], ix[on] * W + iy[on]
+
+
+def _images(e, pix, rows, n, shape):
+    """Bin photons into images (len(rows), H, W) uint16 for the events `rows` (of n) only."""
+    hw = shape[0] * shape[1]
+    slot = np.full(n, -1)
+    slot[rows] = np.arange(len(rows))
+    sel = slot[e] >= 0
+    counts = np.bincount(slot[e[sel]] * hw + pix[sel], minlength=len(rows) * hw)
+    return counts.reshape((len(rows),) + shape).astype(np.uint16)
+
+
+def simulate(particles, rng, toy=TOY, detectors=("neutron", "proton")):
+    """One event per row of `particles` (n, 9 or 10): dict detector -> photon counts (n, H, W) uint16."""
+    particles = np.asarray(particles, float)
+    sh = _shower(particles, rng, toy)
+    n = len(particles)
+    return {det: _images(*_photons(sh, det, rng, toy), np.arange(n), n, SHAPES[det]) for det in detectors}
+
+
+def _chunk(seed, c, toy):
+    """Chunk c of the toy set: its own seeds, so any prefix of chunks is the same whatever the total."""
+    rng_p = np.random.default_rng([seed, 0, c])
+    particles = draw_particles(toy["chunk"], rng_p, toy)
+    events = np.repeat(particles, toy["runs"], axis=0)
+    cond = np.repeat(np.arange(c * toy["chunk"], (c + 1) * toy["chunk"]), toy["runs"])
+    rng = np.random.default_rng([seed, 1, c])
+    sh = _shower(events, rng, toy)
+    out = {}
+    for det in SHAPES:  # bin only the events that pass the set's photon cut
+        e, pix = _photons(sh, det, rng, toy)
+        keep = np.flatnonzero(np.bincount(e, minlength=len(events)) >= toy[det]["cut"])
+        out[det] = (_images(e, pix, keep, len(events), SHAPES[det]), events[keep], cond[keep])
+    return out
+
+
+def generate_toy(seed=0, n_chunks=None, limit=None, detector="neutron", toy=TOY, progress=True):
+    """Simulate the toy sets. Either `n_chunks` chunks of `toy['chunk']` distinct particles, or as many
+    chunks as needed for `limit` events of `detector`. Returns dict detector -> (images, particles)."""
+    full = toy["n_conditions"] // toy["chunk"]
+    n_chunks = n_chunks or full
+    parts = {det: [] for det in SHAPES}
+    have = 0
+    chunks = range(n_chunks if limit is None else full)
+    workers = 1 if limit is not None else min(os.cpu_count() or 1, 8)
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    results = pool.map(_chunk, [seed] * len(chunks), chunks, [toy] * len(chunks), chunksize=8) if pool else (
+        _chunk(seed, c, toy) for c in chunks)
+    bar = tqdm(results, total=len(chunks), desc="toy Monte Carlo", unit="chunk", disable=not progress, leave=False)
+    for out in bar:
+        for det in SHAPES:
+            parts[det].append(out[det])
+        have += len(out[detector][0])
+        bar.set_postfix(events=have, refresh=False)
+        if limit is not None and have >= limit:
+            break
+    if pool:
+        pool.shutdown()
+    return {det: (np.concatenate([p[0] for p in parts[det]]), np.concatenate([p[1] for p in parts[det]]))
+            for det in SHAPES}
+
+
+def toy_folder(seed=0, limit=None, detector="neutron", toy=TOY, progress=True):
+    """The cache folder of the toy set (real file format), generated on first use."""
+    tag = f"toy-{toy_hash(toy)}-seed{seed}" + ("" if limit is None else f"-{detector}{limit}")
+    folder = cache_dir() / tag
+    if not (folder / "done").exists():
+        t0 = time.time()
+        sets = generate_toy(seed, limit=limit, detector=detector, toy=toy, progress=progress)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        for det, (images, particles) in sets.items():
+            (tmp / det).mkdir(parents=True, exist_ok=True)
+            np.savez(tmp / det / FILES[det][0], images)
+            np.savez(tmp / det / FILES[det][1], particles)
+        (tmp / "done").write_text(json.dumps(dict(toy=toy, seed=seed, limit=limit, seconds=time.time() - t0)))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first
+            pass
+        if progress:
+            print(f"toy data written to {folder} in {time.time() - t0:.1f} s")
+    return folder
+
+
+def resimulate(particles, detector, seed=0, cut=None, toy=TOY, max_rounds=1000):
+    """Fresh toy responses for the given conditions, drawn from the same distribution as the data set:
+    events below the set's photon cut (default: the toy's) are redrawn, as the cut did to the data.
+    Returns counts (n, H, W) and the number of events still below the cut after `max_rounds` (normally 0)."""
+    cut = toy[detector]["cut"] if cut is None else cut
+    rng = np.random.default_rng([seed, 2])
+    particles = np.asarray(particles, float)
+    out = np.zeros((len(particles),) + SHAPES[detector], np.uint16)
+    todo = np.arange(len(particles))
+    for _ in range(max_rounds):
+        img = simulate(particles[todo], rng, toy, (detector,))[detector]
+        out[todo] = img
+        todo = todo[img.reshape(len(todo), -1).sum(1, dtype=np.int64) < cut]
+        if len(todo) == 0:
+            break
+    return out, len(todo)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading and validation
+# ----------------------------------------------------------------------------------------------------------
+def _read_npz(path, keys):
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            for k in keys:
+                if k in f.files:
+                    return f[k]
+            raise DataError(f"{path}: no array named {' or '.join(keys)} (found {', '.join(f.files) or 'none'})")
+    except DataError:
+        raise
+    except Exception as e:  # zip/pickle errors: not an npz file
+        raise DataError(f"{path}: cannot be read as an .npz file ({e})") from None
+
+
+def validate(images, particles, detector, name="data"):
+    """Check one data set; return (counts as float32 view-able ints, particles (N, 10) float64)."""
+    H, W = SHAPES[detector]
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.ndim != 3 or images.shape[1:] != (H, W):
+        other = [d for d, s in SHAPES.items() if images.shape[1:] == s]
+        hint = f" (that is the {other[0]} detector: use --detector {other[0]})" if other else ""
+        raise DataError(f"{name}: responses have shape {images.shape}, expected (N, {H}, {W}) for the "
+                        f"{detector} detector{hint}")
+    if particles.ndim != 2 or particles.shape[1] not in (9, 10):
+        raise DataError(f"{name}: particles have shape {particles.shape}, expected (N, 9) or (N, 10) "
+                        "columns E, vx, vy, vz, px, py, pz, mass, charge[, pdg]")
+    if len(images) != len(particles):
+        raise DataError(f"{name}: {len(images)} responses but {len(particles)} particles")
+    if len(images) == 0:
+        raise DataError(f"{name}: the data set is empty")
+    if not np.issubdtype(images.dtype, np.number) or not np.issubdtype(particles.dtype, np.number):
+        raise DataError(f"{name}: arrays must be numeric (got {images.dtype} and {particles.dtype})")
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise DataError(f"{name}: responses contain NaN or inf (first bad event: "
+                        f"{int(np.argmax(~np.isfinite(images).reshape(len(images), -1).all(1)))})")
+    if images.dtype.kind in "fi" and (images < 0).any():
+        raise DataError(f"{name}: responses contain negative photon counts (first bad event: "
+                        f"{int(np.argmax((images < 0).reshape(len(images), -1).any(1)))})")
+    particles = particles.astype(np.float64)
+    if not np.isfinite(particles).all():
+        raise DataError(f"{name}: particles contain NaN or inf (first bad row: "
+                        f"{int(np.argmax(~np.isfinite(particles).all(1)))})")
+    if particles.shape[1] == 9:  # no PDG id: infer it from (mass, charge) where possible, else 0
+        d = np.abs(particles[:, 7:8] - _MASS[None]) + 1e3 * np.abs(particles[:, 8:9] - _CHARGE[None])
+        pdg = np.where(d.min(1) < 1.0, _PDG[d.argmin(1)], 0)
+        particles = np.concatenate([particles, pdg[:, None].astype(float)], 1)
+    return images, particles
+
+
+class ZDCData:
+    """One detector's data set: raw photon counts (N, H, W), particles (N, 10), condition ids (N,).
+    `cut`: the minimum photon sum of the set (the toy re-simulates with it for the noise floor)."""
+
+    def __init__(self, images, particles, detector, source, cut=None):
+        self.images, self.particles = validate(images, particles, detector, source)
+        self.detector, self.source = detector, source
+        self.cut = TOY[detector]["cut"] if cut is None else cut
+        _, self.cond_id = np.unique(self.particles[:, :9], axis=0, return_inverse=True)
+        self.cond_id = self.cond_id.ravel()
+
+    def __len__(self):
+        return len(self.images)
+
+    @property
+    def features(self):
+        return self.particles[:, :9]
+
+    @property
+    def is_toy(self):
+        return self.source.startswith("toy")
+
+
+def find_files(folder, detector):
+    """The (responses, particles) pair for `detector` in `folder`: the real file names, else a unique
+    *responses*.npz / *particles*.npz pair whose images have the detector's shape."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder (give --data toy, a folder with the .npz files, "
+                        "or a sample .npz file)")
+    for sub in (folder / detector, folder):
+        pair = sub / FILES[detector][0], sub / FILES[detector][1]
+        if pair[0].exists() or pair[1].exists():
+            return pair
+    resp = sorted(folder.glob("*responses*.npz"))
+    if len(resp) == 1:
+        part = Path(str(resp[0]).replace("responses", "particles"))
+        return resp[0], part
+    raise DataError(f"{folder}: expected {FILES[detector][0]} and {FILES[detector][1]} (or exactly one "
+                    f"*responses*.npz with its *particles*.npz); found {[p.name for p in resp] or 'none'}")
+
+
+def load(detector="neutron", data="toy", limit=None, seed=0, min_photons=None, progress=True):
+    """Load a data set. `data`: 'toy', a folder with the real files, or a sample .npz (responses,
+    particles). `limit`: keep only the first `limit` events (the toy then simulates only what it needs).
+    `min_photons`: keep only responses with at least this photon sum (published ZP sets use 1, 5 or 18;
+    the toy's own cuts are 10 for ZN and 1 for ZP)."""
+    if detector not in SHAPES:
+        raise DataError(f"unknown detector {detector!r}: use one of {', '.join(SHAPES)}")
+    if limit is not None and limit < 10:
+        raise DataError(f"--limit {limit}: need at least 10 events")
+    if str(data) == "toy":
+        folder = toy_folder(seed, limit, detector, progress=progress)
+        source = f"toy(seed={seed}{'' if limit is None else f', limit={limit}'})"
+        resp, part = folder / detector / FILES[detector][0], folder / detector / FILES[detector][1]
+        images, particles = _read_npz(resp, ["arr_0"]), _read_npz(part, ["arr_0"])
+    elif Path(data).suffix == ".npz":
+        path = Path(data)
+        images, particles = _read_npz(path, ["responses"]), _read_npz(path, ["particles"])
+        source = str(path)
+    else:
+        resp, part = find_files(data, detector)
+        images, particles = _read_npz(resp, ["arr_0", "responses"]), _read_npz(part, ["arr_0", "particles"])
+        source = str(resp.parent)
+    if min_photons is not None:
+        keep = images.reshape(len(images), -1).sum(1) >= min_photons
+        images, particles = images[keep], particles[keep]
+        source += f", >= {min_photons} photons"
+    if limit is not None:
+        images, particles = images[:limit], particles[:limit]
+    cut = max(TOY[detector]["cut"], min_photons or 0) if str(data) == "toy" else min_photons
+    return ZDCData(images, particles, detector, source, cut)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preprocessing, splits, batches
+# ----------------------------------------------------------------------------------------------------------
+SPLIT_MODES = ("random", "disjoint")
+
+
+def split_indices(cond_id, mode="random", seed=0, fractions=(0.7, 0.1, 0.2)):
+    """Shuffled 70/10/20 train/val/test indices. 'random' shuffles events (the published protocol);
+    'disjoint' shuffles distinct conditions, so no test particle vector is ever seen in training."""
+    if mode not in SPLIT_MODES:
+        raise DataError(f"unknown split mode {mode!r}: use one of {', '.join(SPLIT_MODES)}")
+    rng = np.random.default_rng([seed, 3])
+    if mode == "random":
+        order = rng.permutation(len(cond_id))
+        cuts = np.round(np.cumsum(fractions)[:2] * len(order)).astype(int)
+        return dict(zip(("train", "val", "test"), np.split(order, cuts)))
+    conds = rng.permutation(cond_id.max() + 1)
+    cuts = np.round(np.cumsum(fractions)[:2] * len(conds)).astype(int)
+    if min(cuts[0], cuts[1] - cuts[0], len(conds) - cuts[1]) == 0:
+        raise DataError(f"the disjoint split needs more distinct conditions (have {len(conds)})")
+    rank = np.empty_like(conds)
+    rank[conds] = np.arange(len(conds))
+    r = rank[cond_id]
+    parts = (r < cuts[0], (r >= cuts[0]) & (r < cuts[1]), r >= cuts[1])
+    return {k: rng.permutation(np.flatnonzero(m)) for k, m in zip(("train", "val", "test"), parts)}
+
+
+def to_log(counts):
+    """Raw counts (N, H, W) -> network input log1p(counts), float32 tensor (N, 1, H, W)."""
+    return torch.log1p(torch.as_tensor(np.asarray(counts), dtype=torch.float32)).unsqueeze(1)
+
+
+def to_counts(x):
+    """Network output in log space -> raw counts: expm1, clipped at 0, shape (N, H, W)."""
+    x = x.squeeze(1) if x.dim() == 4 else x
+    return torch.expm1(x.float()).clamp_min(0)
+
+
+class Split:
+    """The standard view every model trains on: split indices, feature standardisation fitted on the
+    training part, and tensors. `state()` is what a checkpoint stores to rebuild it."""
+
+    def __init__(self, ds, mode="random", seed=0):
+        self.ds, self.mode, self.seed = ds, mode, seed
+        self.idx = split_indices(ds.cond_id, mode, seed)
+        f = ds.features[self.idx["train"]]
+        self.mean, self.std = f.mean(0), f.std(0)
+        self.std = np.where(self.std > 0, self.std, 1.0)
+
+    def cond(self, part):
+        return standardize(self.ds.features[self.idx[part]], self.mean, self.std)
+
+    def x(self, part):
+        return to_log(self.ds.images[self.idx[part]])
+
+    def counts(self, part):
+        return self.ds.images[self.idx[part]]
+
+    def particles(self, part):
+        return self.ds.particles[self.idx[part]]
+
+    def state(self):
+        return dict(detector=self.ds.detector, source=self.ds.source, split=self.mode, seed=self.seed,
+                    shape=list(SHAPES[self.ds.detector]), mean=self.mean.tolist(), std=self.std.tolist())
+
+
+def standardize(features, mean, std):
+    """Raw 9 feature columns (N, >= 9) -> standardised float32 tensor (N, 9)."""
+    f = np.asarray(features, dtype=np.float64)[:, :9]
+    return torch.as_tensor((f - np.asarray(mean)) / np.asarray(std), dtype=torch.float32)
+
+
+def batches(tensors, batch_size, generator=None, shuffle=True, device="cpu"):
+    """Yield tuples of mini-batches of the given equally long tensors, moved to `device`."""
+    n = len(tensors[0])
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for i in range(0, n, batch_size):
+        j = order[i:i + batch_size]
+        yield tuple(t[j].to(device, non_blocking=True) for t in tensors)
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Generate (and cache) the toy data set, or check a real one.")
+    p.add_argument("--data", default="toy", help="'toy' (default), a folder with the real .npz files, or a sample .npz")
+    p.add_argument("--seed", type=int, default=0, help="seed of the toy Monte Carlo")
+    p.add_argument("--limit", type=int, default=None, help="only the first N events of --detector")
+    p.add_argument("--detector", default="neutron", choices=list(SHAPES), help="detector that --limit counts")
+    a = p.parse_args()
+    try:
+        for det in SHAPES if a.limit is None else [a.detector]:
+            t0 = time.time()
+            ds = load(det, a.data, a.limit, a.seed)
+            print(f"{det}: {len(ds)} events, {ds.cond_id.max() + 1} distinct particles, from {ds.source} "
+                  f"({time.time() - t0:.1f} s)")
+        if a.data == "toy":
+            print(f"cache folder: {toy_folder(a.seed, a.limit, a.detector, progress=False)}")
+    except DataError as e:
+        raise SystemExit(f"error: {e}")

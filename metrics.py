@@ -1,0 +1,374 @@
+"""Metrics and the evaluation protocol for the ZDC fast-simulation models.
+
+Channels (the published convention, both detectors): with h = H // 2 and w = W // 2, channels 1-4 are the
+pixels with (row + col) even in the quadrants [:h, :w], [:h, w:], [h:, :w], [h:, w:]; channel 5 is every
+pixel with (row + col) odd. All metrics work on raw photon counts (never on log1p values).
+
+- Wasserstein: exact 1-D Wasserstein-1 distance between the true and generated distributions of each channel
+  sum (identical to scipy.stats.wasserstein_distance), averaged over the 5 channels. Lower is better.
+- MAE: mean |true channel sum - generated channel sum| over events and channels, each generated event
+  paired with the true event of the same condition.
+- RMSE: per-pixel root mean squared error on raw counts, paired the same way.
+- empty: fraction of generated responses with no pixel >= 0.5 photons.
+- diversity error: mean over conditions of |std(generated photon sum) - std(true photon sum)|, divided by the
+  mean true std; 0 means the model reproduces how much responses vary for a fixed particle.
+
+Protocol: `evaluate(generate, split)` generates once for every test condition, `reps` times with different
+seeds, and reports the mean and std of each metric. Two reference rows go beside every model:
+- floor: an independent toy re-simulation of the test conditions (`data.resimulate`) scored against the test
+  set. No model can beat it except by chance; report W / floor.
+- lookup: for each test condition, a random training response of the nearest training condition (in
+  standardised features). On the random split that is the same particle, so it is nearly the floor; on the
+  condition-disjoint split it shows what a model adds by generalising to unseen particles.
+W depends on the number of samples (finite-sample noise), so rows are only comparable at the same `max_test`.
+
+Command line: `python metrics.py --data toy` prints the data statistics next to the published targets and the
+floor and lookup rows for both detectors and both split modes; `--plot DIR` writes sample grids and channel
+histograms of the data (PNG).
+"""
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from tqdm import tqdm
+
+import data
+
+# ----------------------------------------------------------------------------------------------------------
+# Channels and distances
+# ----------------------------------------------------------------------------------------------------------
+
+
+def channel_masks(shape):
+    """(5, H, W) boolean masks of the 5 photomultiplier channels."""
+    H, W = shape
+    h, w = H // 2, W // 2
+    r, c = np.indices((H, W))
+    even = (r + c) % 2 == 0
+    quads = [(r < h) & (c < w), (r < h) & (c >= w), (r >= h) & (c < w), (r >= h) & (c >= w)]
+    return np.stack([even & q for q in quads] + [~even])
+
+
+def as_counts(x):
+    """Raw counts as float64 numpy (N, H, W) from a tensor or array of shape (N, H, W) or (N, 1, H, W)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    return x[:, 0] if x.ndim == 4 else x
+
+
+def channel_sums(counts):
+    """(N, 5) channel sums of raw counts (N, H, W)."""
+    counts = as_counts(counts)
+    m = channel_masks(counts.shape[1:]).reshape(5, -1).astype(np.float64)
+    return counts.reshape(len(counts), -1) @ m.T
+
+
+def wasserstein_1d(u, v):
+    """Exact 1-D Wasserstein-1 distance between the columns of u (n, C) and v (m, C): (C,) array.
+    Same value as scipy.stats.wasserstein_distance per column, vectorised over columns: integrate
+    |F_u - F_v| over the merged sorted sample."""
+    u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+    if u.ndim == 1:
+        return wasserstein_1d(u[:, None], v[:, None])[0]
+    n, m = len(u), len(v)
+    allv = np.concatenate([u, v], 0)
+    order = np.argsort(allv, axis=0, kind="stable")
+    xs = np.take_along_axis(allv, order, 0)
+    from_u = order < n
+    cdf_u = np.cumsum(from_u, 0)[:-1] / n        # F_u just right of each merged point
+    cdf_v = np.cumsum(~from_u, 0)[:-1] / m
+    return (np.abs(cdf_u - cdf_v) * np.diff(xs, axis=0)).sum(0)
+
+
+def wasserstein(true, gen):
+    """(mean over channels, per-channel array) of the channel-sum Wasserstein distance."""
+    w = wasserstein_1d(channel_sums(true), channel_sums(gen))
+    return float(w.mean()), w
+
+
+def diversity_error(true_total, gen_total, cond_id):
+    """Relative error of the per-condition spread of the photon sum (conditions with >= 2 events)."""
+    _, inv, cnt = np.unique(cond_id, return_inverse=True, return_counts=True)
+    keep = cnt[inv] >= 2
+    if not keep.any():
+        return float("nan")
+
+    def std(x):
+        s1 = np.bincount(inv[keep], x[keep], len(cnt))
+        s2 = np.bincount(inv[keep], x[keep] ** 2, len(cnt))
+        c = np.maximum(np.bincount(inv[keep], minlength=len(cnt)), 1)
+        return np.sqrt(np.maximum(s2 / c - (s1 / c) ** 2, 0))[cnt >= 2]
+
+    st, sg = std(true_total), std(gen_total)
+    return float(np.abs(sg - st).mean() / max(st.mean(), 1e-12))
+
+
+def score(true, gen, cond_id, pdg):
+    """Every metric of one repetition: generated `gen` vs `true`, event by event for the same conditions."""
+    true, gen = as_counts(true), as_counts(gen)
+    if true.shape != gen.shape:
+        raise ValueError(f"generated responses have shape {gen.shape}, expected {true.shape}")
+    if not np.isfinite(gen).all():
+        raise ValueError("generated responses contain NaN or inf")
+    st, sg = channel_sums(true), channel_sums(gen)
+    w_ch = wasserstein_1d(st, sg)
+    out = dict(W=float(w_ch.mean()), **{f"W_ch{i + 1}": float(w) for i, w in enumerate(w_ch)},
+               MAE=float(np.abs(st - sg).mean()), RMSE=float(np.sqrt(np.mean((true - gen) ** 2))),
+               empty=float(np.mean((gen >= 0.5).reshape(len(gen), -1).sum(1) == 0)),
+               div_err=diversity_error(st.sum(1), sg.sum(1), cond_id))
+    for code in np.unique(pdg):
+        sel = pdg == code
+        if sel.sum() >= 100:
+            name = data.PDG_NAMES.get(int(code), str(int(code)))
+            out[f"W_{name}"] = float(wasserstein_1d(st[sel], sg[sel]).mean())
+    return out
+
+
+def summarize(reps):
+    """List of per-repetition score dicts -> {metric: [mean, std]} over repetitions."""
+    keys = [k for k in reps[0] if all(k in r for r in reps)]
+    return {k: [float(np.mean([r[k] for r in reps])), float(np.std([r[k] for r in reps]))] for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Protocol: model, floor and lookup rows
+# ----------------------------------------------------------------------------------------------------------
+def test_part(split, max_test=None, part="test"):
+    """(indices into the data set, true counts, standardised conditions) of the evaluated test events:
+    the first `max_test` of the (already shuffled) test split, a fixed subset."""
+    idx = split.idx[part][:max_test]
+    return idx, split.ds.images[idx], data.standardize(split.ds.features[idx], split.mean, split.std)
+
+
+@torch.no_grad()
+def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=1024, part="test", progress=True):
+    """Score `generate(cond (n, 9) float32 standardised, generator) -> raw counts (n, H, W)` on the test
+    conditions, `reps` times with generator seeds seed, seed+1, ... Returns summarize() of the scores."""
+    idx, true, cond = test_part(split, max_test, part)
+    cid, pdg = split.ds.cond_id[idx], split.ds.particles[idx, 9]
+    scores = []
+    bar = tqdm(total=reps * len(idx), desc="evaluate", unit="sample", disable=not progress, leave=False)
+    for r in range(reps):
+        g = torch.Generator().manual_seed(seed + r)
+        out = []
+        for i in range(0, len(idx), batch_size):
+            out.append(as_counts(generate(cond[i:i + batch_size], g)))
+            bar.update(len(out[-1]))
+        scores.append(score(true, np.concatenate(out), cid, pdg))
+        bar.set_postfix(W=f"{scores[-1]['W']:.3f}")
+    bar.close()
+    return summarize(scores)
+
+
+def floor(split, reps=5, max_test=None, part="test"):
+    """The noise floor: independent toy re-simulations of the test conditions. None for real data."""
+    if not split.ds.is_toy:
+        return None
+    idx, true, _ = test_part(split, max_test, part)
+    cid, pdg = split.ds.cond_id[idx], split.ds.particles[idx, 9]
+    scores = []
+    for r in range(reps):
+        sim, below = data.resimulate(split.ds.particles[idx], split.ds.detector, 10_000 + r, split.ds.cut)
+        scores.append(dict(score(true, sim, cid, pdg), below_cut=below))
+    return summarize(scores)
+
+
+def lookup(split, reps=5, max_test=None, part="test"):
+    """Lookup baseline: a random training response of the nearest training condition."""
+    idx, true, cond = test_part(split, max_test, part)
+    cid, pdg = split.ds.cond_id[idx], split.ds.particles[idx, 9]
+    train = split.idx["train"]
+    tc = split.ds.cond_id[train]
+    uniq, first = np.unique(tc, return_index=True)
+    tree = cKDTree(split.cond("train").numpy()[first])
+    _, nearest = tree.query(cond.numpy())
+    order = np.argsort(tc, kind="stable")
+    start = np.searchsorted(tc[order], uniq)
+    count = np.bincount(np.searchsorted(uniq, tc), minlength=len(uniq))
+    scores = []
+    for r in range(reps):
+        rng = np.random.default_rng([20_000, r])
+        pick = train[order[start[nearest] + (rng.random(len(idx)) * count[nearest]).astype(int)]]
+        scores.append(score(true, split.ds.images[pick], cid, pdg))
+    return summarize(scores)
+
+
+def table(rows, floor_row=None):
+    """A printable results table. rows: {name: summarize() dict or None}."""
+    fw = floor_row["W"][0] if floor_row else None
+    head = f"{'':<22}{'W':>16}{'W/floor':>9}{'MAE':>10}{'RMSE':>8}{'empty':>7}{'div err':>9}   W per channel 1-5"
+    lines = [head, "-" * len(head)]
+    for name, r in rows.items():
+        if r is None:
+            lines.append(f"{name:<22}{'n/a (real data: no simulator)':>40}")
+            continue
+        ratio = f"{r['W'][0] / fw:.2f}" if fw else "n/a"
+        chans = " ".join(f"{r[f'W_ch{i}'][0]:.2f}" for i in range(1, 6))
+        lines.append(f"{name:<22}{r['W'][0]:>9.3f} ±{r['W'][1]:<5.3f}{ratio:>9}{r['MAE'][0]:>10.2f}"
+                     f"{r['RMSE'][0]:>8.3f}{r['empty'][0]:>7.3f}{r['div_err'][0]:>9.3f}   {chans}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots (matplotlib is imported only here)
+# ----------------------------------------------------------------------------------------------------------
+def plot_histograms(true, gen, path, labels=("true", "generated"), title=""):
+    """Channel-sum histograms, true vs generated, log y (as in the papers), one panel per channel + total."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    st, sg = channel_sums(true), channel_sums(gen)
+    st, sg = np.c_[st, st.sum(1)], np.c_[sg, sg.sum(1)]
+    fig, axes = plt.subplots(1, 6, figsize=(20, 3.4))
+    for k, ax in enumerate(axes):
+        hi = max(np.percentile(st[:, k], 99.9), 1.0)
+        bins = np.linspace(0, hi, 60)
+        for vals, lab in ((st[:, k], labels[0]), (sg[:, k], labels[1])):  # last bin: overflow
+            ax.hist(np.clip(vals, 0, hi), bins, histtype="step", lw=1.5, label=lab)
+        ax.set_yscale("log")
+        ax.set_title(f"channel {k + 1}" if k < 5 else "photon sum")
+        ax.set_xlabel("photons")
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_grid(true, gen, path, n=8, labels=("true", "generated"), title=""):
+    """Responses for the same conditions: row 1 true, row 2 generated, log colour scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    true, gen = as_counts(true)[:n], as_counts(gen)[:n]
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.4 * true.shape[1] / max(true.shape[2], 30)), squeeze=False)
+    for j in range(n):
+        vmax = np.log1p(max(true[j].max(), gen[j].max(), 1))
+        for i, (img, lab) in enumerate(((true[j], labels[0]), (gen[j], labels[1]))):
+            axes[i, j].imshow(np.log1p(img), vmin=0, vmax=vmax, cmap="magma")
+            axes[i, j].set_xticks([]), axes[i, j].set_yticks([])
+            axes[i, j].set_title(f"{lab} {img.sum():.0f}", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data statistics next to the published targets
+# ----------------------------------------------------------------------------------------------------------
+TARGETS = {  # DATA.md: figures from the published data sets, targets to land near
+    "neutron": dict(zero=">= 0.96", sum_q="12 / 111 / 510", max_sum="~3400", max_px="~600-800",
+                    E_q="~200 / 550 / 1600", mix="gamma 61, n 23, p 5, Lambda 3, K0S 2, K0L 2, pi+ 1.3",
+                    diversity="Lambda/K0 ~0.7-0.8 > n ~0.4-0.6 > gamma ~0.1-0.3"),
+    "proton": dict(zero="~0.99", sum_q="2 / 5 / 18", max_sum="~2300", max_px="", E_q="", mix="", diversity=""),
+}
+DIVERSITY_TYPES = {"gamma": [22], "n": [2112], "Lambda/K0": [3122, 310, 130]}
+
+
+def per_condition_spread(ds, min_runs=20):
+    """Median over conditions (with >= min_runs events) of std/mean of the photon sum, per type group."""
+    total = ds.images.reshape(len(ds), -1).sum(1, dtype=np.float64)
+    _, inv, cnt = np.unique(ds.cond_id, return_inverse=True, return_counts=True)
+    s1, s2 = np.bincount(inv, total), np.bincount(inv, total ** 2)
+    rel = np.sqrt(np.maximum(s2 / cnt - (s1 / cnt) ** 2, 0)) / np.maximum(s1 / cnt, 1e-12)
+    pdg = np.zeros(len(cnt))
+    pdg[inv] = ds.particles[:, 9]
+    out = {}
+    for name, codes in DIVERSITY_TYPES.items():
+        sel = np.isin(pdg, codes) & (cnt >= min_runs)
+        out[name] = float(np.median(rel[sel])) if sel.any() else float("nan")
+    return out
+
+
+def data_stats(ds):
+    total = ds.images.reshape(len(ds), -1).sum(1, dtype=np.int64)
+    nz = total[total > 0]
+    codes, cnt = np.unique(ds.particles[:, 9].astype(int), return_counts=True)
+    top = np.argsort(-cnt)[:8]
+    return dict(
+        events=len(ds), conditions=int(ds.cond_id.max() + 1), runs_per_condition=len(ds) / (ds.cond_id.max() + 1),
+        zero=float(np.mean(ds.images == 0)), sum_q=np.percentile(nz, [25, 50, 75]).tolist(),
+        max_sum=int(total.max()), max_px=int(ds.images.max()),
+        E_q=np.percentile(ds.particles[:, 0], [25, 50, 75]).tolist(),
+        E_bump=float(np.mean(ds.particles[:, 0] > 6900)), px_std=float(ds.particles[:, 4].std()),
+        mix={data.PDG_NAMES.get(int(codes[i]), str(codes[i])): float(100 * cnt[i] / len(ds)) for i in top},
+        diversity=per_condition_spread(ds))
+
+
+def print_stats(ds, st):
+    t = TARGETS[ds.detector]
+    print(f"\n=== {ds.detector} calorimeter {data.SHAPES[ds.detector]}: {ds.source}")
+    print(f"  events {st['events']}, distinct particles {st['conditions']} "
+          f"({st['runs_per_condition']:.0f} responses each on average; real ZN set: 306,780 from 1,805)")
+    rows = [("zero pixels", f"{st['zero']:.4f}", t["zero"]),
+            ("photon sum quartiles (non-zero)", " / ".join(f"{q:.0f}" for q in st["sum_q"]), t["sum_q"]),
+            ("max photon sum", st["max_sum"], t["max_sum"]), ("max pixel", st["max_px"], t["max_px"]),
+            ("energy quartiles (GeV)", " / ".join(f"{q:.0f}" for q in st["E_q"]), t["E_q"]),
+            ("fraction at the 7 TeV bump", f"{st['E_bump']:.3f}", "small"),
+            ("px std (GeV)", f"{st['px_std']:.2f}", "~0.3"),
+            ("particle mix (%)", ", ".join(f"{k} {v:.1f}" for k, v in st["mix"].items()), t["mix"]),
+            ("per-condition std/mean of sum", ", ".join(f"{k} {v:.2f}" for k, v in st["diversity"].items()),
+             t["diversity"])]
+    for name, val, target in rows:
+        print(f"  {name:<32} {str(val):<52} target: {target or '-'}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Data statistics and the floor / lookup reference rows.")
+    p.add_argument("--data", default="toy", help="'toy' (default), a folder with the real .npz files, or a sample .npz")
+    p.add_argument("--detector", default="both", choices=["neutron", "proton", "both"], help="which calorimeter(s)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N events (quick look)")
+    p.add_argument("--min-photons", type=int, default=None, help="keep responses with at least this photon sum")
+    p.add_argument("--split", default="both", choices=["random", "disjoint", "both"], help="split mode(s)")
+    p.add_argument("--reps", type=int, default=5, help="repetitions for mean and std")
+    p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test events only")
+    p.add_argument("--seed", type=int, default=0, help="seed of the toy data and of the split")
+    p.add_argument("--plot", default=None, metavar="DIR", help="write sample grids and channel histograms here")
+    p.add_argument("--json", default=None, help="also write everything to this JSON file")
+    args = p.parse_args(argv)
+    dets = ["neutron", "proton"] if args.detector == "both" else [args.detector]
+    modes = list(data.SPLIT_MODES) if args.split == "both" else [args.split]
+    result = {}
+    try:
+        for det in dets:
+            t0 = time.time()
+            ds = data.load(det, args.data, args.limit, args.seed, args.min_photons)
+            st = data_stats(ds)
+            print_stats(ds, st)
+            result[det] = dict(stats=st, load_seconds=time.time() - t0)
+            for mode in modes:
+                split = data.Split(ds, mode, args.seed)
+                n_test = len(split.idx["test"][:args.max_test])
+                print(f"\n  split '{mode}': train {len(split.idx['train'])}, val {len(split.idx['val'])}, "
+                      f"test {len(split.idx['test'])} (evaluated: {n_test}, {args.reps} repetitions)")
+                fl = floor(split, args.reps, args.max_test)
+                lk = lookup(split, args.reps, args.max_test)
+                print("  " + table({"floor (re-simulation)": fl, "lookup (nearest train)": lk}, fl).replace("\n", "\n  "))
+                result[det][mode] = dict(floor=fl, lookup=lk, n_test=n_test, reps=args.reps)
+                if args.plot and mode == modes[0]:
+                    import pathlib
+                    out = pathlib.Path(args.plot)
+                    out.mkdir(parents=True, exist_ok=True)
+                    idx = split.idx["test"][:args.max_test]
+                    if ds.is_toy:
+                        sim, _ = data.resimulate(ds.particles[idx], det, 10_000, ds.cut)
+                        plot_histograms(ds.images[idx], sim, out / f"{det}_hist.png", ("data", "re-simulation"),
+                                        f"{det}: channel sums of the test set vs a re-simulation")
+                        plot_grid(ds.images[idx], sim, out / f"{det}_grid.png", 10, ("data", "resim"),
+                                  f"{det}: test responses (top) and re-simulations of the same particles (bottom)")
+                    print(f"  plots written to {out}/")
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""metrics.py: known answers for channels, distances and the evaluation protocol."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy.stats import wasserstein_distance
+
+import data
+import metrics
+from conftest import ROOT
+
+
+@pytest.mark.parametrize("shape, quad, odd", [((44, 44), 242, 968), ((56, 30), 210, 840)])
+def test_channel_masks(shape, quad, odd):
+    m = metrics.channel_masks(shape)
+    assert m.shape == (5,) + shape
+    assert m.reshape(5, -1).sum(1).tolist() == [quad] * 4 + [odd]
+    assert (m.sum(0) == 1).all()                                   # every pixel in exactly one channel
+    r, c = np.indices(shape)
+    assert ((r + c)[m[4]] % 2 == 1).all() and ((r + c)[m[:4].any(0)] % 2 == 0).all()
+    h, w = shape[0] // 2, shape[1] // 2
+    assert m[0][0, 0] and m[1][0, w + w % 2] and m[2][h, h % 2] and m[3][h, w + (h + w) % 2]  # quadrant corners
+
+
+def test_channel_sums_of_a_hand_made_image():
+    img = np.zeros((1, 44, 44))
+    img[0, 0, 0] = 1        # even, top-left      -> channel 1
+    img[0, 2, 30] = 10      # even, top-right     -> channel 2
+    img[0, 40, 4] = 100     # even, bottom-left   -> channel 3
+    img[0, 22, 22] = 1000   # even, bottom-right  -> channel 4
+    img[0, 0, 1] = 5        # odd                 -> channel 5
+    img[0, 43, 0] = 7       # odd                 -> channel 5
+    np.testing.assert_array_equal(metrics.channel_sums(img), [[1, 10, 100, 1000, 12]])
+    np.testing.assert_array_equal(metrics.channel_sums(img[:, None]), [[1, 10, 100, 1000, 12]])  # (N, 1, H, W)
+
+
+@pytest.mark.parametrize("n, m, ints", [(500, 500, False), (700, 311, False), (400, 900, True), (1, 3, False)])
+def test_wasserstein_equals_scipy(n, m, ints):
+    rng = np.random.default_rng(n + m)
+    u, v = rng.exponential(50, (n, 5)), rng.gamma(2, 20, (m, 5)) + 3
+    if ints:
+        u, v = np.round(u), np.round(v)                            # many ties
+    ours = metrics.wasserstein_1d(u, v)
+    ref = [wasserstein_distance(u[:, k], v[:, k]) for k in range(5)]
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
+    assert metrics.wasserstein_1d(u[:, 0], v[:, 0]) == pytest.approx(ref[0])
+
+
+def test_score_known_answers():
+    rng = np.random.default_rng(0)
+    true = rng.poisson(0.3, (200, 44, 44)).astype(float)
+    cid = np.repeat(np.arange(20), 10)
+    pdg = np.full(200, 22.0)
+    s = metrics.score(true, true, cid, pdg)
+    assert s["W"] == 0 and s["MAE"] == 0 and s["RMSE"] == 0 and s["div_err"] == 0 and s["empty"] == 0
+    s = metrics.score(true, true + 1, cid, pdg)                    # +1 photon in every pixel
+    np.testing.assert_allclose([s[f"W_ch{i}"] for i in range(1, 6)], [242, 242, 242, 242, 968])
+    assert s["MAE"] == pytest.approx((4 * 242 + 968) / 5) and s["RMSE"] == pytest.approx(1)
+    assert s["W_gamma"] == pytest.approx(s["W"])
+    s = metrics.score(true, np.zeros_like(true), cid, pdg)
+    assert s["empty"] == 1 and s["div_err"] == pytest.approx(1)    # no spread at all: error 100 %
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.score(true, true * np.nan, cid, pdg)
+    with pytest.raises(ValueError, match="shape"):
+        metrics.score(true, true[:, :40], cid, pdg)
+
+
+def test_diversity_error_known_answer():
+    cid = np.array([0, 0, 1, 1])
+    true = np.array([0.0, 2.0, 10.0, 14.0])     # per-condition std 1 and 2
+    gen = np.array([5.0, 5.0, 0.0, 8.0])        # std 0 and 4
+    assert metrics.diversity_error(true, gen, cid) == pytest.approx(((1 + 2) / 2) / 1.5)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return data.Split(data.load("neutron", "toy", limit=6000, progress=False), "random", seed=0)
+
+
+def test_protocol_rows(split):
+    true_by_cond = split.ds.images
+    fl = metrics.floor(split, reps=2)
+    lk = metrics.lookup(split, reps=2)
+    assert fl["below_cut"][0] == 0
+    assert 0 < fl["W"][0] < 10 and fl["W"][1] >= 0
+    assert lk["W"][0] < 3 * fl["W"][0]                              # random split: lookup ~ floor
+    # a generator that returns the true test responses scores exactly 0; an empty one is far off
+    idx = split.idx["test"]
+    pos = {}
+
+    def perfect(cond, g):
+        k = pos.setdefault("k", 0)
+        pos["k"] = (k + len(cond)) % len(idx)
+        return true_by_cond[idx[k:k + len(cond)]]
+    ev = metrics.evaluate(perfect, split, reps=2, batch_size=333, progress=False)
+    assert ev["W"] == [0.0, 0.0] and ev["MAE"][0] == 0
+    ev = metrics.evaluate(lambda c, g: np.zeros((len(c), 44, 44)), split, reps=1, progress=False)
+    assert ev["W"][0] > 10 * fl["W"][0] and ev["empty"][0] == 1
+    assert "W/floor" in metrics.table({"floor": fl, "lookup": lk, "zero": ev}, fl)
+
+
+def test_evaluate_uses_the_generator_seed(split):
+    def noisy(cond, g):
+        return torch_rand(len(cond), g)
+    a = metrics.evaluate(noisy, split, reps=2, seed=5, max_test=300, progress=False)
+    b = metrics.evaluate(noisy, split, reps=2, seed=5, max_test=300, progress=False)
+    c = metrics.evaluate(noisy, split, reps=2, seed=6, max_test=300, progress=False)
+    assert a == b and a["W"] != c["W"]
+
+
+def torch_rand(n, g):
+    import torch
+    return torch.rand(n, 44, 44, generator=g) * 3
+
+
+def test_cli_prints_stats_floor_and_lookup(tmp_path):
+    out = subprocess.run([sys.executable, "metrics.py", "--data", "toy", "--limit", "3000", "--reps", "2",
+                          "--plot", str(tmp_path), "--json", str(tmp_path / "m.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    for text in ("neutron calorimeter", "proton calorimeter", "particle mix", "floor (re-simulation)",
+                 "lookup (nearest train)", "split 'disjoint'"):
+        assert text in out.stdout
+    assert (tmp_path / "neutron_grid.png").stat().st_size > 1000 and (tmp_path / "proton_hist.png").exists()
+    bad = subprocess.run([sys.executable, "metrics.py", "--data", str(tmp_path / "missing")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr

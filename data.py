@@ -539,6 +539,175 @@ def batches(tensors, batch_size, generator=None, shuffle=True, device="cpu"):
         yield tuple(t[j].to(device, non_blocking=True) for t in tensors)
 
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Run plumbing shared by the model scripts: command line, devices, seeds, checkpoints, sample files
+# ----------------------------------------------------------------------------------------------------------
+def add_common_args(p, name):
+    """The shared flags, in the same order in every model script (STYLE.md)."""
+    g = p.add_argument_group("what to do")
+    g.add_argument("--train", action="store_true", help="train (then evaluate briefly on the validation set)")
+    g.add_argument("--sample", action="store_true", help="write generated responses to --out (.npz)")
+    g.add_argument("--eval", action="store_true", help="full evaluation of --ckpt; writes eval.json beside it")
+    g.add_argument("--smoke", action="store_true", help="tiny data, tiny model, a few steps: seconds on a CPU")
+    g = p.add_argument_group("data and training")
+    g.add_argument("--detector", default=None, choices=list(SHAPES),
+                   help="neutron (ZN 44x44, the default) or proton (ZP 56x30); --sample/--eval read it from the checkpoint")
+    g.add_argument("--data", default="toy", help="'toy', a folder with the real .npz files, or a sample .npz")
+    g.add_argument("--limit", type=int, default=None, help="use only the first N events")
+    g.add_argument("--min-photons", type=int, default=None, help="keep responses with at least this photon sum")
+    g.add_argument("--split", default="random", choices=SPLIT_MODES, help="random (published) or condition-disjoint")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs (default: the script's)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps in total")
+    g.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: the script's)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: the script's)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 + GradScaler where bf16 is unsupported)")
+    g.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation, noise and sampling")
+    g.add_argument("--out", default=None, help=f"run folder for --train (default runs/{name}); .npz file for --sample")
+    g.add_argument("--resume", action="store_true", help="continue training from the checkpoint in the run folder")
+    g.add_argument("--ckpt-every", type=int, default=500, help="also save the checkpoint every N steps")
+    g = p.add_argument_group("sampling and evaluation")
+    g.add_argument("--ckpt", default=None, help="checkpoint for --sample / --eval (default: <out>/ckpt.pt)")
+    g.add_argument("--n", type=int, default=1000, help="--sample: number of responses")
+    g.add_argument("--particles", default=None, help="--sample: .npz with 'particles' (N, 9 or 10) to condition on "
+                   "(default: the first N test particles of the checkpoint's data)")
+    g.add_argument("--reps", type=int, default=5, help="--eval: repetitions with different seeds")
+    g.add_argument("--max-test", type=int, default=10000, help="--eval: evaluate on the first N test events (0: all)")
+    g.add_argument("--plot", action="store_true", help="--eval: also write sample grid and histograms (PNG)")
+    return p
+
+
+def check_args(p, args):
+    """Argument errors a user can make, reported by argparse (exit 2, no traceback)."""
+    if sum([args.train, args.sample, args.eval]) == 0:
+        p.error("say what to do: --train, --sample or --eval (see --help)")
+    for k in ("limit", "epochs", "max_steps", "batch_size", "n", "reps", "ckpt_every"):
+        v = getattr(args, k, None)
+        if v is not None and v <= 0:
+            p.error(f"--{k.replace('_', '-')} must be positive (got {v})")
+    if args.lr is not None and not args.lr > 0:
+        p.error(f"--lr must be positive (got {args.lr})")
+    if args.max_test is not None and args.max_test < 0:
+        p.error(f"--max-test must be >= 0 (got {args.max_test})")
+    if args.train:
+        args.detector = args.detector or "neutron"
+
+
+# flags that may change when a run is resumed; every other one comes from the checkpoint
+RESUMABLE = {"epochs", "max_steps", "device", "ckpt_every", "resume", "train", "sample", "eval", "out", "ckpt", "n",
+             "reps", "max_test", "plot", "particles", "smoke"}
+
+
+def resume_args(args, ckpt):
+    """Continue with the checkpoint's configuration (model size, data, lr, ...), keeping only RESUMABLE flags."""
+    changed = [k for k, v in ckpt["args"].items() if k not in RESUMABLE and getattr(args, k, v) != v]
+    if changed:
+        print(f"--resume: using the checkpoint's {', '.join(changed)} (given values ignored)")
+    for k, v in ckpt["args"].items():
+        if k not in RESUMABLE:
+            setattr(args, k, v)
+    return args
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device, enabled):
+    """bf16 autocast where supported (CPU, Ampere+), else fp16 (then the caller needs a GradScaler)."""
+    if not enabled:
+        return torch.autocast(device.type, enabled=False)
+    bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
+
+
+def save_checkpoint(ckpt, path):
+    """Atomic save: write a temporary file next to `path`, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, detector=None):
+    """Load a checkpoint written by the script `model`; clear errors for a missing, foreign or mismatched one."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: checkpoint not found (train first with --train, or give --ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise DataError(f"{path}: not a checkpoint of this project")
+    if ckpt["model"] != model:
+        raise DataError(f"{path}: a checkpoint of {ckpt['model']}.py, not of {model}.py")
+    if detector is not None and ckpt["data"]["detector"] != detector:
+        raise DataError(f"{path}: trained on the {ckpt['data']['detector']} detector, but --detector {detector} "
+                        "was given (leave --detector out: the checkpoint knows its detector)")
+    return ckpt
+
+
+def load_split(a, progress=True):
+    """The data and split described by a dict with keys detector, data, limit, seed, min_photons, split
+    (the script's args, or the args stored in a checkpoint)."""
+    ds = load(a["detector"], a["data"], a["limit"], a["seed"], a.get("min_photons"), progress)
+    return Split(ds, a["split"], a["seed"])
+
+
+def split_from_checkpoint(ckpt, progress=True):
+    """Rebuild the training data's split from a checkpoint, checking it is the data the model saw."""
+    split = load_split(ckpt["args"], progress)
+    if not np.allclose(split.mean, ckpt["data"]["mean"], rtol=1e-6) or not np.allclose(split.std, ckpt["data"]["std"], rtol=1e-6):
+        raise DataError(f"the data at {ckpt['args']['data']!r} are not those this checkpoint was trained on "
+                        "(feature statistics differ)")
+    return split
+
+
+def sampling_conditions(ckpt, n, particles_file=None):
+    """Raw particles (n, 10) to condition on: from a file, or the first n test particles of the checkpoint's data."""
+    if particles_file:
+        p = _read_npz(Path(particles_file), ["particles", "arr_0"])
+        if p.ndim != 2 or p.shape[1] not in (9, 10) or not np.isfinite(p).all():
+            raise DataError(f"{particles_file}: particles must be a finite (N, 9) or (N, 10) array, got {p.shape}")
+        if p.shape[1] == 9:
+            p = np.concatenate([p, np.zeros((len(p), 1))], 1)
+        return p[:n].astype(np.float64)
+    split = split_from_checkpoint(ckpt)
+    test = split.particles("test")
+    if n > len(test):
+        raise DataError(f"--n {n}: the checkpoint's test split has only {len(test)} particles (use --particles)")
+    return test[:n]
+
+
+def write_samples(path, counts, particles):
+    """A sample file that load() reads like a real one: responses (N, H, W) raw counts, particles (N, 10)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise DataError(f"--out {path}: sample files are .npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, responses=np.asarray(counts, np.float32), particles=np.asarray(particles, np.float64))
+
+
+def log_jsonl(path, **row):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="Generate (and cache) the toy data set, or check a real one.")

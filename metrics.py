@@ -146,12 +146,14 @@ def test_part(split, max_test=None, part="test"):
 
 
 @torch.no_grad()
-def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=1024, part="test", progress=True):
+def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=1024, part="test", progress=True,
+             keep=0):
     """Score `generate(cond (n, 9) float32 standardised, generator) -> raw counts (n, H, W)` on the test
-    conditions, `reps` times with generator seeds seed, seed+1, ... Returns summarize() of the scores."""
+    conditions, `reps` times with generator seeds seed, seed+1, ... Returns summarize() of the scores, and
+    with keep > 0 also the first `keep` generated responses of the first repetition."""
     idx, true, cond = test_part(split, max_test, part)
     cid, pdg = split.ds.cond_id[idx], split.ds.particles[idx, 9]
-    scores = []
+    scores, kept = [], None
     bar = tqdm(total=reps * len(idx), desc="evaluate", unit="sample", disable=not progress, leave=False)
     for r in range(reps):
         g = torch.Generator().manual_seed(seed + r)
@@ -159,10 +161,40 @@ def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=1024, pa
         for i in range(0, len(idx), batch_size):
             out.append(as_counts(generate(cond[i:i + batch_size], g)))
             bar.update(len(out[-1]))
-        scores.append(score(true, np.concatenate(out), cid, pdg))
+        gen = np.concatenate(out)
+        kept = gen[:keep] if kept is None else kept
+        scores.append(score(true, gen, cid, pdg))
         bar.set_postfix(W=f"{scores[-1]['W']:.3f}")
     bar.close()
-    return summarize(scores)
+    return (summarize(scores), kept) if keep else summarize(scores)
+
+
+def run_eval(generate, split, path, args, name, extra=None):
+    """The full evaluation of one model: its row beside the floor and lookup rows, printed as a table and
+    written as JSON to `path` (with the command line); with args.plot, PNGs next to it."""
+    max_test = args.max_test or None
+    t0 = time.time()
+    row, kept = evaluate(generate, split, args.reps, args.seed, max_test, keep=16)
+    seconds = time.time() - t0
+    fl, lk = floor(split, args.reps, max_test), lookup(split, args.reps, max_test)
+    idx = split.idx["test"][:max_test]
+    print(f"\n{split.ds.detector} detector, split '{split.mode}', {len(idx)} test events, {args.reps} repetitions "
+          f"({seconds / args.reps / len(idx) * 1e3:.3f} ms per sample including metrics)")
+    print(table({name: row, "floor (re-simulation)": fl, "lookup (nearest train)": lk}, fl))
+    result = dict(model=row, floor=fl, lookup=lk, W_over_floor=row["W"][0] / fl["W"][0] if fl else None,
+                  detector=split.ds.detector, data=split.ds.source, split=split.mode, n_test=len(idx),
+                  reps=args.reps, seconds=seconds, command=" ".join(sys.argv), **(extra or {}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"written {path}")
+    if args.plot:
+        true = split.ds.images[idx]
+        plot_grid(true, kept, path.with_suffix(".grid.png"), 8, title=f"{name}: test responses vs generated")
+        gen = np.concatenate([as_counts(generate(c, torch.Generator().manual_seed(args.seed)))
+                              for c in torch.split(data.standardize(split.ds.features[idx], split.mean, split.std), 1024)])
+        plot_histograms(true, gen, path.with_suffix(".hist.png"), title=f"{name}: channel sums, {split.mode} split")
+        print(f"plots: {path.with_suffix('.grid.png')}, {path.with_suffix('.hist.png')}")
+    return result
 
 
 def floor(split, reps=5, max_test=None, part="test"):
@@ -212,6 +244,45 @@ def table(rows, floor_row=None):
         lines.append(f"{name:<22}{r['W'][0]:>9.3f} ±{r['W'][1]:<5.3f}{ratio:>9}{r['MAE'][0]:>10.2f}"
                      f"{r['RMSE'][0]:>8.3f}{r['empty'][0]:>7.3f}{r['div_err'][0]:>9.3f}   {chans}")
     return "\n".join(lines)
+
+
+def time_per_sample(generate, cond, batch=256, repeats=3):
+    """Median wall time (ms) per generated sample on one batch, after a warm-up call; the result is
+    copied back to the host inside the timed region, so asynchronous devices are synchronised."""
+    c = cond[:batch]
+    g = torch.Generator().manual_seed(0)
+    as_counts(generate(c, g))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        as_counts(generate(c, g))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times)) / len(c)
+
+
+def run_sweep(make_generate, settings, split, path, args, name):
+    """Quality vs speed: for each setting (a dict of sampler options, e.g. steps and solver), the
+    Wasserstein over args.reps repetitions and the ms per sample at batch 256. Table on screen, JSON at path."""
+    max_test = args.max_test or None
+    _, _, cond = test_part(split, max_test)
+    fl = floor(split, args.reps, max_test)
+    rows = []
+    print(f"\n{name}: {split.ds.detector}, split '{split.mode}', {len(cond)} test events, {args.reps} repetitions; "
+          f"floor W {fl['W'][0]:.3f}" if fl else "")
+    print(f"{'setting':<28}{'W':>16}{'W/floor':>9}{'MAE':>9}{'ms/sample':>11}")
+    for s in settings:
+        gen = make_generate(**s)
+        r = evaluate(gen, split, args.reps, args.seed, max_test, progress=False)
+        ms = time_per_sample(gen, cond)
+        rows.append(dict(s, W=r["W"], MAE=r["MAE"], ms_per_sample=ms))
+        label = " ".join(f"{k} {v}" for k, v in s.items())
+        ratio = f"{r['W'][0] / fl['W'][0]:.2f}" if fl else "n/a"
+        print(f"{label:<28}{r['W'][0]:>9.3f} ±{r['W'][1]:<5.3f}{ratio:>9}{r['MAE'][0]:>9.2f}{ms:>11.3f}")
+    result = dict(rows=rows, floor=fl, detector=split.ds.detector, split=split.mode, n_test=len(cond), reps=args.reps,
+                  batch=256, threads=torch.get_num_threads(), command=" ".join(sys.argv))
+    path.write_text(json.dumps(result, indent=1))
+    print(f"written {path}")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------

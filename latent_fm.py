@@ -1,0 +1,407 @@
+"""Latent flow matching for the ALICE Zero Degree Calorimeters: a small VAE, and flow matching in its latent space.
+
+Paper: the flow-matching ZDC paper (arXiv 2507.18811): latent flow matching is the fastest generator of the
+study, 0.008-0.026 ms per sample on an A100, at some cost in fidelity compared with pixel-space flow matching.
+
+Stage 1, autoencoder. A convolutional VAE with x4 downsampling maps log1p(counts) (ZN 44x44) to a 4 x 11 x 11
+latent (ZP 56x30 is padded to 56x32 -> 4 x 14 x 8). Loss: squared error of the reconstruction (summed over
+pixels, averaged over the batch) + `--kl` times the KL divergence to N(0, I). The decoder ends in a ReLU so
+exact zeros are possible. Logged: train / val loss, and the reconstruction Wasserstein (encode -> decode of
+validation responses against themselves: the best the whole model can reach).
+Stage 2, flow matching. The training set is encoded once (posterior means), the latents are scaled to unit
+standard deviation (the factor is stored), and a small conditional UNet learns the straight-line velocity from
+Gaussian noise (t = 0) to latents (t = 1), exactly as in flow_matching.py. Sampling: `--steps` Euler steps
+(default 8) in latent space, unscale, decode, expm1.
+
+Usage:
+    python latent_fm.py --train                     # both stages, ZN, CPU default (~15 min on 2 cores)
+    python latent_fm.py --train --stage 1           # only the autoencoder (--stage 2 then reuses it)
+    python latent_fm.py --train --detector proton --out runs/lfm_proton
+    python latent_fm.py --train --paper             # reference sizes (VAE ~60k, UNet ~128k) and epochs
+    python latent_fm.py --sample --ckpt runs/latent_fm/ckpt.pt --n 1000 --out samples.npz
+    python latent_fm.py --eval --ckpt runs/latent_fm/ckpt.pt [--steps 8] [--plot]
+    python latent_fm.py --train --smoke             # seconds
+
+Deviations from the paper: the paper's stage-1 loss adds a VGG perceptual term and an adversarial term with
+gradient-norm balancing. A pretrained VGG cannot be downloaded here and ImageNet features say little about
+sparse photon-count images, so the perceptual term is left out and nothing pretends to replace it; the
+adversarial term is also left out (plain L2 + KL), which makes reconstructions blurrier than the paper's.
+"""
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import metrics
+
+NAME = "latent_fm"
+DEFAULTS = dict(epochs=1, epochs2=6, batch_size=128, lr=2e-3)   # CPU default: ~15 minutes on 2 cores for ZN
+PAPER = dict(epochs=100, epochs2=300, batch_size=256, lr=1e-3)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__[__doc__.index("Usage:"):])
+    data.add_common_args(p, NAME)
+    g = p.add_argument_group("latent flow matching")
+    g.add_argument("--stage", type=int, default=None, choices=[1, 2], help="train only this stage (default: both)")
+    g.add_argument("--epochs2", type=int, default=None, help="epochs of stage 2 (--epochs is stage 1)")
+    g.add_argument("--vae-width", type=int, default=20, help="VAE channels (x1, x2 after downsampling); 20: 53k parameters")
+    g.add_argument("--width", type=int, default=20, help="latent UNet channels (x1, x2), even; 20: 129k parameters")
+    g.add_argument("--kl", type=float, default=1e-3, help="weight of the KL term of stage 1")
+    g.add_argument("--steps", type=int, default=8, help="Euler steps for sampling")
+    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the UNet weights used for sampling")
+    g.add_argument("--val-every", type=int, default=500, help="validate every N steps")
+    g.add_argument("--paper", action="store_true", help="reference sizes and schedule")
+    args = p.parse_args(argv)
+    data.check_args(p, args)
+    if args.steps <= 0:
+        p.error(f"--steps must be positive (got {args.steps})")
+    if args.width <= 0 or args.width % 2 or args.vae_width <= 0:
+        p.error("--width must be positive and even (2 attention heads), --vae-width positive")
+    for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
+        if getattr(args, k) is None:   # flags given on the command line win
+            setattr(args, k, v)
+    if args.smoke:
+        args.limit, args.vae_width, args.width, args.batch_size = args.limit or 1500, 4, 4, 32
+        args.max_steps = args.max_steps or 4
+        args.max_test, args.reps, args.ckpt_every = min(args.max_test or 200, 200), min(args.reps, 2), 2
+    args.out = args.out or f"runs/{NAME}"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------
+def groups(ch):
+    return math.gcd(ch, 4)
+
+
+class VAE(nn.Module):
+    """x4 downsampling conv VAE: (1, H, W) log1p image <-> (4, H/4, W/4) latent."""
+
+    def __init__(self, width=16, zc=4):
+        super().__init__()
+        w1, w2 = width, 2 * width
+
+        def block(ci, co, **kw):
+            return nn.Sequential(nn.Conv2d(ci, co, 3, padding=1, **kw), nn.GroupNorm(groups(co), co), nn.SiLU())
+        self.enc = nn.Sequential(block(1, w1), block(w1, w1, stride=2), block(w1, w2), block(w2, w2, stride=2),
+                                 nn.Conv2d(w2, 2 * zc, 1))
+        self.dec = nn.Sequential(nn.Conv2d(zc, w2, 3, padding=1), nn.SiLU(), block(w2, w2),
+                                 nn.Upsample(scale_factor=2), block(w2, w1), nn.Upsample(scale_factor=2),
+                                 block(w1, w1), nn.Conv2d(w1, 1, 3, padding=1), nn.ReLU())
+
+    def encode(self, x):
+        H, W = x.shape[-2:]
+        mu, logvar = self.enc(F.pad(x, (0, -W % 4, 0, -H % 4))).chunk(2, 1)
+        return mu, logvar.clamp(-20, 10)
+
+    def decode(self, z, shape):
+        return self.dec(z)[..., :shape[0], :shape[1]]
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of t in [0, 1], rescaled to t * 1000."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    a = 1000.0 * t[:, None].float() * freqs[None]
+    return torch.cat([a.sin(), a.cos()], 1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, emb):
+        super().__init__()
+        self.n1, self.c1 = nn.GroupNorm(groups(cin), cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.e = nn.Linear(emb, cout)
+        self.n2, self.c2 = nn.GroupNorm(groups(cout), cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, e):
+        h = self.c1(F.silu(self.n1(x))) + self.e(e)[:, :, None, None]
+        return self.skip(x) + self.c2(F.silu(self.n2(h)))
+
+
+class Attention(nn.Module):
+    """Self-attention over the latent pixels plus one condition token."""
+
+    def __init__(self, ch, emb, heads=2):
+        super().__init__()
+        self.norm, self.tok = nn.GroupNorm(groups(ch), ch), nn.Linear(emb, ch)
+        self.attn = nn.MultiheadAttention(ch, heads, batch_first=True)
+
+    def forward(self, x, c):
+        B, C, H, W = x.shape
+        q = self.norm(x).flatten(2).transpose(1, 2)
+        kv = torch.cat([self.tok(c)[:, None], q], 1)
+        return x + self.attn(q, kv, kv, need_weights=False)[0].transpose(1, 2).reshape(B, C, H, W)
+
+
+class LatentUNet(nn.Module):
+    """Two-level UNet on the latent grid with attention (and the condition token) at both levels."""
+
+    def __init__(self, zc=4, width=16, n_cond=9, emb=64):
+        super().__init__()
+        c1, c2 = width, 2 * width
+        self.emb = emb
+        self.t_mlp = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.c_mlp = nn.Sequential(nn.Linear(n_cond, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.inp = nn.Conv2d(zc, c1, 3, padding=1)
+        self.d1, self.a1 = ResBlock(c1, c1, emb), Attention(c1, emb)
+        self.down = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
+        self.m1, self.am, self.m2 = ResBlock(c2, c2, emb), Attention(c2, emb), ResBlock(c2, c2, emb)
+        self.upc = nn.Conv2d(c2, c1, 3, padding=1)
+        self.u1, self.a2 = ResBlock(2 * c1, c1, emb), Attention(c1, emb)
+        self.out = nn.Sequential(nn.GroupNorm(groups(c1), c1), nn.SiLU(), nn.Conv2d(c1, zc, 3, padding=1))
+
+    def forward(self, z, t, cond):
+        H, W = z.shape[-2:]
+        z = F.pad(z, (0, W % 2, 0, H % 2))
+        e = self.t_mlp(timestep_embedding(t, self.emb)) + self.c_mlp(cond)
+        h1 = self.a1(self.d1(self.inp(z), e), e)
+        h = self.m2(self.am(self.m1(self.down(h1), e), e), e)
+        h = self.upc(F.interpolate(h, size=h1.shape[-2:], mode="nearest"))
+        h = self.a2(self.u1(torch.cat([h, h1], 1), e), e)
+        return self.out(h)[..., :H, :W]
+
+
+def build_model(cfg):
+    """(VAE, latent UNet) described by a checkpoint's args."""
+    return VAE(cfg["vae_width"]), LatentUNet(width=cfg["width"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Method: losses and sampler
+# ----------------------------------------------------------------------------------------------------------
+def vae_loss(vae, x, generator, kl_weight):
+    mu, logvar = vae.encode(x)
+    z = mu + torch.randn(mu.shape, generator=generator, device=x.device) * (0.5 * logvar).exp()
+    rec = (vae.decode(z, x.shape[-2:]) - x).pow(2).flatten(1).sum(1).mean()
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()
+    return rec + kl_weight * kl
+
+
+def fm_loss(unet, z1, cond, generator):
+    """Conditional flow matching on (scaled) latents: noise at t = 0, data at t = 1, velocity z1 - z0."""
+    z0 = torch.randn(z1.shape, generator=generator, device=z1.device)
+    t = torch.rand(len(z1), generator=generator, device=z1.device)
+    tb = t[:, None, None, None]
+    return F.mse_loss(unet(((1 - tb) * z0 + tb * z1), t, cond), z1 - z0)
+
+
+def latent_shape(shape):
+    return (4, math.ceil(shape[0] / 4), math.ceil(shape[1] / 4))
+
+
+@torch.no_grad()
+def sample(vae, unet, cond, shape, scale, generator=None, steps=8):
+    """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9); noise from a CPU generator."""
+    dev = cond.device
+    z = torch.randn((len(cond),) + latent_shape(shape), generator=generator).to(dev)
+    dt = 1.0 / steps
+    for i in range(steps):
+        z = z + dt * unet(z, torch.full((len(cond),), i * dt, device=dev), cond)
+    return data.to_counts(vae.decode(z * scale, shape))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------------------
+def ema_update(ema, model, decay, step):
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - d)
+
+
+@torch.no_grad()
+def encode_all(vae, x, dev, batch=2048):
+    return torch.cat([vae.encode(b.to(dev))[0].cpu() for b in torch.split(x, batch)])
+
+
+def fit(stage, module, loss_fn, tensors, epochs, args, state, save, validate, ema=None):
+    """The training loop of one stage (both stages share it): resumable at any step."""
+    dev = next(module.parameters()).device
+    opt = torch.optim.AdamW(module.parameters(), lr=args.lr)
+    spe = math.ceil(len(tensors[0]) / args.batch_size)
+    planned = epochs * spe
+    total = min(planned, args.max_steps or planned)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / planned, 1.0))))
+    noise = torch.Generator(dev).manual_seed(args.seed + stage)
+    st = state.setdefault(f"stage{stage}", dict(step=0))
+    if "opt" in st:                                                # resume
+        opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"]), noise.set_state(st["noise"])
+    print(f"stage {stage}: {sum(p.numel() for p in module.parameters()):,} parameters, {spe} steps per epoch, "
+          f"{total} steps in total")
+
+    def checkpoint():
+        st.update(opt=opt.state_dict(), sched=sched.state_dict(), noise=noise.get_state())
+        save()
+
+    t0, losses = time.time(), []
+    while st["step"] < total:
+        epoch = st["step"] // spe
+        order = torch.Generator().manual_seed(args.seed * 100_003 + 1000 * stage + epoch)
+        bar = tqdm(data.batches(tensors, args.batch_size, order), total=spe, initial=st["step"] - epoch * spe,
+                   desc=f"stage {stage} epoch {epoch + 1}/{epochs}", leave=False, disable=args.smoke)
+        for i, batch in enumerate(bar):
+            if i < st["step"] - epoch * spe:
+                continue
+            with data.autocast(dev, args.amp):
+                loss = loss_fn(*[b.to(dev) for b in batch], noise)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"stage {stage}: loss is {loss.item()} at step {st['step']} (lower --lr?)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+            opt.step(), sched.step()
+            if ema is not None:
+                ema_update(ema, module, args.ema, st["step"])
+            st["step"] += 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if st["step"] % args.ckpt_every == 0:
+                checkpoint()
+            if st["step"] % args.val_every == 0 or st["step"] >= total:
+                bar.clear()
+                validate(st["step"], float(np.mean(losses)), (time.time() - t0) / 60)
+                losses = []
+            if st["step"] >= total:
+                break
+        bar.close()
+    st["done"] = True
+    checkpoint()
+
+
+def train(args):
+    dev = data.pick_device(args.device)
+    data.seed_everything(args.seed)
+    out = Path(args.out)
+    ckpt_path = out / "ckpt.pt"
+    ck = None
+    if ckpt_path.exists() and not (args.resume or args.stage == 2):
+        raise data.DataError(f"{ckpt_path} exists: pass --resume to continue it, or --out a new folder")
+    if ckpt_path.exists():
+        ck = data.load_checkpoint(ckpt_path, NAME)
+        stage, args = args.stage, data.resume_args(args, ck)
+        args.stage = stage
+    split = data.load_split(vars(args))
+    shape = tuple(data.SHAPES[args.detector])
+    x_tr, c_tr = split.x("train"), split.cond("train")
+    x_va, c_va = split.x("val")[:2000], split.cond("val")[:2000]
+    vae, unet = (m.to(dev) for m in build_model(vars(args)))
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    state = dict(scale=1.0)
+    if ck is not None:
+        vae.load_state_dict(ck["vae"]), unet.load_state_dict(ck["unet"]), ema.load_state_dict(ck["ema"])
+        state = ck["state"]
+        print(f"continuing {ckpt_path}: stage 1 at step {state.get('stage1', {}).get('step', 0)}, "
+              f"stage 2 at step {state.get('stage2', {}).get('step', 0)}")
+
+    def save():
+        data.save_checkpoint(dict(model=NAME, args=vars(args), data=split.state(), vae=vae.state_dict(),
+                                  unet=unet.state_dict(), ema=ema.state_dict(), state=state,
+                                  n_params=sum(p.numel() for m in (vae, unet) for p in m.parameters())), ckpt_path)
+
+    def log(stage, step, loss, minutes, **extra):
+        row = dict(stage=stage, step=step, train_loss=loss, minutes=minutes, **extra)
+        data.log_jsonl(out / "metrics.jsonl", **row)
+        print(f"stage {stage} step {step:6d}  train loss {loss:.4f}  " +
+              "  ".join(f"{k} {v:.4f}" for k, v in extra.items()) + f"  {minutes:.1f} min")
+
+    def validate1(step, loss, minutes):
+        with torch.no_grad():
+            g = torch.Generator(dev).manual_seed(1234)
+            val = np.mean([vae_loss(vae, x.to(dev), g, args.kl).item() for (x,) in data.batches((x_va,), 500, shuffle=False)])
+            rec = data.to_counts(vae.decode(vae.encode(x_va[:1000].to(dev))[0], shape))
+        log(1, step, loss, minutes, val_loss=float(val), rec_W=metrics.wasserstein(split.counts("val")[:1000], rec)[0])
+
+    def validate2(step, loss, minutes):
+        with torch.no_grad():
+            g = torch.Generator(dev).manual_seed(1234)
+            val = np.mean([fm_loss(ema, z.to(dev), c.to(dev), g).item()
+                           for z, c in data.batches((z_va, c_va), 500, shuffle=False)])
+            gen = sample(vae, ema, c_va[:1000].to(dev), shape, state["scale"], torch.Generator().manual_seed(0), args.steps)
+        log(2, step, loss, minutes, val_loss=float(val), val_W=metrics.wasserstein(split.counts("val")[:1000], gen)[0])
+
+    if args.stage in (None, 1) and not state.get("stage1", {}).get("done"):
+        fit(1, vae, lambda x, g: vae_loss(vae, x, g, args.kl), (x_tr,), args.epochs, args, state, save, validate1)
+    if args.stage in (None, 2) and not state.get("stage2", {}).get("done"):
+        if not state.get("stage1", {}).get("done"):
+            raise data.DataError(f"{ckpt_path}: stage 1 is not finished; train it first (--stage 1)")
+        vae.eval().requires_grad_(False)
+        z_tr = encode_all(vae, x_tr, dev)
+        if "stage2" not in state:                                 # a fresh stage 2 fixes the scale
+            state["scale"] = float(z_tr.std())
+        z_tr, z_va = z_tr / state["scale"], encode_all(vae, x_va, dev) / state["scale"]
+        print(f"latents {tuple(z_tr.shape[1:])}, scale {state['scale']:.4f}")
+        fit(2, unet, lambda z, c, g: fm_loss(unet, z, c, g), (z_tr, c_tr), args.epochs2, args, state, save,
+            validate2, ema)
+    print(f"checkpoint {ckpt_path}")
+    return ckpt_path
+
+
+def load_model(args):
+    ck = data.load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", NAME, args.detector)
+    if not ck["state"].get("stage2", {}).get("done"):
+        raise data.DataError(f"{args.ckpt}: stage 2 is not trained yet (python {NAME}.py --train --resume)")
+    dev = data.pick_device(args.device)
+    vae, unet = build_model(ck["args"])
+    vae.load_state_dict(ck["vae"]), unet.load_state_dict(ck["ema"])
+    return ck, vae.to(dev).eval(), unet.to(dev).eval(), dev
+
+
+def generator_fn(vae, unet, ck, device, steps, amp=False):
+    def generate(cond, g):
+        with data.autocast(device, amp):
+            return sample(vae, unet, cond.to(device), tuple(ck["data"]["shape"]), ck["state"]["scale"], g, steps).float()
+    return generate
+
+
+def sample_cmd(args):
+    ck, vae, unet, dev = load_model(args)
+    particles = data.sampling_conditions(ck, args.n, args.particles)
+    cond = data.standardize(particles, ck["data"]["mean"], ck["data"]["std"])
+    gen, g = generator_fn(vae, unet, ck, dev, args.steps, args.amp), torch.Generator().manual_seed(args.seed)
+    counts = torch.cat([gen(c, g).cpu() for c in torch.split(cond, 1024)])
+    out = args.out if args.out.endswith(".npz") else str(Path(args.out) / "samples.npz")
+    data.write_samples(out, counts.numpy(), particles)
+    print(f"wrote {len(counts)} responses {tuple(counts.shape[1:])} to {out}")
+
+
+def evaluate(args):
+    ck, vae, unet, dev = load_model(args)
+    split = data.split_from_checkpoint(ck)
+    idx = split.idx["test"][:args.max_test or None]
+    with torch.no_grad():   # stage-1 quality: encode -> decode the test responses
+        rec = np.concatenate([data.to_counts(vae.decode(vae.encode(x.to(dev))[0], tuple(ck["data"]["shape"]))).cpu().numpy()
+                              for x in torch.split(data.to_log(split.ds.images[idx]), 1024)])
+    rec_w = metrics.wasserstein(split.ds.images[idx], rec)[0]
+    print(f"stage 1 reconstruction Wasserstein (encode -> decode of the test responses): {rec_w:.3f}")
+    path = Path(args.ckpt or Path(args.out) / "ckpt.pt").with_name("eval.json" if args.steps == 8 else f"eval_euler{args.steps}.json")
+    return metrics.run_eval(generator_fn(vae, unet, ck, dev, args.steps, args.amp), split, path, args,
+                            f"{NAME} (euler {args.steps})", dict(steps=args.steps, reconstruction_W=rec_w,
+                                                                 n_params=ck["n_params"]))
+
+
+if __name__ == "__main__":
+    args = get_args()
+    try:
+        if args.train:
+            args.ckpt = str(train(args))
+        if args.sample:
+            sample_cmd(args)
+        if args.eval:
+            evaluate(args)
+    except (data.DataError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")

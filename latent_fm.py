@@ -61,11 +61,18 @@ def get_args(argv=None):
     g.add_argument("--steps", type=int, default=8, help="Euler steps for sampling")
     g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the UNet weights used for sampling")
     g.add_argument("--val-every", type=int, default=500, help="validate every N steps")
+    g.add_argument("--sweep", default=None, metavar="STEPS", help="--eval: quality vs speed for these comma-separated "
+                   "Euler step counts (e.g. 1,2,4,8,16); writes sweep.json")
     g.add_argument("--paper", action="store_true", help="reference sizes and schedule")
     args = p.parse_args(argv)
     data.check_args(p, args)
     if args.steps <= 0:
         p.error(f"--steps must be positive (got {args.steps})")
+    try:
+        args.sweep = [int(s) for s in args.sweep.split(",")] if args.sweep else None
+        assert not args.sweep or min(args.sweep) > 0
+    except (ValueError, AssertionError):
+        p.error(f"--sweep takes positive comma-separated step counts, e.g. 1,2,4,8 (got {args.sweep!r})")
     if args.width <= 0 or args.width % 2 or args.vae_width <= 0:
         p.error("--width must be positive and even (2 attention heads), --vae-width positive")
     for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
@@ -228,13 +235,17 @@ def encode_all(vae, x, dev, batch=2048):
     return torch.cat([vae.encode(b.to(dev))[0].cpu() for b in torch.split(x, batch)])
 
 
+def schedule(n, epochs, args):
+    """(steps per epoch, steps the LR schedule spans, steps this run trains to) for n training examples."""
+    spe = math.ceil(n / args.batch_size)
+    return spe, epochs * spe, min(epochs * spe, args.max_steps or epochs * spe)
+
+
 def fit(stage, module, loss_fn, tensors, epochs, args, state, save, validate, ema=None):
     """The training loop of one stage (both stages share it): resumable at any step."""
     dev = next(module.parameters()).device
     opt = torch.optim.AdamW(module.parameters(), lr=args.lr)
-    spe = math.ceil(len(tensors[0]) / args.batch_size)
-    planned = epochs * spe
-    total = min(planned, args.max_steps or planned)
+    spe, planned, total = schedule(len(tensors[0]), epochs, args)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / planned, 1.0))))
     noise = torch.Generator(dev).manual_seed(args.seed + stage)
@@ -279,7 +290,6 @@ def fit(stage, module, loss_fn, tensors, epochs, args, state, save, validate, em
             if st["step"] >= total:
                 break
         bar.close()
-    st["done"] = True
     checkpoint()
 
 
@@ -334,10 +344,12 @@ def train(args):
             gen = sample(vae, ema, c_va[:1000].to(dev), shape, state["scale"], torch.Generator().manual_seed(0), args.steps)
         log(2, step, loss, minutes, val_loss=float(val), val_W=metrics.wasserstein(split.counts("val")[:1000], gen)[0])
 
-    if args.stage in (None, 1) and not state.get("stage1", {}).get("done"):
+    steps = {k: state.get(f"stage{k}", {}).get("step", 0) for k in (1, 2)}
+    target1, target2 = schedule(len(x_tr), args.epochs, args)[2], schedule(len(x_tr), args.epochs2, args)[2]
+    if args.stage in (None, 1) and steps[1] < target1:
         fit(1, vae, lambda x, g: vae_loss(vae, x, g, args.kl), (x_tr,), args.epochs, args, state, save, validate1)
-    if args.stage in (None, 2) and not state.get("stage2", {}).get("done"):
-        if not state.get("stage1", {}).get("done"):
+    if args.stage in (None, 2) and steps[2] < target2:
+        if state.get("stage1", {}).get("step", 0) < target1:
             raise data.DataError(f"{ckpt_path}: stage 1 is not finished; train it first (--stage 1)")
         vae.eval().requires_grad_(False)
         z_tr = encode_all(vae, x_tr, dev)
@@ -353,7 +365,7 @@ def train(args):
 
 def load_model(args):
     ck = data.load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", NAME, args.detector)
-    if not ck["state"].get("stage2", {}).get("done"):
+    if not ck["state"].get("stage2", {}).get("step"):
         raise data.DataError(f"{args.ckpt}: stage 2 is not trained yet (python {NAME}.py --train --resume)")
     dev = data.pick_device(args.device)
     vae, unet = build_model(ck["args"])
@@ -382,6 +394,10 @@ def sample_cmd(args):
 def evaluate(args):
     ck, vae, unet, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
+    if args.sweep:
+        return metrics.run_sweep(lambda steps: generator_fn(vae, unet, ck, dev, steps, args.amp),
+                                 [dict(steps=n) for n in args.sweep], split,
+                                 Path(args.ckpt or Path(args.out) / "ckpt.pt").with_name("sweep.json"), args, NAME)
     idx = split.idx["test"][:args.max_test or None]
     with torch.no_grad():   # stage-1 quality: encode -> decode the test responses
         rec = np.concatenate([data.to_counts(vae.decode(vae.encode(x.to(dev))[0], tuple(ck["data"]["shape"]))).cpu().numpy()

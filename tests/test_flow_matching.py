@@ -1,5 +1,6 @@
 """flow_matching.py through its command line, and its sampler directly."""
-import numpy as np
+import json
+
 import pytest
 import torch
 
@@ -27,6 +28,10 @@ def test_smoke_train_sample_eval(run):
     cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 100, "--reps", 2, "--steps", 3, "--solver", "midpoint")
     r = check_eval(out / "eval_midpoint3.json")
     assert r["detector"] == det and r["steps"] == 3 and r["reps"] == 2 and r["n_test"] == 100
+    cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 60, "--reps", 1, "--sweep", "1,3")
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [(r["solver"], r["steps"]) for r in rows] == [("euler", 1), ("euler", 3), ("midpoint", 1), ("midpoint", 3)]
+    assert all(r["ms_per_sample"] > 0 and r["W"][0] >= 0 for r in rows)
 
 
 def test_wrong_checkpoints_give_clear_errors(run, tmp_path):

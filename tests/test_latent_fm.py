@@ -1,4 +1,6 @@
 """latent_fm.py through its command line, and its pieces directly."""
+import json
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ def run(request, tmp_path_factory):
 def test_smoke_train_sample_eval(run):
     det, out = run
     ck = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ck["model"] == "latent_fm" and ck["state"]["stage1"]["done"] and ck["state"]["stage2"]["step"] == 4
+    assert ck["model"] == "latent_fm" and ck["state"]["stage1"]["step"] == 4 and ck["state"]["stage2"]["step"] == 4
     assert ck["state"]["scale"] > 0
     cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--n", 40, "--out", out / "s.npz")
     check_samples(out / "s.npz", data.SHAPES[det], 40)
@@ -27,6 +29,8 @@ def test_smoke_train_sample_eval(run):
     assert "reconstruction Wasserstein" in e.stdout
     r = check_eval(out / "eval.json")
     assert r["reconstruction_W"] >= 0 and r["steps"] == 8
+    cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 60, "--reps", 1, "--sweep", "1,2")
+    assert [r["steps"] for r in json.loads((out / "sweep.json").read_text())["rows"]] == [1, 2]
 
 
 def test_stages_resume_and_determinism(tmp_path):

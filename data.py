@@ -388,9 +388,9 @@ class ZDCData:
     """One detector's data set: raw photon counts (N, H, W), particles (N, 10), condition ids (N,).
     `cut`: the minimum photon sum of the set (the toy re-simulates with it for the noise floor)."""
 
-    def __init__(self, images, particles, detector, source, cut=None):
+    def __init__(self, images, particles, detector, source, cut=None, toy=False):
         self.images, self.particles = validate(images, particles, detector, source)
-        self.detector, self.source = detector, source
+        self.detector, self.source, self.is_toy = detector, source, toy
         self.cut = TOY[detector]["cut"] if cut is None else cut
         _, self.cond_id = np.unique(self.particles[:, :9], axis=0, return_inverse=True)
         self.cond_id = self.cond_id.ravel()
@@ -401,10 +401,6 @@ class ZDCData:
     @property
     def features(self):
         return self.particles[:, :9]
-
-    @property
-    def is_toy(self):
-        return self.source.startswith("toy")
 
 
 def find_files(folder, detector):
@@ -455,7 +451,7 @@ def load(detector="neutron", data="toy", limit=None, seed=0, min_photons=None, p
     if limit is not None:
         images, particles = images[:limit], particles[:limit]
     cut = max(TOY[detector]["cut"], min_photons or 0) if str(data) == "toy" else min_photons
-    return ZDCData(images, particles, detector, source, cut)
+    return ZDCData(images, particles, detector, source, cut, toy=str(data) == "toy")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -157,6 +157,7 @@ def test_toy_files_round_trip(tmp_path):
     np.savez(tmp_path / "data_nonrandom_responses.npz", ds.images.astype(np.int64))
     np.savez(tmp_path / "data_nonrandom_particles.npz", ds.particles[:, :9])
     real = data.load("neutron", tmp_path, progress=False)
+    assert ds.is_toy and not real.is_toy                             # real data never get a simulated floor
     np.testing.assert_array_equal(real.images, ds.images)
     np.testing.assert_array_equal(real.particles[:, 9], ds.particles[:, 9])  # PDG inferred from mass, charge
     np.testing.assert_array_equal(real.cond_id, ds.cond_id)

@@ -5,8 +5,9 @@ study, 0.008-0.026 ms per sample on an A100, at some cost in fidelity compared w
 
 Stage 1, autoencoder. A convolutional VAE with x4 downsampling maps log1p(counts) (ZN 44x44) to a 4 x 11 x 11
 latent (ZP 56x30 is padded to 56x32 -> 4 x 14 x 8). Loss: squared error of the reconstruction (summed over
-pixels, averaged over the batch) + `--kl` times the KL divergence to N(0, I). The decoder ends in a ReLU so
-exact zeros are possible. Logged: train / val loss, and the reconstruction Wasserstein (encode -> decode of
+pixels, averaged over the batch) + `--kl` times the KL divergence to N(0, I). A ReLU makes exact zeros when
+decoding to counts, but not in training: on the 99 %-empty ZP images an output ReLU dies and stops every
+gradient (seen: stage 1 stuck at the all-zero reconstruction). Logged: train / val loss, and the reconstruction Wasserstein (encode -> decode of
 validation responses against themselves: the best the whole model can reach).
 Stage 2, flow matching. The training set is encoded once (posterior means), the latents are scaled to unit
 standard deviation (the factor is stored), and a small conditional UNet learns the straight-line velocity from
@@ -106,7 +107,7 @@ class VAE(nn.Module):
                                  nn.Conv2d(w2, 2 * zc, 1))
         self.dec = nn.Sequential(nn.Conv2d(zc, w2, 3, padding=1), nn.SiLU(), block(w2, w2),
                                  nn.Upsample(scale_factor=2), block(w2, w1), nn.Upsample(scale_factor=2),
-                                 block(w1, w1), nn.Conv2d(w1, 1, 3, padding=1), nn.ReLU())
+                                 block(w1, w1), nn.Conv2d(w1, 1, 3, padding=1))
 
     def encode(self, x):
         H, W = x.shape[-2:]
@@ -217,7 +218,7 @@ def sample(vae, unet, cond, shape, scale, generator=None, steps=8):
     dt = 1.0 / steps
     for i in range(steps):
         z = z + dt * unet(z, torch.full((len(cond),), i * dt, device=dev), cond)
-    return data.to_counts(vae.decode(z * scale, shape))
+    return data.to_counts(F.relu(vae.decode(z * scale, shape)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,7 +334,7 @@ def train(args):
         with torch.no_grad():
             g = torch.Generator(dev).manual_seed(1234)
             val = np.mean([vae_loss(vae, x.to(dev), g, args.kl).item() for (x,) in data.batches((x_va,), 500, shuffle=False)])
-            rec = data.to_counts(vae.decode(vae.encode(x_va[:1000].to(dev))[0], shape))
+            rec = data.to_counts(F.relu(vae.decode(vae.encode(x_va[:1000].to(dev))[0], shape)))
         log(1, step, loss, minutes, val_loss=float(val), rec_W=metrics.wasserstein(split.counts("val")[:1000], rec)[0])
 
     def validate2(step, loss, minutes):
@@ -400,7 +401,7 @@ def evaluate(args):
                                  Path(args.ckpt or Path(args.out) / "ckpt.pt").with_name("sweep.json"), args, NAME)
     idx = split.idx["test"][:args.max_test or None]
     with torch.no_grad():   # stage-1 quality: encode -> decode the test responses
-        rec = np.concatenate([data.to_counts(vae.decode(vae.encode(x.to(dev))[0], tuple(ck["data"]["shape"]))).cpu().numpy()
+        rec = np.concatenate([data.to_counts(F.relu(vae.decode(vae.encode(x.to(dev))[0], tuple(ck["data"]["shape"])))).cpu().numpy()
                               for x in torch.split(data.to_log(split.ds.images[idx]), 1024)])
     rec_w = metrics.wasserstein(split.ds.images[idx], rec)[0]
     print(f"stage 1 reconstruction Wasserstein (encode -> decode of the test responses): {rec_w:.3f}")

@@ -56,7 +56,7 @@ def test_shapes(shape):
     x = torch.rand(3, 1, *shape)
     mu, logvar = vae.encode(x)
     assert mu.shape == (3,) + lfm.latent_shape(shape) and logvar.shape == mu.shape
-    assert vae.decode(mu, shape).shape == x.shape and (vae.decode(mu, shape) >= 0).all()
+    assert vae.decode(mu, shape).shape == x.shape
     assert unet(mu, torch.rand(3), torch.randn(3, 9)).shape == mu.shape
     out = lfm.sample(vae, unet, torch.randn(3, 9), shape, 1.0, torch.Generator().manual_seed(0), steps=2)
     assert out.shape == (3,) + shape and torch.isfinite(out).all() and (out >= 0).all()

@@ -14,21 +14,23 @@ resolution levels (ZN 44x44 -> 22x22 -> 11x11); 2 residual blocks per level; sel
 condition as an extra token at the two lowest levels and in the middle. The time is rescaled to t * 1000
 before the sinusoidal embedding; the 9 standardised particle features go through an MLP that is added to
 the time embedding (and projected to the attention token). ZP images (56x30) are zero-padded to 56x32 and
-cropped back. EMA of the weights (decay 0.999, warm-up 1 - 1 / (1 + step / 10) style) is what samples.
+cropped back. An EMA of the weights (decay min(0.999, (1 + step) / (10 + step))) is what samples.
 
 Usage:
     python flow_matching.py --train                      # ZN, CPU default (~20 min on 2 cores), runs/flow_matching
     python flow_matching.py --train --detector proton --out runs/fm_proton
     python flow_matching.py --train --split disjoint     # test particles never seen in training
-    python flow_matching.py --train --paper              # reference size (width 4, 77k parameters), 100 epochs
+    python flow_matching.py --train --paper              # width 4, 2 attention levels (94.5k; paper: 77k), 100 epochs
     python flow_matching.py --sample --ckpt runs/flow_matching/ckpt.pt --n 1000 --out samples.npz
     python flow_matching.py --eval --ckpt runs/flow_matching/ckpt.pt [--steps 20 --solver midpoint] [--plot]
     python flow_matching.py --train --smoke              # seconds: tiny data, tiny model
-Logged per epoch: train loss (velocity MSE), val loss (same, fixed noise), and the validation Wasserstein of
+Logged every --val-every steps: train loss (velocity MSE), val loss (same, fixed noise), the validation Wasserstein of
 1000 generated samples (lower is better; compare with the floor printed by --eval).
 
-Deviations from the paper: the CPU default is wider (8) and trains for far fewer steps than the paper's
-(the reference run is `--paper`); no logit-normal t by default (`--t-dist logit-normal` turns it on).
+Deviations from the paper: the CPU default has attention at the lowest level only (`--attn-levels 1`, 1.7x
+faster on a CPU; the paper's two levels are `--attn-levels 2`) and trains one epoch instead of the paper's
+schedule (`--paper`: width 4, two attention levels, 100 epochs); no logit-normal t by default
+(`--t-dist logit-normal` turns it on).
 """
 import argparse
 import copy

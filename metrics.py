@@ -147,10 +147,10 @@ def test_part(split, max_test=None, part="test"):
 
 @torch.no_grad()
 def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=1024, part="test", progress=True,
-             keep=0):
+             keep=False):
     """Score `generate(cond (n, 9) float32 standardised, generator) -> raw counts (n, H, W)` on the test
     conditions, `reps` times with generator seeds seed, seed+1, ... Returns summarize() of the scores, and
-    with keep > 0 also the first `keep` generated responses of the first repetition."""
+    with keep=True also the generated responses of the first repetition (float32)."""
     idx, true, cond = test_part(split, max_test, part)
     cid, pdg = split.ds.cond_id[idx], split.ds.particles[idx, 9]
     scores, kept = [], None
@@ -162,7 +162,7 @@ def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=1024, pa
             out.append(as_counts(generate(cond[i:i + batch_size], g)))
             bar.update(len(out[-1]))
         gen = np.concatenate(out)
-        kept = gen[:keep] if kept is None else kept
+        kept = gen.astype(np.float32) if keep and kept is None else kept
         scores.append(score(true, gen, cid, pdg))
         bar.set_postfix(W=f"{scores[-1]['W']:.3f}")
     bar.close()
@@ -174,7 +174,8 @@ def run_eval(generate, split, path, args, name, extra=None):
     written as JSON to `path` (with the command line); with args.plot, PNGs next to it."""
     max_test = args.max_test or None
     t0 = time.time()
-    row, kept = evaluate(generate, split, args.reps, args.seed, max_test, keep=16)
+    out = evaluate(generate, split, args.reps, args.seed, max_test, keep=args.plot)
+    row, kept = out if args.plot else (out, None)
     seconds = time.time() - t0
     fl, lk = floor(split, args.reps, max_test), lookup(split, args.reps, max_test)
     idx = split.idx["test"][:max_test]
@@ -190,9 +191,7 @@ def run_eval(generate, split, path, args, name, extra=None):
     if args.plot:
         true = split.ds.images[idx]
         plot_grid(true, kept, path.with_suffix(".grid.png"), 8, title=f"{name}: test responses vs generated")
-        gen = np.concatenate([as_counts(generate(c, torch.Generator().manual_seed(args.seed)))
-                              for c in torch.split(data.standardize(split.ds.features[idx], split.mean, split.std), 1024)])
-        plot_histograms(true, gen, path.with_suffix(".hist.png"), title=f"{name}: channel sums, {split.mode} split")
+        plot_histograms(true, kept, path.with_suffix(".hist.png"), title=f"{name}: channel sums, {split.mode} split")
         print(f"plots: {path.with_suffix('.grid.png')}, {path.with_suffix('.hist.png')}")
     return result
 
@@ -268,7 +267,7 @@ def run_sweep(make_generate, settings, split, path, args, name):
     fl = floor(split, args.reps, max_test)
     rows = []
     print(f"\n{name}: {split.ds.detector}, split '{split.mode}', {len(cond)} test events, {args.reps} repetitions; "
-          f"floor W {fl['W'][0]:.3f}" if fl else "")
+          + (f"floor W {fl['W'][0]:.3f}" if fl else "no floor (real data)"))
     print(f"{'setting':<28}{'W':>16}{'W/floor':>9}{'MAE':>9}{'ms/sample':>11}")
     for s in settings:
         gen = make_generate(**s)

@@ -629,6 +629,15 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
 
 
+def noise(shape, generator, device):
+    """Standard normal noise for samplers. With a (CPU) `generator` it is drawn on the CPU and moved to `device`,
+    so a seed gives the same samples on any device; with generator=None it is drawn on `device` directly, which
+    is what a CUDA graph capture needs (bench.py)."""
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
 def save_checkpoint(ckpt, path):
     """Atomic save: write a temporary file next to `path`, then rename over it."""
     path = Path(path)

@@ -210,7 +210,7 @@ def sample(model, cond, shape, generator=None, steps=11, solver="euler"):
     """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9). Noise is drawn on the CPU from
     `generator` and moved to the model's device, so a seed gives the same samples on any device."""
     dev = cond.device
-    x = torch.randn((len(cond), 1) + tuple(shape), generator=generator).to(dev)
+    x = data.noise((len(cond), 1) + tuple(shape), generator, dev)
     dt = 1.0 / steps
     for i in range(steps):
         t = torch.full((len(cond),), i * dt, device=dev)

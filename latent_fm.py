@@ -214,7 +214,7 @@ def latent_shape(shape):
 def sample(vae, unet, cond, shape, scale, generator=None, steps=8):
     """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9); noise from a CPU generator."""
     dev = cond.device
-    z = torch.randn((len(cond),) + latent_shape(shape), generator=generator).to(dev)
+    z = data.noise((len(cond),) + latent_shape(shape), generator, dev)
     dt = 1.0 / steps
     for i in range(steps):
         z = z + dt * unet(z, torch.full((len(cond),), i * dt, device=dev), cond)

@@ -526,11 +526,12 @@ def standardize(features, mean, std):
     return torch.as_tensor((f - np.asarray(mean)) / np.asarray(std), dtype=torch.float32)
 
 
-def batches(tensors, batch_size, generator=None, shuffle=True, device="cpu"):
-    """Yield tuples of mini-batches of the given equally long tensors, moved to `device`."""
+def batches(tensors, batch_size, generator=None, shuffle=True, device="cpu", start=0):
+    """Yield tuples of mini-batches of the given equally long tensors, moved to `device`, from batch number
+    `start` on (a resumed run skips the batches of the epoch it already trained on; the order is the same)."""
     n = len(tensors[0])
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for i in range(0, n, batch_size):
+    for i in range(start * batch_size, n, batch_size):
         j = order[i:i + batch_size]
         yield tuple(t[j].to(device, non_blocking=True) for t in tensors)
 

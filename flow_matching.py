@@ -301,12 +301,10 @@ def train(args):
     while step < total:
         order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)   # batch order of this epoch
         skip = step - epoch * steps_per_epoch                                # batches already done (resume)
-        bar = tqdm(data.batches((x_tr, c_tr), args.batch_size, order), total=steps_per_epoch, initial=skip,
-                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke)
+        bar = tqdm(data.batches((x_tr, c_tr), args.batch_size, order, start=skip), total=steps_per_epoch,
+                   initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke)
         losses = []
-        for i, (x, c) in enumerate(bar):
-            if i < skip:
-                continue
+        for x, c in bar:
             x, c = x.to(dev), c.to(dev)
             with data.autocast(dev, args.amp):
                 loss = fm_loss(model, x, c, noise, args.t_dist)

@@ -264,11 +264,10 @@ def fit(stage, module, loss_fn, tensors, epochs, args, state, save, validate, em
     while st["step"] < total:
         epoch = st["step"] // spe
         order = torch.Generator().manual_seed(args.seed * 100_003 + 1000 * stage + epoch)
-        bar = tqdm(data.batches(tensors, args.batch_size, order), total=spe, initial=st["step"] - epoch * spe,
+        skip = st["step"] - epoch * spe                                     # batches already done (resume)
+        bar = tqdm(data.batches(tensors, args.batch_size, order, start=skip), total=spe, initial=skip,
                    desc=f"stage {stage} epoch {epoch + 1}/{epochs}", leave=False, disable=args.smoke)
-        for i, batch in enumerate(bar):
-            if i < st["step"] - epoch * spe:
-                continue
+        for batch in bar:
             with data.autocast(dev, args.amp):
                 loss = loss_fn(*[b.to(dev) for b in batch], noise)
             if not torch.isfinite(loss):

@@ -1,0 +1,421 @@
+"""SDI-GAN for the ALICE proton Zero Degree Calorimeter (ZP, 56 x 30 fibres), with the paper's ablation.
+
+Papers: the proton ZDC SDI-GAN paper (arXiv 2406.03263) and SDI-GAN (Dubinski et al., ICONIP 2023). On the real
+proton set: GAN 2.48, SDI-GAN 2.36, + intensity regularisation 2.29, + auxiliary regressor 2.08 (Wasserstein).
+
+Method. A conditional DCGAN: G(z, c) maps noise z ~ N(0, I_10) and the 9 standardised particle features to a
+log1p(counts) image (ReLU output); D(x, c) returns a logit and its 64-d last hidden layer (the "SDI features").
+Non-saturating BCE, fakes conditioned on a shuffled copy c' of the batch's conditions; everything the additions
+compare a fake with (diversity target, photon sum, brightest pixel) is taken from the real event that c' came
+from. One D step, one auxiliary-regressor step, one G step per batch. `--variant` picks the ablation row:
+- gan: the adversarial loss only.
+- sdi: + selective diversity increase. Diversity target of an event: the sum over pixels of the per-pixel
+  (population) std of the raw counts of all training responses sharing its exact condition vector, min-max
+  normalised to [0, 1] over the conditions (`diversity_target`). Two noise vectors per fake condition and
+  L_div = mean(div * mean|z1 - z2| / (mean|f(G(z1, c')) - f(G(z2, c'))| + 1e-5)), f = D's SDI features,
+  weight --lambda-div (0.1): the generator is pushed to vary where the data vary.
+- sdi-int: + intensity regularisation, L_in = mean |photon sum of G(z1, c') - photon sum of the real event|
+  on raw counts, divided by the mean training photon sum, weight --lambda-int (1e-3).
+- sdi-int-aux (default): + an auxiliary regressor A (a small CNN) trained on real images to predict the (row, col)
+  of the brightest pixel; the generator adds --lambda-aux (1e-3) times the MSE of A(G(z1, c')) against the
+  real event's coordinates (in pixels).
+Generator: dense 19 -> 256 -> (w, 20, 10), upsample (3, 2), 2x2 conv 2w, upsample (1, 2), 2x2 conv w, 2x2 conv w/2,
+(2, 7) conv to 1 channel, ReLU: exactly 56 x 30 ("valid" convs, as the paper). Discriminator: 3x3 convs d and d/2
+with max pooling (2, 2) and (2, 1), flatten, concatenate c, dense 128 -> 64 (SDI features) -> logit. Regressor:
+3x3 convs a, 2a, 4a, 8a with pooling, dense 2. BatchNorm, dropout (--dropout) and LeakyReLU(0.1) throughout;
+G samples in eval mode. Adam: G lr 1e-4, D lr 1e-5, regressor lr 1e-4, betas .9/.999 (the paper's code) with
+--paper; the CPU default uses G and D lr 2e-4, betas .5/.9 (as gan.py: the slow published D barely moves in a
+CPU budget).
+
+Usage:
+    python sdigan_proton.py --train                          # ZP, sdi-int-aux, CPU default (~10 min on 2 cores)
+    python sdigan_proton.py --train --variant gan --out runs/sdigan_gan      # ablation rows: gan|sdi|sdi-int
+    python sdigan_proton.py --train --paper                  # reference widths (G 128, D 32, A 32), 100 epochs
+    python sdigan_proton.py --sample --ckpt runs/sdigan_proton/ckpt.pt --n 1000 --out samples.npz
+    python sdigan_proton.py --eval --ckpt runs/sdigan_proton/ckpt.pt [--plot]
+    python sdigan_proton.py --train --smoke                  # seconds
+The eval table reports the empty-response rate and the diversity error (metrics.py) as the paper does.
+Logged every --val-every steps (means since the previous row): d_loss, g_loss (= train_loss, adversarial part
+only), d_real / d_fake (mean sigmoid(D) on real / fake images), div_loss, int_loss, aux_loss (the generator's
+regularisers, unweighted), aux_real (regressor MSE on real images, pixels^2), and on 1000 validation
+conditions the Wasserstein (val_W) and the empty-response rate (val_empty).
+
+Deviations from the paper: the CPU default is narrower (--width 8, --d-width 8, --aux-width 8, no dropout),
+has faster optimiser settings and trains 1000 steps (0.56 epoch; one SDI step costs ~2.3 GAN steps); --paper has the paper's widths and dropout 0.2 but 100 epochs (the
+paper's code runs 350). The intensity term is an L1 on normalised photon sums (the paper's code: a tiny-weight
+MSE of the batch total). The data are the toy ZP set with its >= 1 photon cut (the paper: >= 1, 5 or 18).
+"""
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import metrics
+
+NAME = "sdigan_proton"
+NOISE = 10
+VARIANTS = {"gan": set(), "sdi": {"sdi"}, "sdi-int": {"sdi", "int"}, "sdi-int-aux": {"sdi", "int", "aux"}}
+# CPU default: 1000 steps (0.56 epoch, ~9-11 min on 2 cores) unless --epochs or --max-steps is given
+DEFAULTS = dict(epochs=1, batch_size=128, lr=2e-4, d_lr=2e-4, betas=[0.5, 0.9], width=8, d_width=8, aux_width=8,
+                dropout=0.0)
+PAPER = dict(epochs=100, batch_size=128, lr=1e-4, d_lr=1e-5, betas=[0.9, 0.999], width=128, d_width=32, aux_width=32,
+             dropout=0.2)
+CPU_STEPS = 1000
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__[__doc__.index("Usage:"):])
+    data.add_common_args(p, NAME)
+    g = p.add_argument_group("SDI-GAN (--lr is the generator's learning rate)")
+    g.add_argument("--variant", default="sdi-int-aux", choices=list(VARIANTS), help="ablation row (see the docstring)")
+    g.add_argument("--width", type=int, default=None, help="generator channels w (dense to w, convs 2w, w, w/2); paper 128")
+    g.add_argument("--d-width", type=int, default=None, help="discriminator conv channels d, d/2 (paper 32)")
+    g.add_argument("--aux-width", type=int, default=None, help="auxiliary regressor channels a .. 8a (paper 32)")
+    g.add_argument("--d-lr", type=float, default=None, help="discriminator learning rate (CPU 2e-4, paper 1e-5)")
+    g.add_argument("--betas", type=float, nargs=2, default=None, help="Adam betas of all three networks "
+                   "(CPU .5 .9, paper .9 .999)")
+    g.add_argument("--aux-lr", type=float, default=1e-4, help="auxiliary regressor learning rate")
+    g.add_argument("--lambda-div", type=float, default=0.1, help="weight of the diversity (SDI) term")
+    g.add_argument("--lambda-int", type=float, default=1e-3, help="weight of the intensity term")
+    g.add_argument("--lambda-aux", type=float, default=1e-3, help="weight of the auxiliary-regressor term")
+    g.add_argument("--dropout", type=float, default=None, help="dropout in G, D and the regressor (paper 0.2, CPU 0)")
+    g.add_argument("--val-every", type=int, default=500, help="validate every N steps")
+    g.add_argument("--paper", action="store_true", help="reference widths and schedule")
+    args = p.parse_args(argv)
+    if args.detector == "neutron":
+        p.error("sdigan_proton.py models the proton calorimeter (ZP 56x30) only: leave --detector out or use "
+                "--detector proton (for the neutron calorimeter use gan.py)")
+    if args.train:
+        args.detector = "proton"
+    data.check_args(p, args)
+    if min(args.d_lr or 1, args.aux_lr) <= 0 or not all(0 <= b < 1 for b in args.betas or []) or min(args.lambda_div, args.lambda_int, args.lambda_aux) < 0:
+        p.error("--d-lr and --aux-lr must be positive, --betas in [0, 1), the --lambda-* weights >= 0")
+    if args.dropout is not None and not 0 <= args.dropout < 1 or args.val_every <= 0:
+        p.error("--dropout must be in [0, 1) and --val-every positive")
+    for k in ("width", "d_width", "aux_width"):
+        v = getattr(args, k)
+        if v is not None and (v < 2 or v % 2):
+            p.error(f"--{k.replace('_', '-')} must be even and >= 2 (got {v})")
+    if not (args.paper or args.smoke) and args.epochs is None and args.max_steps is None:
+        args.max_steps = CPU_STEPS
+    for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
+        if getattr(args, k) is None:   # flags given on the command line win
+            setattr(args, k, v)
+    if args.smoke:
+        args.limit, args.width, args.d_width, args.aux_width = args.limit or 1500, 4, 4, 2
+        args.max_steps, args.batch_size = args.max_steps or 6, 32
+        args.max_test, args.reps, args.ckpt_every = min(args.max_test or 200, 200), min(args.reps, 2), 3
+    args.out = args.out or f"runs/{NAME}"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------
+SHAPE = data.SHAPES["proton"]
+
+
+def act(n, dropout, dim=2):
+    """BatchNorm, dropout, LeakyReLU(0.1): the paper's block tail."""
+    bn = nn.BatchNorm2d(n) if dim == 2 else nn.BatchNorm1d(n)
+    return [bn, nn.Dropout(dropout), nn.LeakyReLU(0.1)]
+
+
+class Generator(nn.Module):
+    def __init__(self, width, dropout, n_cond=9):
+        super().__init__()
+        w = self.w = width
+        self.dense = nn.Sequential(nn.Linear(NOISE + n_cond, 256), *act(256, dropout, 1),
+                                   nn.Linear(256, w * 20 * 10), *act(w * 20 * 10, dropout, 1))
+        self.conv = nn.Sequential(nn.Upsample(scale_factor=(3, 2)), nn.Conv2d(w, 2 * w, 2), *act(2 * w, dropout),
+                                  nn.Upsample(scale_factor=(1, 2)), nn.Conv2d(2 * w, w, 2), *act(w, dropout),
+                                  nn.Conv2d(w, w // 2, 2), *act(w // 2, dropout), nn.Conv2d(w // 2, 1, (2, 7)))
+
+    def forward(self, z, cond):                      # 20x10 -> 60x20 -> 59x19 -> 59x38 -> 58x37 -> 57x36 -> 56x30
+        return F.relu(self.conv(self.dense(torch.cat([z, cond], 1)).view(-1, self.w, 20, 10)))
+
+
+class Discriminator(nn.Module):
+    """Returns (logit, 64-d features of the last hidden layer)."""
+
+    def __init__(self, width, dropout, n_cond=9):
+        super().__init__()
+        d = width
+        self.conv = nn.Sequential(nn.Conv2d(1, d, 3), *act(d, dropout), nn.MaxPool2d(2),            # 27 x 14
+                                  nn.Conv2d(d, d // 2, 3), *act(d // 2, dropout), nn.MaxPool2d((2, 1)),  # 12 x 12
+                                  nn.Flatten())
+        self.feat = nn.Sequential(nn.Linear(d // 2 * 12 * 12 + n_cond, 128), *act(128, dropout, 1),
+                                  nn.Linear(128, 64), *act(64, dropout, 1))
+        self.out = nn.Linear(64, 1)
+
+    def forward(self, x, cond):
+        f = self.feat(torch.cat([self.conv(x), cond], 1))
+        return self.out(f)[:, 0], f
+
+
+class Regressor(nn.Module):
+    """(row, col) of the brightest pixel of a log1p image, in pixels."""
+
+    def __init__(self, a, dropout):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, a, 3), *act(a, dropout), nn.MaxPool2d(2),                 # 27 x 14
+                                 nn.Conv2d(a, 2 * a, 3), *act(2 * a, dropout), nn.MaxPool2d((2, 1)),    # 12 x 12
+                                 nn.Conv2d(2 * a, 4 * a, 3), *act(4 * a, dropout), nn.MaxPool2d((2, 1)),  # 5 x 10
+                                 nn.Conv2d(4 * a, 8 * a, 3), *act(8 * a, dropout),                    # 3 x 8
+                                 nn.Flatten(), nn.Linear(8 * a * 24, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def build_model(cfg):
+    """The generator described by a checkpoint's args (the network that samples)."""
+    return Generator(cfg["width"], cfg["dropout"])
+
+
+def build_critics(cfg):
+    """Discriminator and auxiliary regressor (training only)."""
+    return Discriminator(cfg["d_width"], cfg["dropout"]), Regressor(cfg["aux_width"], cfg["dropout"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Method: diversity target, losses, sampler
+# ----------------------------------------------------------------------------------------------------------
+def diversity_target(counts, cond_id):
+    """Per event: the sum over pixels of the per-pixel population std of the raw counts of all responses with
+    the same condition id, min-max normalised over the conditions to [0, 1] (float32 (N,))."""
+    counts, cond_id = np.asarray(counts), np.asarray(cond_id)
+    order = np.argsort(cond_id, kind="stable")
+    uniq, start, cnt = np.unique(cond_id[order], return_index=True, return_counts=True)
+    div = np.array([counts[order[s:s + n]].reshape(n, -1).astype(np.float64).std(0).sum() for s, n in zip(start, cnt)])
+    span = div.max() - div.min()
+    div = (div - div.min()) / span if span > 0 else np.zeros_like(div)
+    return div[np.searchsorted(uniq, cond_id)].astype(np.float32)
+
+
+def brightest(counts):
+    """(row, col) of the brightest pixel of each image (N, H, W), float32 (N, 2)."""
+    counts = np.asarray(counts)
+    flat = counts.reshape(len(counts), -1).argmax(1)
+    return np.stack([flat // counts.shape[2], flat % counts.shape[2]], 1).astype(np.float32)
+
+
+def train_step(nets, opts, batch, generator, use, args, sum_scale):
+    """One D, regressor and G step on a batch; returns a dict of the logged numbers."""
+    gen, disc, aux = nets
+    opt_g, opt_d, opt_a = opts
+    x, c, div, photons, coords = batch
+    dev = x.device
+    perm = torch.randperm(len(x), generator=generator, device=generator.device).to(dev)
+    fc, div, photons, fake_coords = c[perm], div[perm], photons[perm], coords[perm]
+    z1 = data.noise((len(x), NOISE), generator, dev)
+    bce = F.binary_cross_entropy_with_logits
+    fake = gen(z1, fc)
+    real_logit, _ = disc(x, c)
+    fake_logit, _ = disc(fake.detach(), fc)
+    d_loss = bce(real_logit, torch.ones_like(real_logit)) + bce(fake_logit, torch.zeros_like(fake_logit))
+    opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt_d.step()
+    log = dict(d_loss=d_loss.item(), d_real=torch.sigmoid(real_logit).mean().item(),
+               d_fake=torch.sigmoid(fake_logit).mean().item())
+    if "aux" in use:
+        a_loss = F.mse_loss(aux(x), coords)                            # the regressor learns on real images
+        opt_a.zero_grad(set_to_none=True)
+        a_loss.backward()
+        opt_a.step()
+        log["aux_real"] = a_loss.item()
+    g_logit, f1 = disc(fake, fc)
+    g_loss = bce(g_logit, torch.ones_like(g_logit))                    # non-saturating
+    log["g_loss"] = g_loss.item()
+    total = g_loss
+    if "sdi" in use:
+        z2 = data.noise((len(x), NOISE), generator, dev)
+        _, f2 = disc(gen(z2, fc), fc)
+        ratio = (z1 - z2).abs().mean(1) / ((f1 - f2).abs().mean(1) + 1e-5)
+        div_loss = (div * ratio).mean()
+        total = total + args.lambda_div * div_loss
+        log["div_loss"] = div_loss.item()
+    if "int" in use:
+        gen_sum = torch.expm1(fake.clamp(max=12)).sum((1, 2, 3))
+        int_loss = (gen_sum - photons).abs().mean() / sum_scale
+        total = total + args.lambda_int * int_loss
+        log["int_loss"] = int_loss.item()
+    if "aux" in use:
+        aux_loss = F.mse_loss(aux(fake), fake_coords)
+        total = total + args.lambda_aux * aux_loss
+        log["aux_loss"] = aux_loss.item()
+    opt_g.zero_grad(set_to_none=True)
+    total.backward()
+    opt_g.step()
+    return log
+
+
+@torch.no_grad()
+def sample(gen, cond, generator=None):
+    """Raw photon counts (n, 56, 30) for standardised conditions `cond` (n, 9). Noise is drawn on the CPU from
+    `generator` and moved to the device (a seed gives the same samples anywhere)."""
+    z = data.noise((len(cond), NOISE), generator, cond.device)
+    return data.to_counts(gen(z, cond))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------------------
+def generator_fn(gen, device, amp=False):
+    """The (cond, generator) -> counts callable that metrics.evaluate expects."""
+    def generate(cond, g):
+        with data.autocast(device, amp):
+            return sample(gen, cond.to(device), g).float()
+    return generate
+
+
+def train(args):
+    dev = data.pick_device(args.device)
+    data.seed_everything(args.seed)
+    out = Path(args.out)
+    ckpt_path = out / "ckpt.pt"
+    ck = None
+    if ckpt_path.exists() and not args.resume:
+        raise data.DataError(f"{ckpt_path} exists: pass --resume to continue it, or --out a new folder")
+    if args.resume and ckpt_path.exists():
+        ck = data.load_checkpoint(ckpt_path, NAME)
+        args = data.resume_args(args, ck)
+    elif args.resume:
+        print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+    use = VARIANTS[args.variant]
+    split = data.load_split(vars(args))
+    counts = split.counts("train")
+    photons = torch.as_tensor(counts.reshape(len(counts), -1).sum(1, dtype=np.float64), dtype=torch.float32)
+    div = torch.as_tensor(diversity_target(counts, split.ds.cond_id[split.idx["train"]]))
+    tensors = (split.x("train"), split.cond("train"), div, photons, torch.as_tensor(brightest(counts)))
+    sum_scale = photons.mean().item()
+    c_va = split.cond("val")[:1000]
+    gen, (disc, aux) = build_model(vars(args)).to(dev), (m.to(dev) for m in build_critics(vars(args)))
+    nets = (gen, disc, aux)
+    opts = tuple(torch.optim.Adam(m.parameters(), lr=lr, betas=tuple(args.betas))
+                 for m, lr in zip(nets, (args.lr, args.d_lr, args.aux_lr)))
+    steps_per_epoch = max(len(counts) // args.batch_size, 1)   # the last incomplete batch is dropped (BatchNorm)
+    planned = args.epochs * steps_per_epoch               # constant learning rates; --max-steps stops early
+    total = min(planned, args.max_steps or planned)
+    noise = torch.Generator(dev).manual_seed(args.seed)
+    step, epoch = 0, 0
+    if ck is not None:
+        for m, k in zip(nets + opts, ("weights", "disc", "aux", "opt_g", "opt_d", "opt_a")):
+            m.load_state_dict(ck[k])
+        noise.set_state(ck["rng"]["noise"]), torch.set_rng_state(ck["rng"]["torch"])
+        step, epoch = ck["step"], ck["epoch"]
+        print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
+    n_g, n_d, n_a = (sum(p.numel() for p in m.parameters()) for m in nets)
+    print(f"{NAME} ({args.variant}): G {n_g:,} + D {n_d:,} + regressor {n_a:,} parameters, {len(counts):,} training "
+          f"responses, {steps_per_epoch} steps per epoch, {total} steps in total, device {dev}")
+    if args.amp:
+        print("note: --amp is used for sampling only; GAN training runs in float32")
+
+    def save():
+        data.save_checkpoint(dict(model=NAME, args=vars(args), data=split.state(), weights=gen.state_dict(),
+                                  disc=disc.state_dict(), aux=aux.state_dict(), opt_g=opts[0].state_dict(),
+                                  opt_d=opts[1].state_dict(), opt_a=opts[2].state_dict(), step=step, epoch=epoch,
+                                  n_params=n_g, rng=dict(noise=noise.get_state(), torch=torch.get_rng_state())), ckpt_path)
+
+    def validate(logs):
+        gen.eval()
+        gen_counts = sample(gen, c_va.to(dev), torch.Generator().manual_seed(0))
+        gen.train()
+        val_w = metrics.wasserstein(split.counts("val")[:len(c_va)], gen_counts)[0]
+        m = {k: float(np.mean([r[k] for r in logs])) for k in logs[0]} if logs else {}
+        row = dict(step=step, epoch=step / steps_per_epoch, train_loss=m.get("g_loss"), **m, val_W=val_w,
+                   val_empty=float(((gen_counts >= 0.5).flatten(1).sum(1) == 0).float().mean()),
+                   minutes=(time.time() - t_start) / 60)
+        data.log_jsonl(out / "metrics.jsonl", **row)
+        if logs:
+            extra = "".join(f"  {k} {m[k]:.3g}" for k in ("div_loss", "int_loss", "aux_loss", "aux_real") if k in m)
+            print(f"step {step:6d}  epoch {row['epoch']:.2f}  D loss {m['d_loss']:.3f}  G loss {m['g_loss']:.3f}  "
+                  f"D(real) {m['d_real']:.3f}  D(fake) {m['d_fake']:.3f}{extra}  val W {val_w:.3f}  "
+                  f"empty {row['val_empty']:.3f}  {row['minutes']:.1f} min")
+
+    t_start = time.time()
+    for m in nets:
+        m.train()
+    while step < total:
+        order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)   # batch order of this epoch
+        skip = step - epoch * steps_per_epoch                                # batches already done (resume)
+        bar = tqdm(data.batches(tensors, args.batch_size, order), total=steps_per_epoch, initial=skip,
+                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke)
+        logs = []
+        for i, batch in enumerate(bar):
+            if i >= steps_per_epoch:
+                break
+            if i < skip:
+                continue
+            log = train_step(nets, opts, [t.to(dev) for t in batch], noise, use, args, sum_scale)
+            if not all(math.isfinite(v) for v in log.values()):
+                raise FloatingPointError(f"non-finite loss at step {step} ({log}): training diverged")
+            step += 1
+            logs.append(log)
+            bar.set_postfix(D=f"{log['d_loss']:.3f}", G=f"{log['g_loss']:.3f}")
+            if step % args.ckpt_every == 0:
+                save()
+            if step % args.val_every == 0 or step >= total:
+                bar.clear()
+                validate(logs)
+                logs = []
+            if step >= total:
+                break
+        bar.close()
+        if step == (epoch + 1) * steps_per_epoch:
+            epoch += 1
+        save()
+    print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min, checkpoint {ckpt_path}")
+    return ckpt_path
+
+
+def load_model(args):
+    ck = data.load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", NAME, args.detector)
+    dev = data.pick_device(args.device)
+    gen = build_model(ck["args"]).to(dev)
+    gen.load_state_dict(ck["weights"])
+    return ck, gen.eval(), dev
+
+
+def sample_cmd(args):
+    ck, gen, dev = load_model(args)
+    particles = data.sampling_conditions(ck, args.n, args.particles)
+    cond = data.standardize(particles, ck["data"]["mean"], ck["data"]["std"])
+    fn = generator_fn(gen, dev, args.amp)
+    g = torch.Generator().manual_seed(args.seed)
+    counts = torch.cat([fn(c, g).cpu() for c in torch.split(cond, 1024)])
+    out = args.out if args.out.endswith(".npz") else str(Path(args.out) / "samples.npz")
+    data.write_samples(out, counts.numpy(), particles)
+    print(f"wrote {len(counts)} responses {tuple(counts.shape[1:])} to {out}")
+
+
+def evaluate(args):
+    ck, gen, dev = load_model(args)
+    split = data.split_from_checkpoint(ck)
+    path = Path(args.ckpt or Path(args.out) / "ckpt.pt").with_name("eval.json")
+    variant = ck["args"]["variant"]
+    return metrics.run_eval(generator_fn(gen, dev, args.amp), split, path, args, f"{NAME} ({variant})",
+                            dict(variant=variant, n_params=ck["n_params"], train_steps=ck["step"]))
+
+
+if __name__ == "__main__":
+    args = get_args()
+    try:
+        if args.train:
+            args.ckpt = str(train(args))
+        if args.sample:
+            sample_cmd(args)
+        if args.eval:
+            evaluate(args)
+    except (data.DataError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")

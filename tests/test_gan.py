@@ -1,0 +1,108 @@
+"""gan.py through its command line, and its pieces directly."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import gan
+from helpers import assert_same_weights, check_eval, check_samples, cli, losses, weights
+
+S = "gan.py"
+
+
+@pytest.fixture(scope="module", params=["neutron", "proton"])
+def run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"gan_{request.param}")
+    cli(S, "--train", "--smoke", "--detector", request.param, "--out", out)
+    return request.param, out
+
+
+def test_smoke_train_sample_eval(run):
+    det, out = run
+    ck = torch.load(out / "ckpt.pt", weights_only=True)               # loadable without pickle
+    assert ck["model"] == "gan" and ck["data"]["detector"] == det and ck["step"] == 6
+    assert 0.9 <= ck["scale"] <= 1.1 and {"disc", "opt_g", "opt_d"} <= ck.keys()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(0 <= r["d_real"] <= 1 and 0 <= r["d_fake"] <= 1 and r["d_loss"] > 0 and r["g_loss"] > 0
+                        and r["val_W"] >= 0 for r in rows)
+    cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--n", 50, "--out", out / "s.npz")   # no other flags
+    pp = check_samples(out / "s.npz", data.SHAPES[det], 50)
+    cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--n", 50, "--out", out / "raw.npz", "--no-postprocess")
+    raw = check_samples(out / "raw.npz", data.SHAPES[det], 50)
+    np.testing.assert_allclose(pp, ck["scale"] * raw, rtol=1e-5, atol=1e-4)   # the scale multiplies raw counts
+    assert data.load(det, out / "s.npz").images.shape == pp.shape          # sample files load like data
+    cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 100, "--reps", 2)
+    r = check_eval(out / "eval.json")
+    assert r["detector"] == det and r["reps"] == 2 and r["n_test"] == 100 and r["scale"] == ck["scale"] and r["postprocess"]
+    cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 100, "--reps", 2, "--no-postprocess")
+    r = check_eval(out / "eval_nopp.json")
+    assert r["scale"] == 1.0 and not r["postprocess"]
+    other = "proton" if det == "neutron" else "neutron"
+    e = cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--detector", other, ok=False)
+    assert f"trained on the {det} detector" in e.stderr
+
+
+def assert_same_optimizer(a, b):
+    assert a["state"].keys() == b["state"].keys() and a["param_groups"] == b["param_groups"]
+    for k in a["state"]:
+        assert_same_weights(a["state"][k], b["state"][k])
+
+
+def test_same_seed_same_losses_resume_equals_uninterrupted_and_clear_errors(tmp_path):
+    a, c = tmp_path / "a", tmp_path / "c"
+    cli(S, "--train", "--smoke", "--out", a, "--val-every", 2)
+    cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--max-steps", 4)       # "killed" at step 4
+    assert losses(c) == losses(a)[:2]                                                  # same seed, same losses
+    cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--resume")             # continues to step 6
+    ka, kc = (torch.load(p / "ckpt.pt", weights_only=True) for p in (a, c))
+    assert kc["step"] == 6 and len(losses(a)) == 3 and losses(c) == pytest.approx(losses(a), rel=1e-5)
+    assert_same_weights(weights(a), weights(c))
+    assert_same_weights(weights(a, "disc"), weights(c, "disc"))
+    assert_same_optimizer(ka["opt_g"], kc["opt_g"])
+    assert_same_optimizer(ka["opt_d"], kc["opt_d"])
+    assert ka["scale"] == pytest.approx(kc["scale"], abs=1e-6)
+    ka["model"] = "vae"
+    torch.save(ka, tmp_path / "vae.pt")
+    assert "a checkpoint of vae.py, not of gan.py" in cli(S, "--sample", "--ckpt", tmp_path / "vae.pt", ok=False).stderr
+    assert "checkpoint not found" in cli(S, "--sample", "--ckpt", tmp_path / "none.pt", ok=False).stderr
+    (tmp_path / "junk.pt").write_text("junk")
+    assert "not a readable checkpoint" in cli(S, "--eval", "--ckpt", tmp_path / "junk.pt", ok=False).stderr
+    assert "exists: pass --resume" in cli(S, "--train", "--smoke", "--out", a, ok=False).stderr
+
+
+@pytest.mark.parametrize("argv, message", [(["--d-lr", "0"], "--d-lr must be positive"),
+                                           (["--g-betas", "0.5", "1.5"], "Adam betas in [0, 1)"),
+                                           (["--g-width", "0"], "--g-width must be positive"),
+                                           (["--dropout", "1"], "--dropout must be in [0, 1)")])
+def test_bad_flags_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        gan.get_args(["--train"] + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fit_scale_recovers_a_known_scale():
+    rng = np.random.default_rng(0)
+    def draw(n):                                     # images with varied photon sums
+        return rng.poisson(rng.uniform(5, 50, (n, 1, 1)) * np.ones((1, 8, 8))).astype(float)
+    true = draw(4000)
+    for s in (0.93, 1.0, 1.062):
+        assert gan.fit_scale(true / s, true) == pytest.approx(s, abs=2e-4)
+    assert gan.fit_scale(true / 1.3, true) == pytest.approx(1.1, abs=2e-4)       # the best scale is out of range
+    assert gan.fit_scale(draw(4000) / 1.05, true) == pytest.approx(1.05, abs=0.02)   # an independent sample
+
+
+@pytest.mark.parametrize("det", ["neutron", "proton"])
+def test_sampler_shapes_seeds_and_scale(det):
+    torch.manual_seed(0)
+    g = gan.build_model(dict(detector=det, g_width=4, dropout=0.2)).eval()
+    cond = torch.randn(5, 9)
+    x = gan.sample(g, cond, torch.Generator().manual_seed(1))
+    y = gan.sample(g, cond, torch.Generator().manual_seed(1), scale=1.05)
+    z = gan.sample(g, cond, torch.Generator().manual_seed(2))
+    assert x.shape == (5,) + data.SHAPES[det] and torch.isfinite(x).all() and (x >= 0).all()
+    torch.testing.assert_close(y, 1.05 * x)
+    assert not torch.equal(x, z)
+    d = gan.build_discriminator(dict(detector=det, d_width=4, dropout=0.2))
+    assert d(data.to_log(x.numpy()), cond).shape == (5,)

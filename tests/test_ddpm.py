@@ -1,0 +1,182 @@
+"""ddpm.py through its command line, and its samplers directly."""
+import json
+
+import pytest
+import torch
+
+import data
+import ddpm
+from helpers import assert_same_weights, check_eval, check_samples, cli, losses, weights
+
+S = "ddpm.py"
+
+
+@pytest.fixture(scope="module", params=["neutron", "proton"])
+def run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"ddpm_{request.param}")
+    cli(S, "--train", "--smoke", "--detector", request.param, "--out", out)
+    return request.param, out
+
+
+def test_smoke_train_sample_eval(run):
+    det, out = run
+    ck = torch.load(out / "ckpt.pt", weights_only=True)               # loadable without pickle
+    assert ck["model"] == "ddpm" and ck["data"]["detector"] == det and ck["step"] == 6
+    fresh = ddpm.build_model(ck["args"])                                # the EMA averages parameters, not the schedule
+    assert torch.equal(ck["ema"]["alphas_cumprod"], fresh.alphas_cumprod)
+    assert torch.equal(ck["weights"]["alphas_cumprod"], fresh.alphas_cumprod)
+    assert ck["ema"]["x_max"] == ck["weights"]["x_max"] < ddpm.X_MAX                  # set from the training data
+    assert ck["ema"]["x_std"] == ck["weights"]["x_std"] != fresh.x_std
+    cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--n", 20, "--out", out / "s.npz")   # no other flags
+    resp = check_samples(out / "s.npz", data.SHAPES[det], 20)
+    assert data.load(det, out / "s.npz").images.shape == resp.shape    # sample files load like data
+    cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 60, "--reps", 1, "--steps", 3, "--eta", 0)
+    r = check_eval(out / "eval_steps3_eta0.json")
+    assert r["detector"] == det and (r["steps"], r["eta"]) == (3, 0) and r["reps"] == 1 and r["n_test"] == 60
+    if det == "neutron":
+        cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 60, "--reps", 1, "--sweep", "1,2", "--plot")
+        rows = json.loads((out / "sweep.json").read_text())["rows"]
+        assert [(r["eta"], r["steps"]) for r in rows] == [(e, n) for e in (0.0, 0.7, 1.0) for n in (1, 2)]
+        assert all(r["ms_per_sample"] > 0 and r["W"][0] >= 0 for r in rows)
+        assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_wrong_checkpoints_give_clear_errors(run, tmp_path):
+    det, out = run
+    other = "proton" if det == "neutron" else "neutron"
+    e = cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--detector", other, ok=False)
+    assert f"trained on the {det} detector" in e.stderr
+    if det == "proton":
+        return
+    assert "exists: pass --resume" in cli(S, "--train", "--smoke", "--out", out, ok=False).stderr
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    ck["model"] = "flow_matching"
+    torch.save(ck, tmp_path / "fm.pt")
+    assert "a checkpoint of flow_matching.py, not of ddpm.py" in cli(S, "--sample", "--ckpt", tmp_path / "fm.pt", ok=False).stderr
+    (tmp_path / "junk.pt").write_text("junk")                          # the same errors, in-process (faster)
+    for name, msg in [("none.pt", "checkpoint not found"), ("junk.pt", "not a readable checkpoint")]:
+        with pytest.raises(data.DataError, match=msg):
+            ddpm.load_model(ddpm.get_args(["--eval", "--ckpt", str(tmp_path / name)]))
+
+
+@pytest.mark.parametrize("flags,msg", [(("--steps", 0), "--steps must be between 1 and 1000"),
+                                       (("--steps", 1001), "--steps must be between 1 and 1000"),
+                                       (("--eta", -0.1), "--eta must be in [0, 1]"), (("--eta", 1.5), "--eta must be in [0, 1]"),
+                                       (("--eta", "nan"), "--eta must be in [0, 1]"), (("--sweep", "5,0"), "--sweep takes"),
+                                       (("--sweep", "5,1001"), "--sweep takes"), (("--mults", "2,x"), "--mults takes")])
+def test_bad_flags_are_argparse_errors(flags, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        ddpm.get_args(["--sample", *map(str, flags)])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_sampler_rejects_bad_steps_and_eta():
+    with pytest.raises(ValueError, match="steps must be between"):
+        ddpm.ddim_timesteps(1001)
+    with pytest.raises(ValueError, match="eta must be in"):
+        ddpm.sample(ddpm.build_model(dict(width=2, mults="2", attn_levels=0)), torch.zeros(1, 9), (8, 8), steps=2, eta=2.0)
+
+
+def test_same_seed_same_losses_and_resume_equals_uninterrupted(tmp_path):
+    a, c = tmp_path / "a", tmp_path / "c"
+    cli(S, "--train", "--smoke", "--out", a, "--val-every", 2)
+    cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--max-steps", 4)       # "killed" at step 4
+    assert losses(c) == losses(a)[:2]                                                  # same seed, same losses
+    cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--resume")             # continues to step 6
+    assert torch.load(c / "ckpt.pt", weights_only=True)["step"] == 6 and len(losses(a)) == 3
+    assert losses(c) == pytest.approx(losses(a), rel=1e-5)
+    assert_same_weights(weights(a), weights(c))
+    assert_same_weights(weights(a, "ema"), weights(c, "ema"))
+
+
+def test_schedule_and_timesteps():
+    m = ddpm.build_model(dict(width=2, mults="2,3,4", attn_levels=1))
+    assert [n for n, _ in m.named_buffers()] == ["alphas_cumprod", "x_max", "x_std"]  # buffers, not parameters
+    abar = m.alphas_cumprod.double()
+    betas = 1 - abar / torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+    torch.testing.assert_close(betas, torch.linspace(1e-4, 2e-2, 1000, dtype=abar.dtype), rtol=1e-3, atol=1e-7)
+    assert m.alphas_cumprod[-1].item() == pytest.approx(4.04e-5, rel=0.01)           # prod(1 - beta): x_999 ~ noise
+    assert ddpm.ddim_timesteps(1) == [999]
+    assert ddpm.ddim_timesteps(5) == [999, 749, 500, 250, 0]
+    assert ddpm.ddim_timesteps(1000) == list(range(999, -1, -1))
+    for n in (2, 7, 50, 333, 999):
+        ts = ddpm.ddim_timesteps(n)
+        assert len(ts) == n and ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
+
+
+class TinyEps(torch.nn.Module):
+    """A tiny untrained noise predictor with ddpm's buffers: the eps that makes a one-conv denoiser D(x) the x0
+    prediction, plus a t- and condition-dependent error (large x0 errors at high t, which clipping catches)."""
+
+    def __init__(self, x_max=3.0):
+        super().__init__()
+        for k, v in ddpm.build_model(dict(width=2, mults="2", attn_levels=0)).named_buffers():
+            self.register_buffer(k, v)
+        self.x_max.fill_(x_max)
+        self.conv, self.lin = torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Linear(9, 1)
+
+    def forward(self, x, t, c):
+        a = self.alphas_cumprod[t][:, None, None, None]
+        err = (torch.sin(t / 50.0)[:, None] + self.lin(c))[:, :, None, None]
+        return (x - a.sqrt() * (1.5 + torch.tanh(self.conv(x)))) / (1 - a).sqrt() + 0.05 * err
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_ddim_1000_steps_eta_1_is_ancestral_ddpm(clip):
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)                       # float64 throughout: equal to rounding error
+    try:
+        model, cond = TinyEps().double(), torch.randn(3, 9)
+
+        def run(fn, **kw):
+            return torch.log1p(fn(model, cond, (8, 12), torch.Generator().manual_seed(7), clip=clip, **kw))
+        ref = run(ddpm.ddpm_ancestral)
+        ddim = run(ddpm.sample, steps=1000, eta=1.0)
+        eta0 = run(ddpm.sample, steps=1000, eta=0.0)
+    finally:
+        torch.set_default_dtype(default)
+    inside = ((ref > 0.01) & (ref < 2.99)).float().mean()       # not all clipped to 0 or x_max = 3
+    assert torch.isfinite(ref).all() and inside > 0.5 and ref.std() > 0.05
+    torch.testing.assert_close(ddim, ref, rtol=1e-6, atol=1e-6)            # float32 counts of a float64 sampler
+    assert (ddim - eta0).abs().max() > 0.005                     # the noise draws matter
+
+
+class Oracle(torch.nn.Module):
+    """The exact noise predictor for a data set of one image x0: eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+        for k, v in ddpm.build_model(dict(width=2, mults="2", attn_levels=0)).named_buffers():
+            self.register_buffer(k, v)
+
+    def forward(self, x, t, c):
+        a = self.alphas_cumprod[t][:, None, None, None]
+        return (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+
+
+@pytest.mark.parametrize("steps,eta", [(1, 0.0), (5, 0.0), (5, 0.7), (50, 1.0), (1000, 0.3)])
+def test_ddim_returns_the_data_point_for_an_exact_noise_predictor(steps, eta):
+    x0 = torch.rand(1, 1, 6, 5) * 4                          # any t-indexing slip gives a different result
+    out = ddpm.sample(Oracle(x0), torch.zeros(2, 9), (6, 5), torch.Generator().manual_seed(0), steps, eta)
+    torch.testing.assert_close(out, torch.expm1(x0[:, 0]).expand(2, 6, 5), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(44, 44), (56, 30)])
+def test_sampler_shapes_seeds_and_etas(shape):
+    torch.manual_seed(0)
+    model = ddpm.build_model(dict(width=2, mults="2,3,4", attn_levels=2)).eval()
+    cond = torch.randn(5, 9)
+    x = ddpm.sample(model, cond, shape, torch.Generator().manual_seed(1), steps=3)
+    y = ddpm.sample(model, cond, shape, torch.Generator().manual_seed(1), steps=3)
+    z = ddpm.sample(model, cond, shape, torch.Generator().manual_seed(1), steps=3, eta=0.0)
+    assert x.shape == (5,) + shape and torch.isfinite(x).all() and (x >= 0).all()
+    assert torch.equal(x, y) and not torch.equal(x, z)
+
+
+def test_reference_size():
+    model = ddpm.build_model(vars(ddpm.get_args(["--train", "--paper"])))
+    assert 3.5e6 < sum(p.numel() for p in model.parameters()) < 4.5e6
+    with torch.no_grad():                                      # four levels: ZP 56x30 is padded to 56x32 and back
+        assert model(torch.zeros(1, 1, 56, 30), torch.tensor([999]), torch.zeros(1, 9)).shape == (1, 1, 56, 30)

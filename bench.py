@@ -1,0 +1,342 @@
+"""Per-sample generation time of every model, side by side, on the device at hand.
+
+One run times every model script's own `sample` function (imported, nothing copied) from a fixed batch of
+conditions to raw photon counts: noise, every network evaluation of the sampler, decoding, ReLU/expm1. The
+weights come from runs/<script>/ckpt.pt when that checkpoint exists (its size and settings), otherwise the
+script's default configuration is freshly initialised (`--paper`: the reference sizes), which times the same.
+
+Modes (one row each):
+  eager      torch.no_grad, fp32: the scripts' code as it is.
+  inference  the same under torch.inference_mode (CPU default).
+  compile    (--compile) every network wrapped in torch.compile; compilation happens in the warm-up and takes
+             minutes on a small CPU, so it is opt-in.
+  amp        (GPU) bf16 autocast.
+  graph      (GPU) bf16 autocast with the whole sampling loop (all steps) captured in one CUDA graph: static
+             condition and output buffers, warm-up on a side stream, then replay. The noise is drawn on the GPU
+             inside the graph (generator=None), so every replay draws fresh noise.
+Timing: one warm-up call, then --repeats calls; the median. On a GPU each call is timed with CUDA events
+around the call and the end event is synchronised before reading it (the published timings skipped that
+synchronisation and may undercount); on a CPU with perf_counter. Conditions are standard-normal standardised
+features (the cost does not depend on their values).
+
+Columns: ms/sample and samples/s; NFE (network evaluations per sample); parameters; FLOPs per sample counted
+by torch.utils.flop_counter (matmuls, convolutions, attention; elementwise work not counted) on a small batch;
+achieved FLOP/s and its fraction of the device's peak: on a GPU the datasheet dense peak of the mode's dtype
+(PEAKS; fp32 rows against the non-tensor-core fp32 peak, so TF32 convolutions can exceed it), on a CPU the
+practical peak = the FLOP/s of a large fp32 matmul measured at start-up with the same threads. Peak memory:
+torch.cuda.max_memory_allocated on a GPU; not measured on a CPU (n/a). The "toy MC" row is data.py's toy
+simulator (both calorimeters per event, numpy, one core): a toy, not GEANT.
+
+Usage:
+    python bench.py                                     # every model, device auto, batch 256 (CPU) / 256,4096 (GPU)
+    python bench.py --models flow_matching,ddpm --steps 1,11,50 --batch 256,1024
+    python bench.py --device cpu --compile --json runs/bench_cpu.json
+    python bench.py --detector proton                   # the ZP versions (sdigan_proton.py is ZP only)
+"""
+import argparse
+import importlib
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+
+MODELS = ["vae", "sae_ng", "gan", "sdigan_proton", "vqgan", "ddpm", "flow_matching", "latent_fm"]
+ITERATIVE = {"ddpm", "flow_matching", "latent_fm"}          # models whose cost scales with --steps
+PEAKS = {  # dense datasheet peaks, FLOP/s: (fp32 without tensor cores, bf16 tensor cores)
+    "H200": (67e12, 989e12), "H100 PCIe": (51e12, 756e12), "H100": (67e12, 989e12), "A100": (19.5e12, 312e12),
+    "L40S": (91.6e12, 362e12), "A10": (31.2e12, 125e12), "V100": (15.7e12, 0), "T4": (8.1e12, 0),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One sampler per model script: (nets, checkpoint or None, steps) -> fn(cond) -> counts, and its NFE
+# ----------------------------------------------------------------------------------------------------------
+def _shape(ck, detector):
+    return tuple(ck["data"]["shape"]) if ck else data.SHAPES[detector]
+
+
+def make_sampler(name, mod, nets, ck, detector, steps):
+    """The model's own sample() with generator=None (noise on the device), as fn(cond) plus its NFE."""
+    shape = _shape(ck, detector)
+    if name == "flow_matching":
+        return (lambda c: mod.sample(nets[0], c, shape, None, steps)), steps
+    if name == "latent_fm":
+        scale = ck["state"]["scale"] if ck else 1.0
+        return (lambda c: mod.sample(nets[0], nets[1], c, shape, scale, None, steps)), steps
+    if name == "ddpm":
+        return (lambda c: mod.sample(nets[0], c, shape, None, steps)), steps
+    if name == "gan":
+        return (lambda c: mod.sample(nets[0], c, None, ck["scale"] if ck else 1.0)), 1
+    if name == "sdigan_proton":
+        return (lambda c: mod.sample(nets[0], c, None)), 1
+    if name == "vqgan":                                  # NFE: one GPT call per token, plus the decoder
+        return (lambda c: mod.sample(nets[0], nets[-1], c, shape, None)), nets[-1].n_tokens
+    if name in ("vae", "sae_ng"):
+        return (lambda c: mod.sample(nets[0], c, None)), 1
+    raise KeyError(name)
+
+
+def load_nets(name, mod, detector, runs, paper, device):
+    """(networks in sampling order, checkpoint or None, n_params): trained weights if runs/<name>/ckpt.pt exists."""
+    path = Path(runs) / name / "ckpt.pt"
+    if path.exists():
+        a = mod.get_args(["--sample", "--ckpt", str(path), "--device", str(device)])
+        out = mod.load_model(a)
+        ck, nets = out[0], [m for m in out[1:] if isinstance(m, torch.nn.Module)]
+        if ck["data"]["detector"] == detector:
+            return nets, ck, str(path)
+    a = mod.get_args(["--train", "--detector", detector] + (["--paper"] if paper else []))
+    nets = mod.build_model(vars(a))
+    nets = list(nets) if isinstance(nets, (tuple, list)) else [nets]
+    if name == "vqgan":                                  # (autoencoder, discriminator, GPT): no discriminator
+        nets = [nets[0], nets[2]]
+    return [m.to(device).eval() for m in nets], None, "fresh weights"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timing helpers
+# ----------------------------------------------------------------------------------------------------------
+def timed(fn, cond, repeats, device):
+    """Median seconds per call of fn(cond) after one warm-up call, synchronised on CUDA."""
+    fn(cond)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(cond)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn(cond)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def cuda_graph(fn, cond):
+    """(replay(cond) -> counts, None) with fn's whole call captured in one CUDA graph, or (None, reason) when
+    that is not possible (no GPU, or an operation in fn that cannot be captured)."""
+    if cond.device.type != "cuda":
+        return None, "CUDA graphs need a CUDA device"
+    try:
+        static_cond = cond.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                    # warm-up outside the capture (allocator, cuDNN plans)
+            for _ in range(2):
+                fn(static_cond)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = fn(static_cond)
+    except Exception as e:                               # capture refused: report it, never crash the table
+        torch.cuda.synchronize()
+        return None, f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
+    def replay(c):
+        static_cond.copy_(c)
+        graph.replay()
+        return static_out
+    return replay, None
+
+
+def flops_per_sample(fn, cond):
+    """FLOPs of fn on a batch, divided by the batch size (torch's flop counter: matmul, conv, attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn(cond)
+    return counter.get_total_flops() / len(cond)
+
+
+def cpu_peak(n=2048, repeats=5):
+    """Practical fp32 peak of this CPU: FLOP/s of an n x n matmul with the current threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = min(_time(lambda: a @ b) for _ in range(repeats))
+    return 2 * n ** 3 / t
+
+
+def _time(f):
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def device_peak(device, bf16):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (fp32, b16) in PEAKS.items():
+        if key in name:
+            return (b16 if bf16 else fp32) or None
+    return None
+
+
+def toy_row(n=2000, seed=0):
+    """Time per event of the toy Monte Carlo (both calorimeters; numpy, one core)."""
+    rng = np.random.default_rng(seed)
+    particles = data.draw_particles(n, rng)
+    data.simulate(particles[:100], rng)
+    t = min(_time(lambda: data.simulate(particles, rng)) for _ in range(3))
+    return dict(model="toy MC (not GEANT)", mode="numpy", steps=None, batch=n, ms_per_sample=1e3 * t / n,
+                samples_per_s=n / t, params=0, flops_per_sample=None, flops_per_s=None, peak_fraction=None,
+                peak_mem_mb=None, weights="-")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------
+def bench_model(name, args, device, modes, cpu_peak_flops):
+    mod = importlib.import_module(name)
+    detector = "proton" if name == "sdigan_proton" else args.detector
+    nets, ck, source = load_nets(name, mod, detector, args.runs, args.paper, device)
+    n_params = sum(p.numel() for m in nets for p in m.parameters())
+    rows = []
+    for steps in (args.steps if name in ITERATIVE else [None]):
+        base, nfe = make_sampler(name, mod, nets, ck, detector, steps or _default_steps(mod))
+        flops = flops_per_sample(torch.no_grad()(base), torch.randn(8, 9, device=device))
+        for batch in args.batch:
+            cond = torch.randn(batch, 9, device=device, generator=None)
+            for mode in modes:
+                fn, note = _mode_fn(mode, base, nets, mod, name, ck, detector, steps, cond)
+                row = dict(model=name, mode=mode, steps=nfe, batch=batch, params=n_params, weights=source,
+                           flops_per_sample=flops, detector=detector)
+                if fn is None:
+                    rows.append(dict(row, ms_per_sample=None, note=note))
+                    print(f"  {name:<15} {mode:<10} {note}", flush=True)
+                    continue
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    t = timed(fn, cond, args.repeats, device)
+                except Exception as e:  # e.g. torch.compile without a working compiler
+                    rows.append(dict(row, ms_per_sample=None, note=f"failed: {type(e).__name__}: {str(e)[:100]}"))
+                    print(f"  {name:<15} {mode:<10} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                    continue
+                peak = device_peak(device, mode in ("amp", "graph")) if device.type == "cuda" else cpu_peak_flops
+                row.update(ms_per_sample=1e3 * t / batch, samples_per_s=batch / t, flops_per_s=flops * batch / t,
+                           peak_fraction=(flops * batch / t / peak) if peak else None,
+                           peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
+                rows.append(row)
+                print(format_row(row), flush=True)
+    return rows
+
+
+def _default_steps(mod):
+    return getattr(mod.get_args(["--sample"]), "steps", None)
+
+
+def _mode_fn(mode, base, nets, mod, name, ck, detector, steps, cond):
+    """fn(cond) for one mode, or (None, why not)."""
+    dev = cond.device
+    if mode == "eager":
+        return torch.no_grad()(base), None
+    if mode == "inference":
+        return torch.inference_mode()(base), None
+    if mode == "amp":
+        return torch.no_grad()(lambda c: _amp(base, c)), None
+    if mode == "compile":
+        compiled = [torch.compile(m) for m in nets]
+        fn, _ = make_sampler(name, mod, compiled, ck, detector, steps or _default_steps(mod))
+        return torch.inference_mode()(fn), None
+    if mode == "graph":
+        with torch.no_grad():
+            return cuda_graph(torch.no_grad()(lambda c: _amp(base, c)), cond)
+    raise ValueError(mode)
+
+
+def _amp(fn, c):
+    with data.autocast(c.device, True):
+        return fn(c)
+
+
+def fmt(v, f):
+    """format(v, f), or 'n/a' right-aligned to the same width."""
+    return format("n/a", f">{''.join(ch for ch in f.split('.')[0] if ch.isdigit()) or 0}") if v is None else format(v, f)
+
+
+def format_row(r):
+    return (f"  {r['model']:<19} {r['mode']:<10} {fmt(r['steps'], 'd') if r['steps'] else '-':>4} {r['batch']:>6} "
+            f"{fmt(r['ms_per_sample'], '10.4f')} {fmt(r.get('samples_per_s'), '10.0f')} {r['params']:>9,d} "
+            f"{fmt(r['flops_per_sample'] and r['flops_per_sample'] / 1e6, '9.2f')} "
+            f"{fmt(r['flops_per_s'] and r['flops_per_s'] / 1e9, '9.2f')} {fmt(r['peak_fraction'] and 100 * r['peak_fraction'], '6.1f')} "
+            f"{fmt(r['peak_mem_mb'], '8.1f')}")
+
+
+HEADER = (f"  {'model':<19} {'mode':<10} {'NFE':>4} {'batch':>6} {'ms/sample':>10} {'samples/s':>10} {'params':>9} "
+          f"{'MFLOP/smp':>9} {'GFLOP/s':>9} {'%peak':>6} {'peak MB':>8}")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__[__doc__.index("Usage:"):])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated model scripts to time (default: all)")
+    p.add_argument("--detector", default="neutron", choices=list(data.SHAPES), help="calorimeter (sdigan_proton is always ZP)")
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes (default 256 on a CPU, 256,4096 on a GPU)")
+    p.add_argument("--steps", default=None, help="comma-separated step counts for the iterative models "
+                   "(ddpm, flow_matching, latent_fm; default: each script's default)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per row (median)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks (slow to compile)")
+    p.add_argument("--paper", action="store_true", help="fresh weights at the reference (paper) sizes")
+    p.add_argument("--runs", default="runs", help="folder with <model>/ckpt.pt checkpoints to take weights from")
+    p.add_argument("--no-toy", action="store_true", help="skip the toy Monte Carlo row")
+    p.add_argument("--json", default="runs/bench.json", help="where to write the results")
+    a = p.parse_args(argv)
+    a.models = [m for m in a.models.split(",") if m]
+    unknown = [m for m in a.models if m not in MODELS]
+    if unknown or not a.models:
+        p.error(f"--models: unknown {unknown or 'empty list'}; choose from {','.join(MODELS)}")
+    try:
+        a.batch = [int(b) for b in a.batch.split(",")] if a.batch else None
+        a.steps = [int(s) for s in a.steps.split(",")] if a.steps else [None]
+        assert all(b > 0 for b in a.batch or [1]) and all(s is None or s > 0 for s in a.steps)
+    except (ValueError, AssertionError):
+        p.error("--batch and --steps take positive comma-separated integers, e.g. 256,1024")
+    if a.repeats <= 0:
+        p.error(f"--repeats must be positive (got {a.repeats})")
+    return a
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = data.pick_device(args.device)
+    cuda = device.type == "cuda"
+    args.batch = args.batch or ([256, 4096] if cuda else [256])
+    modes = ["eager", "amp", "graph"] if cuda else ["eager", "inference"] + (["compile"] if args.compile else [])
+    info = dict(device=torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})",
+                threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version())
+    peak = None if cuda else cpu_peak()
+    if cuda:
+        info["peak_flops"] = dict(fp32=device_peak(device, False), bf16=device_peak(device, True))
+    else:
+        info["peak_flops"] = dict(fp32_matmul_measured=peak)
+    print(f"device: {info['device']}, torch {info['torch']}, {info['threads']} threads; peak used for %peak: "
+          + (f"{peak / 1e9:.1f} GFLOP/s (2048^2 fp32 matmul, measured)" if peak else "datasheet table PEAKS"))
+    print(HEADER)
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args, device, modes, peak)
+    if not args.no_toy:
+        rows.append(toy_row())
+        print(format_row(rows[-1]))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(dict(info, command="python " + " ".join(sys.argv), rows=rows), indent=1))
+    print(f"wrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as e:
+        sys.exit(f"error: {e}")

@@ -431,29 +431,6 @@ def sample_cmd(args):
     print(f"wrote {len(counts)} responses {tuple(counts.shape[1:])} to {out}")
 
 
-def plot_sweep(result, path):
-    """Wasserstein and ms per sample against DDIM steps, one line per eta (matplotlib imported only here)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for eta in sorted({r["eta"] for r in result["rows"]}):
-        rows = [r for r in result["rows"] if r["eta"] == eta]
-        steps = [r["steps"] for r in rows]
-        a.errorbar(steps, [r["W"][0] for r in rows], [r["W"][1] for r in rows], marker="o", capsize=3, label=f"eta {eta}")
-        b.plot(steps, [r["ms_per_sample"] for r in rows], marker="o", label=f"eta {eta}")
-    if result["floor"]:
-        a.axhline(result["floor"]["W"][0], color="gray", ls="--", label="noise floor")
-    a.set(ylabel="Wasserstein", title=f"{result['detector']}, {result['split']} split, {result['n_test']} test events")
-    b.set(ylabel=f"ms / sample (batch {result['batch']})", title=f"CPU threads: {result['threads']}")
-    for ax in (a, b):
-        ax.set(xscale="log", yscale="log", xlabel="DDIM steps")
-        ax.set_xticks(steps, [str(s) for s in steps]), ax.set_xticks([], minor=True), ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def evaluate(args):
     ck, model, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
@@ -463,7 +440,7 @@ def evaluate(args):
                                    [dict(eta=e, steps=n) for e in SWEEP_ETAS for n in args.sweep], split,
                                    ckpt.with_name("sweep.json"), args, NAME)
         if args.plot:
-            plot_sweep(result, ckpt.with_name("sweep.png"))
+            metrics.plot_sweep(result, ckpt.with_name("sweep.png"), x="steps", group="eta", xlabel="DDIM steps")
             print(f"plot: {ckpt.with_name('sweep.png')}")
         return result
     gen = generator_fn(model, ck["data"]["shape"], dev, args.steps, args.eta, args.amp)

@@ -287,6 +287,30 @@ def run_sweep(make_generate, settings, split, path, args, name):
 # ----------------------------------------------------------------------------------------------------------
 # Plots (matplotlib is imported only here)
 # ----------------------------------------------------------------------------------------------------------
+def plot_sweep(result, path, x="steps", group=None, xlabel=None):
+    """A run_sweep result as two log-log panels: Wasserstein and ms per sample against setting `x`, one line per
+    value of setting `group`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in sorted({r.get(group) for r in result["rows"]}, key=str):
+        rows = [r for r in result["rows"] if r.get(group) == key]
+        xs, label = [r[x] for r in rows], f"{group} {key}" if group else None
+        a.errorbar(xs, [r["W"][0] for r in rows], [r["W"][1] for r in rows], marker="o", capsize=3, label=label)
+        b.plot(xs, [r["ms_per_sample"] for r in rows], marker="o", label=label)
+    if result["floor"]:
+        a.axhline(result["floor"]["W"][0], color="gray", ls="--", label="noise floor")
+    a.set(ylabel="Wasserstein", title=f"{result['detector']}, {result['split']} split, {result['n_test']} test events")
+    b.set(ylabel=f"ms / sample (batch {result['batch']})", title=f"CPU threads: {result['threads']}")
+    for ax in (a, b):
+        ax.set(xscale="log", yscale="log", xlabel=xlabel or x)
+        ax.set_xticks(xs, [str(s) for s in xs]), ax.set_xticks([], minor=True), ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_histograms(true, gen, path, labels=("true", "generated"), title=""):
     """Channel-sum histograms, true vs generated, log y (as in the papers), one panel per channel + total."""
     import matplotlib

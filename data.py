@@ -699,6 +699,18 @@ def sampling_conditions(ckpt, n, particles_file=None):
     return test[:n]
 
 
+def sample_to_file(ckpt, generate, args):
+    """--sample: generate(cond, generator) for the first --n test particles of the checkpoint's data (or those in
+    --particles), seeded by --seed, and write them as a sample file to --out."""
+    particles = sampling_conditions(ckpt, args.n, args.particles)
+    cond = standardize(particles, ckpt["data"]["mean"], ckpt["data"]["std"])
+    g = torch.Generator().manual_seed(args.seed)
+    counts = torch.cat([generate(c, g).cpu() for c in torch.split(cond, 1024)])
+    out = args.out if args.out.endswith(".npz") else str(Path(args.out) / "samples.npz")
+    write_samples(out, counts.numpy(), particles)
+    print(f"wrote {len(counts)} responses {tuple(counts.shape[1:])} to {out}")
+
+
 def write_samples(path, counts, particles):
     """A sample file that load() reads like a real one: responses (N, H, W) raw counts, particles (N, 10)."""
     path = Path(path)

@@ -421,14 +421,7 @@ def load_model(args):
 
 def sample_cmd(args):
     ck, model, dev = load_model(args)
-    particles = data.sampling_conditions(ck, args.n, args.particles)
-    cond = data.standardize(particles, ck["data"]["mean"], ck["data"]["std"])
-    gen = generator_fn(model, ck["data"]["shape"], dev, args.steps, args.eta, args.amp)
-    g = torch.Generator().manual_seed(args.seed)
-    counts = torch.cat([gen(c, g).cpu() for c in torch.split(cond, 1024)])
-    out = args.out if args.out.endswith(".npz") else str(Path(args.out) / "samples.npz")
-    data.write_samples(out, counts.numpy(), particles)
-    print(f"wrote {len(counts)} responses {tuple(counts.shape[1:])} to {out}")
+    data.sample_to_file(ck, generator_fn(model, ck["data"]["shape"], dev, args.steps, args.eta, args.amp), args)
 
 
 def evaluate(args):

@@ -382,13 +382,7 @@ def generator_fn(vae, unet, ck, device, steps, amp=False):
 
 def sample_cmd(args):
     ck, vae, unet, dev = load_model(args)
-    particles = data.sampling_conditions(ck, args.n, args.particles)
-    cond = data.standardize(particles, ck["data"]["mean"], ck["data"]["std"])
-    gen, g = generator_fn(vae, unet, ck, dev, args.steps, args.amp), torch.Generator().manual_seed(args.seed)
-    counts = torch.cat([gen(c, g).cpu() for c in torch.split(cond, 1024)])
-    out = args.out if args.out.endswith(".npz") else str(Path(args.out) / "samples.npz")
-    data.write_samples(out, counts.numpy(), particles)
-    print(f"wrote {len(counts)} responses {tuple(counts.shape[1:])} to {out}")
+    data.sample_to_file(ck, generator_fn(vae, unet, ck, dev, args.steps, args.amp), args)
 
 
 def evaluate(args):

@@ -484,14 +484,8 @@ def generator_fn(vqae, gpt, ck, device, temperature, top_k, kv_cache=True, amp=F
 
 def sample_cmd(args):
     ck, vqae, gpt, dev = load_model(args)
-    particles = data.sampling_conditions(ck, args.n, args.particles)
-    cond = data.standardize(particles, ck["data"]["mean"], ck["data"]["std"])
     gen = generator_fn(vqae, gpt, ck, dev, args.temperature, args.top_k, not args.no_kv_cache, args.amp)
-    g = torch.Generator().manual_seed(args.seed)
-    counts = torch.cat([gen(c, g).cpu() for c in torch.split(cond, 1024)])
-    out = args.out if args.out.endswith(".npz") else str(Path(args.out) / "samples.npz")
-    data.write_samples(out, counts.numpy(), particles)
-    print(f"wrote {len(counts)} responses {tuple(counts.shape[1:])} to {out}")
+    data.sample_to_file(ck, gen, args)
 
 
 def evaluate(args):

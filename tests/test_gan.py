@@ -104,5 +104,18 @@ def test_sampler_shapes_seeds_and_scale(det):
     assert x.shape == (5,) + data.SHAPES[det] and torch.isfinite(x).all() and (x >= 0).all()
     torch.testing.assert_close(y, 1.05 * x)
     assert not torch.equal(x, z)
-    d = gan.build_discriminator(dict(detector=det, d_width=4, dropout=0.2))
+    d = gan.build_discriminator(dict(detector=det, d_width=4, dropout=0.2, d_norm="none"))
     assert d(data.to_log(x.numpy()), cond).shape == (5,)
+
+
+def test_batchnorm_discriminator_is_blind_to_the_brightness_of_a_batch():
+    """Why the CPU default has --d-norm none: D sees real and fake batches separately, and with BatchNorm (train
+    mode) its output on a batch does not change when every image in it is made 3x brighter, so D cannot punish a
+    generator whose images are all too faint; without BatchNorm it can."""
+    torch.manual_seed(0)
+    x, cond = torch.rand(64, 1, 44, 44), torch.randn(64, 9)
+    for norm, blind in (("batch", True), ("none", False)):
+        d = gan.build_discriminator(dict(detector="neutron", d_width=4, dropout=0.0, d_norm=norm)).train()
+        with torch.no_grad():
+            same = torch.allclose(d(x, cond), d(3 * x, cond), atol=1e-3)
+        assert same == blind, norm

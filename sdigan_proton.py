@@ -22,8 +22,10 @@ from. One D step, one auxiliary-regressor step, one G step per batch. `--variant
 Generator: dense 19 -> 256 -> (w, 20, 10), upsample (3, 2), 2x2 conv 2w, upsample (1, 2), 2x2 conv w, 2x2 conv w/2,
 (2, 7) conv to 1 channel, ReLU: exactly 56 x 30 ("valid" convs, as the paper). Discriminator: 3x3 convs d and d/2
 with max pooling (2, 2) and (2, 1), flatten, concatenate c, dense 128 -> 64 (SDI features) -> logit. Regressor:
-3x3 convs a, 2a, 4a, 8a with pooling, dense 2. BatchNorm, dropout (--dropout) and LeakyReLU(0.1) throughout;
-G samples in eval mode. Adam: G lr 1e-4, D lr 1e-5, regressor lr 1e-4, betas .9/.999 (the paper's code) with
+3x3 convs a, 2a, 4a, 8a with pooling, dense 2. BatchNorm, dropout (--dropout) and LeakyReLU(0.1) throughout,
+except in D by default (`--d-norm none`; --paper keeps it): D sees real and fake batches separately, and
+BatchNorm over a batch of fakes hides their overall brightness from D (gan.py's docstring and test), so it
+cannot punish a generator whose responses are too faint or empty. G samples in eval mode. Adam: G lr 1e-4, D lr 1e-5, regressor lr 1e-4, betas .9/.999 (the paper's code) with
 --paper; the CPU default uses G and D lr 2e-4, betas .5/.9 (as gan.py: the slow published D barely moves in a
 CPU budget).
 
@@ -40,7 +42,7 @@ only), d_real / d_fake (mean sigmoid(D) on real / fake images), div_loss, int_lo
 regularisers, unweighted), aux_real (regressor MSE on real images, pixels^2), and on 1000 validation
 conditions the Wasserstein (val_W) and the empty-response rate (val_empty).
 
-Deviations from the paper: the CPU default is narrower (--width 8, --d-width 8, --aux-width 8, no dropout),
+Deviations from the paper: the CPU default is narrower (--width 8, --d-width 8, --aux-width 8, no dropout, no BatchNorm in D),
 has faster optimiser settings and trains 1000 steps (0.56 epoch; one SDI step costs ~2.3 GAN steps); --paper has the paper's widths and dropout 0.2 but 100 epochs (the
 paper's code runs 350). The intensity term is an L1 on normalised photon sums (the paper's code: a tiny-weight
 MSE of the batch total). The data are the toy ZP set with its >= 1 photon cut (the paper: >= 1, 5 or 18).
@@ -65,9 +67,9 @@ NOISE = 10
 VARIANTS = {"gan": set(), "sdi": {"sdi"}, "sdi-int": {"sdi", "int"}, "sdi-int-aux": {"sdi", "int", "aux"}}
 # CPU default: 1000 steps (0.56 epoch, ~9-11 min on 2 cores) unless --epochs or --max-steps is given
 DEFAULTS = dict(epochs=1, batch_size=128, lr=2e-4, d_lr=2e-4, betas=[0.5, 0.9], width=8, d_width=8, aux_width=8,
-                dropout=0.0)
+                dropout=0.0, d_norm="none")
 PAPER = dict(epochs=100, batch_size=128, lr=1e-4, d_lr=1e-5, betas=[0.9, 0.999], width=128, d_width=32, aux_width=32,
-             dropout=0.2)
+             dropout=0.2, d_norm="batch")
 CPU_STEPS = 1000
 
 
@@ -88,6 +90,8 @@ def get_args(argv=None):
     g.add_argument("--lambda-int", type=float, default=1e-3, help="weight of the intensity term")
     g.add_argument("--lambda-aux", type=float, default=1e-3, help="weight of the auxiliary-regressor term")
     g.add_argument("--dropout", type=float, default=None, help="dropout in G, D and the regressor (paper 0.2, CPU 0)")
+    g.add_argument("--d-norm", choices=["batch", "none"], default=None,
+                   help="BatchNorm in D (paper, --paper) or none (CPU default): see gan.py's docstring")
     g.add_argument("--val-every", type=int, default=500, help="validate every N steps")
     g.add_argument("--paper", action="store_true", help="reference widths and schedule")
     args = p.parse_args(argv)
@@ -124,9 +128,9 @@ def get_args(argv=None):
 SHAPE = data.SHAPES["proton"]
 
 
-def act(n, dropout, dim=2):
-    """BatchNorm, dropout, LeakyReLU(0.1): the paper's block tail."""
-    bn = nn.BatchNorm2d(n) if dim == 2 else nn.BatchNorm1d(n)
+def act(n, dropout, dim=2, norm=True):
+    """BatchNorm (unless norm=False), dropout, LeakyReLU(0.1): the paper's block tail."""
+    bn = (nn.BatchNorm2d(n) if dim == 2 else nn.BatchNorm1d(n)) if norm else nn.Identity()
     return [bn, nn.Dropout(dropout), nn.LeakyReLU(0.1)]
 
 
@@ -147,14 +151,14 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """Returns (logit, 64-d features of the last hidden layer)."""
 
-    def __init__(self, width, dropout, n_cond=9):
+    def __init__(self, width, dropout, norm=True, n_cond=9):
         super().__init__()
         d = width
-        self.conv = nn.Sequential(nn.Conv2d(1, d, 3), *act(d, dropout), nn.MaxPool2d(2),            # 27 x 14
-                                  nn.Conv2d(d, d // 2, 3), *act(d // 2, dropout), nn.MaxPool2d((2, 1)),  # 12 x 12
+        self.conv = nn.Sequential(nn.Conv2d(1, d, 3), *act(d, dropout, 2, norm), nn.MaxPool2d(2),            # 27 x 14
+                                  nn.Conv2d(d, d // 2, 3), *act(d // 2, dropout, 2, norm), nn.MaxPool2d((2, 1)),  # 12 x 12
                                   nn.Flatten())
-        self.feat = nn.Sequential(nn.Linear(d // 2 * 12 * 12 + n_cond, 128), *act(128, dropout, 1),
-                                  nn.Linear(128, 64), *act(64, dropout, 1))
+        self.feat = nn.Sequential(nn.Linear(d // 2 * 12 * 12 + n_cond, 128), *act(128, dropout, 1, norm),
+                                  nn.Linear(128, 64), *act(64, dropout, 1, norm))
         self.out = nn.Linear(64, 1)
 
     def forward(self, x, cond):
@@ -184,7 +188,7 @@ def build_model(cfg):
 
 def build_critics(cfg):
     """Discriminator and auxiliary regressor (training only)."""
-    return Discriminator(cfg["d_width"], cfg["dropout"]), Regressor(cfg["aux_width"], cfg["dropout"])
+    return Discriminator(cfg["d_width"], cfg["dropout"], cfg.get("d_norm", "batch") == "batch"), Regressor(cfg["aux_width"], cfg["dropout"])
 
 
 # ----------------------------------------------------------------------------------------------------------

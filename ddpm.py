@@ -431,7 +431,7 @@ def evaluate(args):
     if args.sweep:
         result = metrics.run_sweep(lambda eta, steps: generator_fn(model, ck["data"]["shape"], dev, steps, eta, args.amp),
                                    [dict(eta=e, steps=n) for e in SWEEP_ETAS for n in args.sweep], split,
-                                   ckpt.with_name("sweep.json"), args, NAME)
+                                   ckpt.with_name("sweep.json"), args, NAME, cost_keys=["steps"])
         if args.plot:
             metrics.plot_sweep(result, ckpt.with_name("sweep.png"), x="steps", group="eta", xlabel="DDIM steps")
             print(f"plot: {ckpt.with_name('sweep.png')}")

@@ -38,6 +38,7 @@ def test_smoke_train_sample_eval(run):
         rows = json.loads((out / "sweep.json").read_text())["rows"]
         assert [(r["eta"], r["steps"]) for r in rows] == [(e, n) for e in (0.0, 0.7, 1.0) for n in (1, 2)]
         assert all(r["ms_per_sample"] > 0 and r["W"][0] >= 0 for r in rows)
+        assert len({r["ms_per_sample"] for r in rows if r["steps"] == 2}) == 1    # eta does not change the cost: timed once
         assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -39,8 +39,8 @@ D is winning), and the validation Wasserstein of 1000 generated samples (without
 Deviations from the paper: the thesis generator starts from a 13x13 dense layer with "valid" convs (5.6M
 parameters); here the start is H/4 x W/4 with padded convs, so one network serves both detectors, and widths
 are chosen to land near the reference sizes with --paper (ZN: G 0.89M, D 1.41M). The CPU default keeps G
-(0.89M) but has a narrower D (--d-width 8, 0.26M) without BatchNorm, no dropout (25 % of the CPU time), one epoch instead of
-100, and faster Adam settings (lr 2e-4 for both, betas .5/.9): with the published ones (D lr 1.4e-5,
+(0.89M) but has a narrower D (--d-width 8, 0.26M) without BatchNorm, no dropout (25 % of the CPU time), one
+epoch instead of 100, and faster Adam settings (lr 2e-4 for both, betas .5/.9): with the published ones (D lr 1.4e-5,
 b1 .97) D did not move in 400 steps (D(real) ~ D(fake) ~ 0.51, val W flat at ~145), with these val W fell
 from ~140 to ~40-50 in 300 steps. --paper restores the published settings.
 """

@@ -22,12 +22,12 @@ from. One D step, one auxiliary-regressor step, one G step per batch. `--variant
 Generator: dense 19 -> 256 -> (w, 20, 10), upsample (3, 2), 2x2 conv 2w, upsample (1, 2), 2x2 conv w, 2x2 conv w/2,
 (2, 7) conv to 1 channel, ReLU: exactly 56 x 30 ("valid" convs, as the paper). Discriminator: 3x3 convs d and d/2
 with max pooling (2, 2) and (2, 1), flatten, concatenate c, dense 128 -> 64 (SDI features) -> logit. Regressor:
-3x3 convs a, 2a, 4a, 8a with pooling, dense 2. BatchNorm, dropout (--dropout) and LeakyReLU(0.1) throughout,
-except in D by default (`--d-norm none`; --paper keeps it): D sees real and fake batches separately, and
-BatchNorm over a batch of fakes hides their overall brightness from D (gan.py's docstring and test), so it
-cannot punish a generator whose responses are too faint or empty. G samples in eval mode. Adam: G lr 1e-4, D lr 1e-5, regressor lr 1e-4, betas .9/.999 (the paper's code) with
---paper; the CPU default uses G and D lr 2e-4, betas .5/.9 (as gan.py: the slow published D barely moves in a
-CPU budget).
+3x3 convs a, 2a, 4a, 8a with pooling, dense 2. BatchNorm, dropout (--dropout) and LeakyReLU(0.1) throughout, except
+in D by default (`--d-norm none`; --paper keeps it): D sees real and fake batches separately, and BatchNorm over a
+batch of fakes hides their overall brightness from D (gan.py's docstring and test), so it cannot punish a generator
+whose responses are too faint or empty. G samples in eval mode. Adam: G lr 1e-4, D lr 1e-5, regressor lr 1e-4,
+betas .9/.999 (the paper's code) with --paper; the CPU default uses G and D lr 2e-4, betas .5/.9 (as gan.py: the
+slow published D barely moves in a CPU budget).
 
 Usage:
     python sdigan_proton.py --train                          # ZP, sdi-int-aux, CPU default (~10 min on 2 cores)
@@ -42,10 +42,11 @@ only), d_real / d_fake (mean sigmoid(D) on real / fake images), div_loss, int_lo
 regularisers, unweighted), aux_real (regressor MSE on real images, pixels^2), and on 1000 validation
 conditions the Wasserstein (val_W) and the empty-response rate (val_empty).
 
-Deviations from the paper: the CPU default is narrower (--width 8, --d-width 8, --aux-width 8, no dropout, no BatchNorm in D),
-has faster optimiser settings and trains 1000 steps (0.56 epoch; one SDI step costs ~2.3 GAN steps); --paper has the paper's widths and dropout 0.2 but 100 epochs (the
-paper's code runs 350). The intensity term is an L1 on normalised photon sums (the paper's code: a tiny-weight
-MSE of the batch total). The data are the toy ZP set with its >= 1 photon cut (the paper: >= 1, 5 or 18).
+Deviations from the paper: the CPU default is narrower (--width 8, --d-width 8, --aux-width 8, no dropout, no
+BatchNorm in D), has faster optimiser settings and trains 1000 steps (0.56 epoch; one SDI step costs ~2.3 GAN
+steps); --paper has the paper's widths and dropout 0.2 but 100 epochs (the paper's code runs 350). The intensity
+term is an L1 on normalised photon sums (the paper's code: a tiny-weight MSE of the batch total). The data are the
+toy ZP set with its >= 1 photon cut (the paper: >= 1, 5 or 18).
 """
 import argparse
 import math
@@ -188,7 +189,8 @@ def build_model(cfg):
 
 def build_critics(cfg):
     """Discriminator and auxiliary regressor (training only)."""
-    return Discriminator(cfg["d_width"], cfg["dropout"], cfg.get("d_norm", "batch") == "batch"), Regressor(cfg["aux_width"], cfg["dropout"])
+    disc = Discriminator(cfg["d_width"], cfg["dropout"], cfg.get("d_norm", "batch") == "batch")
+    return disc, Regressor(cfg["aux_width"], cfg["dropout"])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -296,6 +296,7 @@ def train(args):
     if args.resume and ckpt_path.exists():
         ck = data.load_checkpoint(ckpt_path, NAME)
         args = data.resume_args(args, ck)
+        args.d_norm = ck["args"].get("d_norm", "batch")   # checkpoints from before --d-norm have BatchNorm in D
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     use = VARIANTS[args.variant]

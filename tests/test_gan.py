@@ -70,6 +70,13 @@ def test_same_seed_same_losses_resume_equals_uninterrupted_and_clear_errors(tmp_
     (tmp_path / "junk.pt").write_text("junk")
     assert "not a readable checkpoint" in cli(S, "--eval", "--ckpt", tmp_path / "junk.pt", ok=False).stderr
     assert "exists: pass --resume" in cli(S, "--train", "--smoke", "--out", a, ok=False).stderr
+    old = tmp_path / "old"                                     # a checkpoint from before --d-norm existed
+    cli(S, "--train", "--smoke", "--out", old, "--max-steps", 4, "--d-norm", "batch")
+    ck = torch.load(old / "ckpt.pt", weights_only=True)
+    del ck["args"]["d_norm"]
+    torch.save(ck, old / "ckpt.pt")
+    cli(S, "--train", "--smoke", "--out", old, "--resume")   # its D has BatchNorm: resumes with it
+    assert torch.load(old / "ckpt.pt", weights_only=True)["step"] == 6
 
 
 @pytest.mark.parametrize("argv, message", [(["--d-lr", "0"], "--d-lr must be positive"),

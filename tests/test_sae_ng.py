@@ -21,10 +21,11 @@ def run(request, tmp_path_factory):
 def test_smoke_train_sample_eval(run):
     det, out = run
     ck = torch.load(out / "ckpt.pt", weights_only=True)               # loadable without pickle
-    assert ck["model"] == "sae_ng" and ck["data"]["detector"] == det and ck["step"] == 6
+    assert ck["model"] == "sae_ng" and ck["data"]["detector"] == det and ck["step"] == 5 + 3   # stage 1 + stage 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["val_match"] >= -1e-4 and r["rec_W"] >= 0 and r["val_W"] >= 0 for r in rows)
-    assert ck["args"]["eps_start"] > rows[-1]["eps"] > ck["args"]["eps_end"]        # annealing, not done at step 6
+    assert [r["stage"] for r in rows] == [1, 2] and [r["step"] for r in rows] == [5, 8]
+    assert rows[0]["rec_W"] == rows[1]["rec_W"]                  # stage 2 leaves the autoencoder alone
     cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--n", 50, "--out", out / "s.npz")   # no other flags
     resp = check_samples(out / "s.npz", data.SHAPES[det], 50)
     assert data.load(det, out / "s.npz").images.shape == resp.shape    # sample files load like data
@@ -51,24 +52,42 @@ def test_wrong_checkpoints_give_clear_errors(run, tmp_path):
     assert "exists: pass --resume" in cli(S, "--train", "--smoke", "--out", out, ok=False).stderr
 
 
-def test_same_seed_same_losses_resume_and_l2_variant(tmp_path):
-    a, b, c, d = tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d"
+def test_same_seed_same_losses_resume_in_both_stages_and_l2_variant(tmp_path):
+    a, b, c, d, e = (tmp_path / k for k in "abcde")
     cli(S, "--train", "--smoke", "--out", a, "--val-every", 2)
     cli(S, "--train", "--smoke", "--out", b, "--val-every", 2)
-    assert losses(a) == losses(b) and len(losses(a)) == 3
-    cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--max-steps", 4)       # "killed" at step 4
-    cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--resume")             # continues to step 6
-    assert torch.load(c / "ckpt.pt", weights_only=True)["step"] == 6
-    assert losses(c) == pytest.approx(losses(a), rel=1e-5)
-    assert_same_weights(weights(a), weights(c))
+    assert losses(a) == losses(b) and len(losses(a)) == 5                 # steps 2, 4, 5 of stage 1; 7, 8 of stage 2
+    for kill in (3, 6):                                                    # "killed" in stage 1, then in stage 2
+        out = tmp_path / f"kill{kill}"
+        cli(S, "--train", "--smoke", "--out", out, "--val-every", 2, "--max-steps", kill)
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == kill
+        if kill == 6:                                                      # stage 2 trains the noise generator only
+            moved = {k for k, v in weights(out).items() if not torch.equal(v, weights(a)[k])}
+            assert moved and all(k.startswith("ng.") for k in moved)
+        cli(S, "--train", "--smoke", "--out", out, "--val-every", 2, "--resume")     # continues to step 8
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 8
+        assert_same_weights(weights(a), weights(out))
+    assert losses(tmp_path / "kill3")[-1] == pytest.approx(losses(a)[-1], rel=1e-5)
     cli(S, "--train", "--smoke", "--out", d, "--val-every", 2, "--matching", "l2")
     assert torch.load(d / "ckpt.pt", weights_only=True)["args"]["matching"] == "l2"
     assert losses(d) != losses(a) and all(l > 0 for l in losses(d))
+    cli(S, "--train", "--smoke", "--out", e, "--max-steps", 5)
+    ck = torch.load(e / "ckpt.pt", weights_only=True)                      # a checkpoint from before stage 2
+    for k in ("opt_ng", "sched_ng"):                                       # existed resumes into it
+        del ck[k]
+    del ck["rng"]["pick"]
+    for k in ("ng_steps", "ng_batch", "ng_lr"):
+        del ck["args"][k]
+    torch.save(ck, e / "ckpt.pt")
+    cli(S, "--train", "--smoke", "--out", e, "--resume")
+    assert torch.load(e / "ckpt.pt", weights_only=True)["step"] == 8
 
 
 @pytest.mark.parametrize("flags, message", [(["--eps-end", "0"], "--eps-start and --eps-end positive"),
                                             (["--matching", "l1"], "invalid choice"),
-                                            (["--sinkhorn-iters", "0"], "--sinkhorn-iters must be positive")])
+                                            (["--sinkhorn-iters", "0"], "--sinkhorn-iters must be positive"),
+                                            (["--ng-steps", "-1"], "--ng-steps must be >= 0"),
+                                            (["--ng-batch", "0"], "--ng-batch must be positive")])
 def test_bad_flags_give_clear_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         sae_ng.get_args(["--train", *flags])

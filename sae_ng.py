@@ -50,8 +50,8 @@ output died: NG dimensions stuck at 0 while the encoder used them, W 55 against 
 activations.
 
 Usage:
-    python sae_ng.py --train                       # ZN, CPU default (~6 min on 2 cores), runs/sae_ng
-    python sae_ng.py --train --matching l2         # the simpler l2-matching variant
+    python sae_ng.py --train                       # ZN, CPU default (18 min on 2 cores, 15 of them stage 2)
+    python sae_ng.py --train --matching l2         # the simpler l2 variant (stage 2 takes ~1 min)
     python sae_ng.py --train --detector proton --out runs/sae_ng_proton
     python sae_ng.py --train --paper               # reference size (~1.5M parameters on ZN), 100 epochs
     python sae_ng.py --sample --ckpt runs/sae_ng/ckpt.pt --n 1000 --out samples.npz
@@ -86,7 +86,7 @@ import metrics
 
 NAME = "sae_ng"
 CODE, NOISE = 20, 10
-DEFAULTS = dict(epochs=1, batch_size=128, lr=1e-3, width=8, hidden=64, ng_hidden=128, ng_steps=20_000)   # CPU: ~N min (ZN)
+DEFAULTS = dict(epochs=1, batch_size=128, lr=1e-3, width=8, hidden=64, ng_hidden=128, ng_steps=20_000)   # CPU, ZN: 18 min
 PAPER = dict(epochs=100, batch_size=128, lr=1e-3, width=16, hidden=160, ng_hidden=256, ng_steps=100_000)
 
 

@@ -23,10 +23,10 @@ Two stages. Stage 1 (`--epochs`) trains the autoencoder and the noise generator 
 (`--ng-steps` steps, batch `--ng-batch`, Adam at `--ng-lr` with cosine decay) trains the noise generator alone on
 the frozen encoder's codes of the training set, encoded once (the same matching term, eps = --eps-end). Why:
 after one epoch the autoencoder is good (decoding the mean code of each training particle gave median photon sums
-of 51-53 against the data's 54, 2-14 % empty) but the noise generator was far from it (squared distance to that
+of 51-53, the encoder's own codes 54-55, 2-14 % empty) but the noise generator was far from it (squared distance to that
 mean code 59-71, the within-particle spread 6-17), so 79-86 % of the samples were empty and W was 49-52. It is a
 small MLP on 20-d codes, so stage 2 costs milliseconds per step: 40,000 l2 steps at batch 512 took W on 1,000
-validation responses from 49 to 15. One step counter runs through both stages (--max-steps and --resume see one
+validation responses from 50 to 15. One step counter runs through both stages (--max-steps and --resume see one
 run); a checkpoint written before stage 2 existed resumes into it.
 
 Sinkhorn (written out below, `sinkhorn_divergence`): uniform weights, cost C(x, y) = |x - y|^2 (squared

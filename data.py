@@ -596,8 +596,11 @@ RESUMABLE = {"epochs", "max_steps", "device", "ckpt_every", "resume", "train", "
              "reps", "max_test", "plot", "particles", "smoke"}
 
 
-def resume_args(args, ckpt):
-    """Continue with the checkpoint's configuration (model size, data, lr, ...), keeping only RESUMABLE flags."""
+def resume_args(args, ckpt, older=None):
+    """Continue with the checkpoint's configuration (model size, data, lr, ...), keeping only RESUMABLE flags.
+    `older`: {flag: value} for flags added after a checkpoint was written whose new default would not fit it
+    (e.g. a D trained with BatchNorm); other missing flags take their current default."""
+    ckpt = {**ckpt, "args": {**(older or {}), **ckpt["args"]}}
     changed = [k for k, v in ckpt["args"].items() if k not in RESUMABLE and getattr(args, k, v) != v]
     if changed:
         print(f"--resume: using the checkpoint's {', '.join(changed)} (given values ignored)")

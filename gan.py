@@ -245,8 +245,7 @@ def train(args):
         raise data.DataError(f"{ckpt_path} exists: pass --resume to continue it, or --out a new folder")
     if args.resume and ckpt_path.exists():
         ck = data.load_checkpoint(ckpt_path, NAME)
-        args = data.resume_args(args, ck)
-        args.d_norm = ck["args"].get("d_norm", "batch")   # checkpoints from before --d-norm have BatchNorm in D
+        args = data.resume_args(args, ck, older=dict(d_norm="batch"))   # before --d-norm, D had BatchNorm
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     split = data.load_split(vars(args))

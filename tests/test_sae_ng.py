@@ -53,7 +53,7 @@ def test_wrong_checkpoints_give_clear_errors(run, tmp_path):
 
 
 def test_same_seed_same_losses_resume_in_both_stages_and_l2_variant(tmp_path):
-    a, b, c, d, e = (tmp_path / k for k in "abcde")
+    a, b, d, e = (tmp_path / k for k in "abde")
     cli(S, "--train", "--smoke", "--out", a, "--val-every", 2)
     cli(S, "--train", "--smoke", "--out", b, "--val-every", 2)
     assert losses(a) == losses(b) and len(losses(a)) == 5                 # steps 2, 4, 5 of stage 1; 7, 8 of stage 2

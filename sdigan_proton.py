@@ -1,52 +1,59 @@
 """SDI-GAN for the ALICE proton Zero Degree Calorimeter (ZP, 56 x 30 fibres), with the paper's ablation.
 
-Papers: the proton ZDC SDI-GAN paper (arXiv 2406.03263) and SDI-GAN (Dubinski et al., ICONIP 2023). On the real
-proton set: GAN 2.48, SDI-GAN 2.36, + intensity regularisation 2.29, + auxiliary regressor 2.08 (Wasserstein).
+Paper: Bedkowski, Dubinski, Deja, Rokita 2024, proton ZDC SDI-GAN (arXiv 2406.03263), building on SDI-GAN
+(Dubinski et al., ICONIP 2023). On the real proton set (Table 1): GAN 2.48, SDI-GAN 2.36, + intensity
+regularisation 2.29, + auxiliary regressor 2.08 (Wasserstein). Where the paper is silent (sizes, optimiser,
+batch, epochs), --paper follows the authors' code (Generative-Models-for-CERN-Fast-Simulations,
+notebooks/best_models_py/sin-gan-proton-aux-reg-1.py); every setting and its source: docs/fidelity/sdigan_proton.md.
 
-Method. A conditional DCGAN: G(z, c) maps noise z ~ N(0, I_10) and the 9 standardised particle features to a
-log1p(counts) image (ReLU output); D(x, c) returns a logit and its 64-d last hidden layer (the "SDI features").
-Non-saturating BCE, fakes conditioned on a shuffled copy c' of the batch's conditions; everything the additions
-compare a fake with (diversity target, photon sum, brightest pixel) is taken from the real event that c' came
-from. One D step, one auxiliary-regressor step, one G step per batch. `--variant` picks the ablation row:
+Method (the losses are the paper's in the CPU default too). A conditional DCGAN: G(z, c) maps z ~ N(0, I_10) and
+the 9 standardised particle features to a log1p(counts) image (ReLU output); D(x, c) returns a logit. BCE with
+the non-saturating G target (eq. 1); fakes are conditioned on a shuffled copy c' of the batch's conditions, and
+whatever the additions compare a fake with (diversity target, photon sum, brightest pixel) comes from the real
+event that c' came from. One D step, one regressor step, one G step per batch; G loss = eq. 5. `--variant`:
 - gan: the adversarial loss only.
-- sdi: + selective diversity increase. Diversity target of an event: the sum over pixels of the per-pixel
-  (population) std of the raw counts of all training responses sharing its exact condition vector, min-max
-  normalised to [0, 1] over the conditions (`diversity_target`). Two noise vectors per fake condition and
-  L_div = mean(div * mean|z1 - z2| / (mean|f(G(z1, c')) - f(G(z2, c'))| + 1e-5)), f = D's SDI features,
-  weight --lambda-div (0.1): the generator is pushed to vary where the data vary.
-- sdi-int: + intensity regularisation, L_in = mean |photon sum of G(z1, c') - photon sum of the real event|
-  on raw counts, divided by the mean training photon sum, weight --lambda-int (1e-3).
-- sdi-int-aux (default): + an auxiliary regressor A (a small CNN) trained on real images to predict the (row, col)
-  of the brightest pixel; the generator adds --lambda-aux (1e-3) times the MSE of A(G(z1, c')) against the
-  real event's coordinates (in pixels).
+- sdi: + lambda_div L_div (eq. 3). f_div(c): the sum over pixels of the per-pixel population std of the raw
+  counts of all training responses with exactly condition c, divided by the number of training responses (Sec.
+  3.2: "normalized to [0, 1] by dividing by the length of dataset"; --div-norm minmax: the authors' code).
+  L_div = mean over the batch of f_div / (d_I / d_z + 1e-5), d_I = L1 distance (sum over pixels) between the
+  two generated images G(z1, c'), G(z2, c') (log1p outputs), d_z = L1 distance between z1 and z2. Both images
+  come from one generator pass whose two halves share BatchNorm statistics and dropout masks (PairDropout),
+  so d_I measures what the noise changes, not dropout noise that sampling switches off; D is not involved.
+- sdi-int: + lambda_in L_in (eq. 4): batch mean of |raw photon sum of G(z1, c') - photon sum of the real event|.
+- sdi-int-aux (default): + lambda_aux L_aux (eq. 2): a regressor A (small CNN) learns the (row, col) of the
+  brightest pixel on real training images; G adds the squared error of A(G(z1, c')) against the real event's
+  coordinates, summed over the two coordinates (pixels^2).
+Weights (paper Appendix): lambda_div 0.1, lambda_in 1e-10, lambda_aux 1e-3. On raw photon sums (mean 21.6 on the
+toy ZP training set) lambda_in = 1e-10 makes the intensity term a no-op, and f_div / 229,944 makes the SDI term
+a small one (gradient norms below); that is the paper's equations with the paper's weights.
 Generator: dense 19 -> 256 -> (w, 20, 10), upsample (3, 2), 2x2 conv 2w, upsample (1, 2), 2x2 conv w, 2x2 conv w/2,
-(2, 7) conv to 1 channel, ReLU: exactly 56 x 30 ("valid" convs, as the paper). Discriminator: 3x3 convs d and d/2
-with max pooling (2, 2) and (2, 1), flatten, concatenate c, dense 128 -> 64 (SDI features) -> logit. Regressor:
-3x3 convs a, 2a, 4a, 8a with pooling, dense 2. BatchNorm, dropout (--dropout) and LeakyReLU(0.1) throughout, except
-in D by default (`--d-norm none`; --paper keeps it): D sees real and fake batches separately, and BatchNorm over a
-batch of fakes hides their overall brightness from D (gan.py's docstring and test), so it cannot punish a generator
-whose responses are too faint or empty. G samples in eval mode. Adam: G lr 1e-4, D lr 1e-5, regressor lr 1e-4,
-betas .9/.999 (the paper's code) with --paper; the CPU default uses G and D lr 2e-4, betas .5/.9 (as gan.py: the
-slow published D barely moves in a CPU budget).
+(2, 7) conv to 1 channel, ReLU: exactly 56 x 30 ("valid" convs, as the code). Discriminator: 3x3 convs d and d/2
+with max pooling (2, 2) and (2, 1), flatten, concatenate c, dense 128 -> 64 -> logit. Regressor: 3x3 convs a, 2a,
+4a, 8a with pooling, dense 2. BatchNorm, dropout (--dropout) and LeakyReLU(0.1) throughout, except in D by
+default (`--d-norm none`; --paper keeps it): D sees real and fake batches separately, and BatchNorm over a batch
+of fakes hides their overall brightness from D (gan.py's docstring and test), so it cannot punish a generator
+whose responses are too faint or empty. G samples in eval mode. --paper: widths 128 / 32 / 32 (6.93M / 0.31M /
+0.40M parameters, the code's networks), dropout 0.2, Adam G 1e-4, D 1e-5, regressor 1e-4, betas .9/.999, batch
+128, 350 epochs. The CPU default: widths 8, no dropout, G and D lr 2e-4, betas .5/.9 (as gan.py: the slow
+published D barely moves in a CPU budget), 1000 steps.
 
 Usage:
     python sdigan_proton.py --train                          # ZP, sdi-int-aux, CPU default (~10 min on 2 cores)
     python sdigan_proton.py --train --variant gan --out runs/sdigan_gan      # ablation rows: gan|sdi|sdi-int
-    python sdigan_proton.py --train --paper                  # reference widths (G 128, D 32, A 32), 100 epochs
+    python sdigan_proton.py --train --paper                  # the paper's setting (350 epochs: a GPU job)
     python sdigan_proton.py --sample --ckpt runs/sdigan_proton/ckpt.pt --n 1000 --out samples.npz
     python sdigan_proton.py --eval --ckpt runs/sdigan_proton/ckpt.pt [--plot]
     python sdigan_proton.py --train --smoke                  # seconds
 The eval table reports the empty-response rate and the diversity error (metrics.py) as the paper does.
 Logged every --val-every steps (means since the previous row): d_loss, g_loss (= train_loss, adversarial part
 only), d_real / d_fake (mean sigmoid(D) on real / fake images), div_loss, int_loss, aux_loss (the generator's
-regularisers, unweighted), aux_real (regressor MSE on real images, pixels^2), and on 1000 validation
-conditions the Wasserstein (val_W) and the empty-response rate (val_empty).
+regularisers, unweighted), d_img (mean d_I), aux_real (regressor loss on real images, pixels^2), and on 1000
+validation conditions the Wasserstein (val_W) and the empty-response rate (val_empty).
 
-Deviations from the paper: the CPU default is narrower (--width 8, --d-width 8, --aux-width 8, no dropout, no
-BatchNorm in D), has faster optimiser settings and trains 1000 steps (0.56 epoch; one SDI step costs ~2.3 GAN
-steps); --paper has the paper's widths and dropout 0.2 but 100 epochs (the paper's code runs 350). The intensity
-term is an L1 on normalised photon sums (the paper's code: a tiny-weight MSE of the batch total). The data are the
-toy ZP set with its >= 1 photon cut (the paper: >= 1, 5 or 18).
+Deviations from the paper: the CPU default is narrower, has no dropout and no BatchNorm in D, faster optimiser
+settings and 1000 steps (0.56 epoch). D, regressor and G are updated one after the other (the code: together,
+from one forward pass). The data are the toy ZP set with its >= 1 photon cut and a 70/10/20 split (the paper:
+real data, cuts >= 1, 5 or 18, 80:20).
 """
 import argparse
 import math
@@ -64,37 +71,46 @@ import data
 import metrics
 
 NAME = "sdigan_proton"
-NOISE = 10
+NOISE = 10                                       # latent size k (the authors' code: NOISE_DIM = 10)
 VARIANTS = {"gan": set(), "sdi": {"sdi"}, "sdi-int": {"sdi", "int"}, "sdi-int-aux": {"sdi", "int", "aux"}}
-# CPU default: 1000 steps (0.56 epoch, ~9-11 min on 2 cores) unless --epochs or --max-steps is given
-DEFAULTS = dict(epochs=1, batch_size=128, lr=2e-4, d_lr=2e-4, betas=[0.5, 0.9], width=8, d_width=8, aux_width=8,
-                dropout=0.0, d_norm="none")
-PAPER = dict(epochs=100, batch_size=128, lr=1e-4, d_lr=1e-5, betas=[0.9, 0.999], width=128, d_width=32, aux_width=32,
-             dropout=0.2, d_norm="batch")
+# --paper: the paper (lambdas: Appendix; losses: eqs. 1-5) and, where it is silent, the authors' code
+# (notebooks/best_models_py/sin-gan-proton-aux-reg-1.py: widths, dropout, Adam, batch, epochs); docs/fidelity
+PAPER = dict(epochs=350, batch_size=128, lr=1e-4, d_lr=1e-5, aux_lr=1e-4, betas=[0.9, 0.999], width=128, d_width=32,
+             aux_width=32, dropout=0.2, d_norm="batch", lambda_div=0.1, lambda_int=1e-10, lambda_aux=1e-3,
+             div_norm="dataset")
+# CPU default: the same losses and weights; narrower, faster optimiser, no dropout, no BatchNorm in D, and
+# 1000 steps (0.56 epoch) unless --epochs or --max-steps is given
+DEFAULTS = dict(PAPER, epochs=1, lr=2e-4, d_lr=2e-4, betas=[0.5, 0.9], width=8, d_width=8, aux_width=8, dropout=0.0,
+                d_norm="none")
 CPU_STEPS = 1000
+PUBLISHED = {}   # the paper states no parameter counts (its Fig. 1 draws the generator without them)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("Usage:"):])
     data.add_common_args(p, NAME)
-    g = p.add_argument_group("SDI-GAN (--lr is the generator's learning rate)")
+    g = p.add_argument_group("SDI-GAN (--lr is the generator's learning rate; CPU default / --paper in brackets)")
     g.add_argument("--variant", default="sdi-int-aux", choices=list(VARIANTS), help="ablation row (see the docstring)")
-    g.add_argument("--width", type=int, default=None, help="generator channels w (dense to w, convs 2w, w, w/2); paper 128")
-    g.add_argument("--d-width", type=int, default=None, help="discriminator conv channels d, d/2 (paper 32)")
-    g.add_argument("--aux-width", type=int, default=None, help="auxiliary regressor channels a .. 8a (paper 32)")
-    g.add_argument("--d-lr", type=float, default=None, help="discriminator learning rate (CPU 2e-4, paper 1e-5)")
+    g.add_argument("--width", type=int, default=None, help="generator channels w (dense to w, convs 2w, w, w/2) [8 / 128]")
+    g.add_argument("--d-width", type=int, default=None, help="discriminator conv channels d, d/2 [8 / 32]")
+    g.add_argument("--aux-width", type=int, default=None, help="auxiliary regressor channels a .. 8a [8 / 32]")
+    g.add_argument("--d-lr", type=float, default=None, help="discriminator learning rate [2e-4 / 1e-5]")
+    g.add_argument("--aux-lr", type=float, default=None, help="auxiliary regressor learning rate [1e-4 / 1e-4]")
     g.add_argument("--betas", type=float, nargs=2, default=None, help="Adam betas of all three networks "
-                   "(CPU .5 .9, paper .9 .999)")
-    g.add_argument("--aux-lr", type=float, default=1e-4, help="auxiliary regressor learning rate")
-    g.add_argument("--lambda-div", type=float, default=0.1, help="weight of the diversity (SDI) term")
-    g.add_argument("--lambda-int", type=float, default=1e-3, help="weight of the intensity term")
-    g.add_argument("--lambda-aux", type=float, default=1e-3, help="weight of the auxiliary-regressor term")
-    g.add_argument("--dropout", type=float, default=None, help="dropout in G, D and the regressor (paper 0.2, CPU 0)")
+                   "[.5 .9 / .9 .999]")
+    g.add_argument("--lambda-div", type=float, default=None, help="weight of the SDI term, eq. 3 [0.1 / 0.1]")
+    g.add_argument("--lambda-int", type=float, default=None, help="weight of the intensity term on raw photon "
+                   "sums, eq. 4 [1e-10 / 1e-10]")
+    g.add_argument("--lambda-aux", type=float, default=None, help="weight of the auxiliary term, eq. 2 [1e-3 / 1e-3]")
+    g.add_argument("--div-norm", choices=["dataset", "minmax"], default=None, help="normalisation of the diversity "
+                   "target: divided by the number of training responses (the paper, Sec. 3.2) or min-max scaled "
+                   "(the authors' code) [dataset / dataset]")
+    g.add_argument("--dropout", type=float, default=None, help="dropout in G, D and the regressor [0 / 0.2]")
     g.add_argument("--d-norm", choices=["batch", "none"], default=None,
-                   help="BatchNorm in D (paper, --paper) or none (CPU default): see gan.py's docstring")
+                   help="BatchNorm in D (the paper's code) or none: see gan.py's docstring [none / batch]")
     g.add_argument("--val-every", type=int, default=500, help="validate every N steps")
-    g.add_argument("--paper", action="store_true", help="reference widths and schedule")
+    g.add_argument("--paper", action="store_true", help="the paper's setting (docs/fidelity/sdigan_proton.md)")
     args = p.parse_args(argv)
     if args.detector == "neutron":
         p.error("sdigan_proton.py models the proton calorimeter (ZP 56x30) only: leave --detector out or use "
@@ -102,7 +118,8 @@ def get_args(argv=None):
     if args.train:
         args.detector = "proton"
     data.check_args(p, args)
-    if min(args.d_lr or 1, args.aux_lr) <= 0 or not all(0 <= b < 1 for b in args.betas or []) or min(args.lambda_div, args.lambda_int, args.lambda_aux) < 0:
+    lambdas = [v for v in (args.lambda_div, args.lambda_int, args.lambda_aux) if v is not None]
+    if min(args.d_lr or 1, args.aux_lr or 1) <= 0 or not all(0 <= b < 1 for b in args.betas or []) or min(lambdas + [0]) < 0:
         p.error("--d-lr and --aux-lr must be positive, --betas in [0, 1), the --lambda-* weights >= 0")
     if args.dropout is not None and not 0 <= args.dropout < 1 or args.val_every <= 0:
         p.error("--dropout must be in [0, 1) and --val-every positive")
@@ -112,8 +129,8 @@ def get_args(argv=None):
             p.error(f"--{k.replace('_', '-')} must be even and >= 2 (got {v})")
     if not (args.paper or args.smoke) and args.epochs is None and args.max_steps is None:
         args.max_steps = CPU_STEPS
-    for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
-        if getattr(args, k) is None:   # flags given on the command line win
+    for k, v in (PAPER if args.paper else DEFAULTS).items():
+        if getattr(args, k) is None:   # explicit flag > --paper > CPU default
             setattr(args, k, v)
     if args.smoke:
         args.limit, args.width, args.d_width, args.aux_width = args.limit or 1500, 4, 4, 2
@@ -129,10 +146,22 @@ def get_args(argv=None):
 SHAPE = data.SHAPES["proton"]
 
 
+class PairDropout(nn.Dropout):
+    """nn.Dropout that, while `paired` is set, draws one mask for the first half of the batch and reuses it for the
+    second half: the two SDI images G(z1, c), G(z2, c) of a pair then differ by their noise only."""
+    paired = False
+
+    def forward(self, x):
+        if not (self.paired and self.training and self.p > 0):
+            return super().forward(x)
+        keep = torch.empty_like(x[:len(x) // 2]).bernoulli_(1 - self.p) / (1 - self.p)
+        return x * torch.cat([keep, keep])
+
+
 def act(n, dropout, dim=2, norm=True):
-    """BatchNorm (unless norm=False), dropout, LeakyReLU(0.1): the paper's block tail."""
+    """BatchNorm (unless norm=False), dropout, LeakyReLU(0.1): the block tail of the authors' code."""
     bn = (nn.BatchNorm2d(n) if dim == 2 else nn.BatchNorm1d(n)) if norm else nn.Identity()
-    return [bn, nn.Dropout(dropout), nn.LeakyReLU(0.1)]
+    return [bn, PairDropout(dropout), nn.LeakyReLU(0.1)]
 
 
 class Generator(nn.Module):
@@ -145,12 +174,16 @@ class Generator(nn.Module):
                                   nn.Upsample(scale_factor=(1, 2)), nn.Conv2d(2 * w, w, 2), *act(w, dropout),
                                   nn.Conv2d(w, w // 2, 2), *act(w // 2, dropout), nn.Conv2d(w // 2, 1, (2, 7)))
 
-    def forward(self, z, cond):                      # 20x10 -> 60x20 -> 59x19 -> 59x38 -> 58x37 -> 57x36 -> 56x30
+    def forward(self, z, cond, paired=False):    # 20x10 -> 60x20 -> 59x19 -> 59x38 -> 58x37 -> 57x36 -> 56x30
+        """paired=True: the batch is two halves of SDI pairs, which share their dropout masks (PairDropout)."""
+        for m in self.modules():
+            if isinstance(m, PairDropout):
+                m.paired = paired
         return F.relu(self.conv(self.dense(torch.cat([z, cond], 1)).view(-1, self.w, 20, 10)))
 
 
 class Discriminator(nn.Module):
-    """Returns (logit, 64-d features of the last hidden layer)."""
+    """Logit of "real" for a log1p image and its standardised condition."""
 
     def __init__(self, width, dropout, norm=True, n_cond=9):
         super().__init__()
@@ -163,8 +196,7 @@ class Discriminator(nn.Module):
         self.out = nn.Linear(64, 1)
 
     def forward(self, x, cond):
-        f = self.feat(torch.cat([self.conv(x), cond], 1))
-        return self.out(f)[:, 0], f
+        return self.out(self.feat(torch.cat([self.conv(x), cond], 1)))[:, 0]
 
 
 class Regressor(nn.Module):
@@ -187,25 +219,50 @@ def build_model(cfg):
     return Generator(cfg["width"], cfg["dropout"])
 
 
-def build_critics(cfg):
-    """Discriminator and auxiliary regressor (training only)."""
-    disc = Discriminator(cfg["d_width"], cfg["dropout"], cfg.get("d_norm", "batch") == "batch")
-    return disc, Regressor(cfg["aux_width"], cfg["dropout"])
+def build_networks(cfg):
+    """Every trained network of a checkpoint's args, by name."""
+    return dict(generator=build_model(cfg),
+                discriminator=Discriminator(cfg["d_width"], cfg["dropout"], cfg.get("d_norm", "batch") == "batch"),
+                regressor=Regressor(cfg["aux_width"], cfg["dropout"]))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Method: diversity target, losses, sampler
+# Method: diversity target, the three regularisers (eqs. 2-4), one training step, sampler
 # ----------------------------------------------------------------------------------------------------------
-def diversity_target(counts, cond_id):
-    """Per event: the sum over pixels of the per-pixel population std of the raw counts of all responses with
-    the same condition id, min-max normalised over the conditions to [0, 1] (float32 (N,))."""
+def diversity_target(counts, cond_id, norm="dataset"):
+    """Per event, the paper's f_div (eq. 3): the sum over pixels of the per-pixel population std of the raw
+    counts of all responses with the same condition id, normalised (Sec. 3.2) "by dividing by the length of
+    dataset" (norm="dataset": by the number of responses given) or min-max scaled to [0, 1] over the conditions
+    as the authors' code does (norm="minmax"). float32 (N,)."""
     counts, cond_id = np.asarray(counts), np.asarray(cond_id)
     order = np.argsort(cond_id, kind="stable")
     uniq, start, cnt = np.unique(cond_id[order], return_index=True, return_counts=True)
     div = np.array([counts[order[s:s + n]].reshape(n, -1).astype(np.float64).std(0).sum() for s, n in zip(start, cnt)])
-    span = div.max() - div.min()
-    div = (div - div.min()) / span if span > 0 else np.zeros_like(div)
+    if norm == "dataset":
+        div = div / len(counts)
+    else:
+        span = div.max() - div.min()
+        div = (div - div.min()) / span if span > 0 else np.zeros_like(div)
     return div[np.searchsorted(uniq, cond_id)].astype(np.float32)
+
+
+def sdi_term(x1, x2, z1, z2, div):
+    """Eq. 3: mean over the batch of f_div * (d_I / d_z)^-1, d_I = L1 distance (sum over pixels) between the two
+    generated images G(c, z1), G(c, z2) (the generator's log1p output), d_z = L1 distance between the codes. The
+    1e-5 guard (the authors' code) bounds the term when both images are equal (e.g. both empty)."""
+    d_img = (x1 - x2).abs().flatten(1).sum(1)
+    d_z = (z1 - z2).abs().sum(1)
+    return (div / (d_img / d_z + 1e-5)).mean(), d_img
+
+
+def intensity_term(fake, photons):
+    """Eq. 4, as a batch mean: |raw photon sum of the generated image - photon sum of the real response|."""
+    return (torch.expm1(fake.clamp(max=12)).flatten(1).sum(1) - photons).abs().mean()
+
+
+def aux_term(pred, coords):
+    """Eq. 2: mean over the batch of the squared error of the (row, col) prediction, summed over the 2 coords."""
+    return (pred - coords).pow(2).sum(1).mean()
 
 
 def brightest(counts):
@@ -215,8 +272,8 @@ def brightest(counts):
     return np.stack([flat // counts.shape[2], flat % counts.shape[2]], 1).astype(np.float32)
 
 
-def train_step(nets, opts, batch, generator, use, args, sum_scale):
-    """One D, regressor and G step on a batch; returns a dict of the logged numbers."""
+def train_step(nets, opts, batch, generator, use, args):
+    """One D, regressor and G step on a batch (eq. 5); returns a dict of the logged numbers."""
     gen, disc, aux = nets
     opt_g, opt_d, opt_a = opts
     x, c, div, photons, coords = batch
@@ -224,10 +281,13 @@ def train_step(nets, opts, batch, generator, use, args, sum_scale):
     perm = torch.randperm(len(x), generator=generator, device=generator.device).to(dev)
     fc, div, photons, fake_coords = c[perm], div[perm], photons[perm], coords[perm]
     z1 = data.noise((len(x), NOISE), generator, dev)
+    if "sdi" in use:             # both SDI images in one pass: shared BatchNorm statistics and dropout masks
+        z2 = data.noise((len(x), NOISE), generator, dev)
+        fake, fake2 = gen(torch.cat([z1, z2]), torch.cat([fc, fc]), paired=True).chunk(2)
+    else:
+        fake = gen(z1, fc)
     bce = F.binary_cross_entropy_with_logits
-    fake = gen(z1, fc)
-    real_logit, _ = disc(x, c)
-    fake_logit, _ = disc(fake.detach(), fc)
+    real_logit, fake_logit = disc(x, c), disc(fake.detach(), fc)
     d_loss = bce(real_logit, torch.ones_like(real_logit)) + bce(fake_logit, torch.zeros_like(fake_logit))
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
@@ -235,29 +295,25 @@ def train_step(nets, opts, batch, generator, use, args, sum_scale):
     log = dict(d_loss=d_loss.item(), d_real=torch.sigmoid(real_logit).mean().item(),
                d_fake=torch.sigmoid(fake_logit).mean().item())
     if "aux" in use:
-        a_loss = F.mse_loss(aux(x), coords)                            # the regressor learns on real images
+        a_loss = aux_term(aux(x), coords)                                # the regressor learns on real images
         opt_a.zero_grad(set_to_none=True)
         a_loss.backward()
         opt_a.step()
         log["aux_real"] = a_loss.item()
-    g_logit, f1 = disc(fake, fc)
+    g_logit = disc(fake, fc)
     g_loss = bce(g_logit, torch.ones_like(g_logit))                    # non-saturating
     log["g_loss"] = g_loss.item()
     total = g_loss
     if "sdi" in use:
-        z2 = data.noise((len(x), NOISE), generator, dev)
-        _, f2 = disc(gen(z2, fc), fc)
-        ratio = (z1 - z2).abs().mean(1) / ((f1 - f2).abs().mean(1) + 1e-5)
-        div_loss = (div * ratio).mean()
+        div_loss, d_img = sdi_term(fake, fake2, z1, z2, div)
         total = total + args.lambda_div * div_loss
-        log["div_loss"] = div_loss.item()
+        log.update(div_loss=div_loss.item(), d_img=d_img.mean().item())
     if "int" in use:
-        gen_sum = torch.expm1(fake.clamp(max=12)).sum((1, 2, 3))
-        int_loss = (gen_sum - photons).abs().mean() / sum_scale
+        int_loss = intensity_term(fake, photons)
         total = total + args.lambda_int * int_loss
         log["int_loss"] = int_loss.item()
     if "aux" in use:
-        aux_loss = F.mse_loss(aux(fake), fake_coords)
+        aux_loss = aux_term(aux(fake), fake_coords)
         total = total + args.lambda_aux * aux_loss
         log["aux_loss"] = aux_loss.item()
     opt_g.zero_grad(set_to_none=True)
@@ -302,12 +358,11 @@ def train(args):
     split = data.load_split(vars(args))
     counts = split.counts("train")
     photons = torch.as_tensor(counts.reshape(len(counts), -1).sum(1, dtype=np.float64), dtype=torch.float32)
-    div = torch.as_tensor(diversity_target(counts, split.ds.cond_id[split.idx["train"]]))
+    div = torch.as_tensor(diversity_target(counts, split.ds.cond_id[split.idx["train"]], args.div_norm))
     tensors = (split.x("train"), split.cond("train"), div, photons, torch.as_tensor(brightest(counts)))
-    sum_scale = photons.mean().item()
     c_va = split.cond("val")[:1000]
-    gen, (disc, aux) = build_model(vars(args)).to(dev), (m.to(dev) for m in build_critics(vars(args)))
-    nets = (gen, disc, aux)
+    nets = tuple(m.to(dev) for m in build_networks(vars(args)).values())
+    gen, disc, aux = nets
     opts = tuple(torch.optim.Adam(m.parameters(), lr=lr, betas=tuple(args.betas))
                  for m, lr in zip(nets, (args.lr, args.d_lr, args.aux_lr)))
     steps_per_epoch = max(len(counts) // args.batch_size, 1)   # the last incomplete batch is dropped (BatchNorm)
@@ -344,7 +399,7 @@ def train(args):
                    minutes=(time.time() - t_start) / 60)
         data.log_jsonl(out / "metrics.jsonl", **row)
         if logs:
-            extra = "".join(f"  {k} {m[k]:.3g}" for k in ("div_loss", "int_loss", "aux_loss", "aux_real") if k in m)
+            extra = "".join(f"  {k} {m[k]:.3g}" for k in ("div_loss", "d_img", "int_loss", "aux_loss", "aux_real") if k in m)
             print(f"step {step:6d}  epoch {row['epoch']:.2f}  D loss {m['d_loss']:.3f}  G loss {m['g_loss']:.3f}  "
                   f"D(real) {m['d_real']:.3f}  D(fake) {m['d_fake']:.3f}{extra}  val W {val_w:.3f}  "
                   f"empty {row['val_empty']:.3f}  {row['minutes']:.1f} min")
@@ -363,7 +418,7 @@ def train(args):
                 break
             if i < skip:
                 continue
-            log = train_step(nets, opts, [t.to(dev) for t in batch], noise, use, args, sum_scale)
+            log = train_step(nets, opts, [t.to(dev) for t in batch], noise, use, args)
             if not all(math.isfinite(v) for v in log.values()):
                 raise FloatingPointError(f"non-finite loss at step {step} ({log}): training diverged")
             step += 1

@@ -29,7 +29,7 @@ def test_smoke_train_sample_eval(run):
     assert ck["args"]["variant"] == "sdi-int-aux" and {"disc", "aux", "opt_g", "opt_d", "opt_a"} <= ck.keys()
     r = rows(run)[-1]
     assert 0 <= r["d_real"] <= 1 and 0 <= r["d_fake"] <= 1 and 0 <= r["val_empty"] <= 1
-    assert all(r[k] >= 0 and np.isfinite(r[k]) for k in ("div_loss", "int_loss", "aux_loss", "aux_real", "val_W"))
+    assert all(r[k] >= 0 and np.isfinite(r[k]) for k in ("div_loss", "d_img", "int_loss", "aux_loss", "aux_real", "val_W"))
     cli(S, "--sample", "--ckpt", run / "ckpt.pt", "--n", 40, "--out", run / "s.npz")
     check_samples(run / "s.npz", (56, 30), 40)
     cli(S, "--eval", "--ckpt", run / "ckpt.pt", "--max-test", 100, "--reps", 2)
@@ -50,6 +50,7 @@ def test_clear_errors(run, tmp_path):
 @pytest.mark.parametrize("argv, message", [(["--eval", "--detector", "neutron"], "proton calorimeter (ZP 56x30) only"),
                                            (["--train", "--width", "3"], "must be even"),
                                            (["--train", "--lambda-div", "-1"], "--lambda-* weights >= 0"),
+                                           (["--train", "--div-norm", "max"], "invalid choice"),
                                            (["--train", "--betas", "0.5", "1"], "--betas in [0, 1)"),
                                            (["--train", "--variant", "sdi-aux"], "invalid choice")])
 def test_bad_flags_are_argparse_errors(argv, message, capsys):
@@ -84,20 +85,69 @@ def test_diversity_target_on_hand_made_repeated_conditions():
     img[[0, 4], 0, 1] = [0, 6]                       # condition 7: pixel (0, 1) std 3 and pixel (1, 0) std 1
     img[[0, 4], 1, 0] = [2, 4]
     img[2] = [[9, 0], [0, 1]]                        # a single response: std 0
-    # sums of per-pixel std: 3 -> 1, 7 -> 4, 11 -> 0; min-max normalised: 0.25, 1, 0
-    np.testing.assert_allclose(sdi.diversity_target(img, cond), [1, 0.25, 0, 0.25, 1, 0.25, 0.25], rtol=1e-6)
-    assert sdi.diversity_target(img, np.zeros(7, int)).tolist() == [0.0] * 7   # one condition: nothing to normalise
+    # sums of per-pixel std (eq. 3): 3 -> 1, 7 -> 4, 11 -> 0; the paper divides by the 7 responses, the code min-max
+    np.testing.assert_allclose(sdi.diversity_target(img, cond), np.array([4, 1, 0, 1, 4, 1, 1]) / 7, rtol=1e-6)
+    np.testing.assert_allclose(sdi.diversity_target(img, cond, "minmax"), [1, 0.25, 0, 0.25, 1, 0.25, 0.25], rtol=1e-6)
+    assert sdi.diversity_target(img, np.zeros(7, int), "minmax").tolist() == [0.0] * 7   # one condition: all 0
+
+
+def test_sdi_term_on_hand_made_images():
+    x1 = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]], [[[0.5, 0.5], [0.5, 0.5]]]])
+    x2 = torch.tensor([[[[0.0, 0.0], [3.0, 2.0]]], [[[0.5, 0.5], [0.5, 0.5]]]])   # pair 2: the same image
+    z1, z2 = torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    div = torch.tensor([0.5, 0.2])
+    loss, d_img = sdi.sdi_term(x1, x2, z1, z2, div)
+    # pair 1: d_I = |1-0| + 0 + |0-3| + 0 = 4, d_z = 1 + 2 + 0 = 3 -> 0.5 / (4/3); pair 2: d_I = 0 -> 0.2 / 1e-5
+    assert d_img.tolist() == [4.0, 0.0]
+    assert loss.item() == pytest.approx((0.5 / (4 / 3 + 1e-5) + 0.2 / 1e-5) / 2, rel=1e-5)
+
+
+def test_intensity_term_on_raw_photon_sums():
+    counts = torch.tensor([[[3.0, 0.0], [0.0, 1.0]], [[2.0, 2.0], [1.0, 0.0]]])   # raw sums 4 and 5
+    fake = torch.log1p(counts).unsqueeze(1)                                       # what G outputs
+    assert sdi.intensity_term(fake, torch.tensor([10.0, 2.0])).item() == pytest.approx((6 + 3) / 2, rel=1e-5)
+    assert sdi.get_args(["--train"]).lambda_int == sdi.get_args(["--train", "--paper"]).lambda_int == 1e-10
+
+
+def test_aux_term_sums_the_two_coordinates():
+    pred, target = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[4.0, 6.0], [0.0, 1.0]])
+    assert sdi.aux_term(pred, target).item() == pytest.approx((9 + 16 + 1) / 2)          # eq. 2, not a mean of 4
+
+
+def test_sdi_pairs_share_dropout_masks():
+    gen = sdi.build_model(dict(width=4, dropout=0.5)).train()
+    z, c = torch.randn(3, 10), torch.randn(3, 9)
+    out = gen(torch.cat([z, z]), torch.cat([c, c]), paired=True)
+    assert (out[:3] - out[3:]).abs().max() < 1e-4 and out.abs().mean() > 0.01   # same noise and mask: d_I = 0
+    out = gen(torch.cat([z, z]), torch.cat([c, c]))                      # unpaired: dropout noise alone differs
+    assert (out[:3] - out[3:]).abs().mean() > 0.01
+
+
+def test_paper_setting_and_precedence():
+    a = vars(sdi.get_args(["--train", "--paper"]))
+    assert (a["epochs"], a["batch_size"], a["lr"], a["d_lr"], a["aux_lr"], a["betas"]) == (350, 128, 1e-4, 1e-5, 1e-4, [0.9, 0.999])
+    assert (a["lambda_div"], a["lambda_int"], a["lambda_aux"], a["dropout"], a["div_norm"]) == (0.1, 1e-10, 1e-3, 0.2, "dataset")
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in sdi.build_networks(a).items()}
+    # trainable parameters of the authors' Keras networks (sin-gan-proton-aux-reg-1.py), layer by layer
+    g = 19 * 256 + 256 + 2 * 256 + 256 * 25600 + 25600 + 2 * 25600 + 128 * 256 * 4 + 256 + 2 * 256 + 256 * 128 * 4 + 128 \
+        + 2 * 128 + 128 * 64 * 4 + 64 + 2 * 64 + 64 * 14 + 1
+    d = 9 * 32 + 32 + 64 + 32 * 9 * 16 + 16 + 32 + 2313 * 128 + 128 + 256 + 128 * 64 + 64 + 128 + 65
+    r = 9 * 32 + 32 + 64 + 32 * 9 * 64 + 64 + 128 + 64 * 9 * 128 + 128 + 256 + 128 * 9 * 256 + 256 + 512 + 256 * 24 * 2 + 2
+    assert counts == dict(generator=g, discriminator=d, regressor=r)
+    b = sdi.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "6", "--lambda-int", "0"])
+    assert (b.batch_size, b.lr, b.width, b.lambda_int, b.d_lr) == (7, 0.123, 6, 0.0, 1e-5)    # explicit > --paper
+    c = sdi.get_args(["--train", "--d-lr", "3e-3"])
+    assert (c.d_lr, c.lr, c.width, c.max_steps, c.lambda_div) == (3e-3, 2e-4, 8, 1000, 0.1)   # > CPU default
 
 
 def test_brightest_pixel_and_shapes():
     img = np.zeros((2, 56, 30))
     img[0, 40, 3], img[1, 0, 29] = 5, 1
     assert sdi.brightest(img).tolist() == [[40, 3], [0, 29]]
-    cfg = dict(width=4, d_width=4, aux_width=2, dropout=0.2)
-    gen, (disc, aux) = sdi.build_model(cfg).eval(), sdi.build_critics(cfg)
+    nets = sdi.build_networks(dict(width=4, d_width=4, aux_width=2, dropout=0.2))
+    gen, disc, aux = nets["generator"].eval(), nets["discriminator"], nets["regressor"]
     cond = torch.randn(3, 9)
     x = sdi.sample(gen, cond, torch.Generator().manual_seed(0))
     assert x.shape == (3, 56, 30) and torch.isfinite(x).all() and (x >= 0).all()
     assert torch.equal(x, sdi.sample(gen, cond, torch.Generator().manual_seed(0)))
-    logit, feat = disc(data.to_log(x.numpy()), cond)
-    assert logit.shape == (3,) and feat.shape == (3, 64) and aux(data.to_log(x.numpy())).shape == (3, 2)
+    assert disc(data.to_log(x.numpy()), cond).shape == (3,) and aux(data.to_log(x.numpy())).shape == (3, 2)

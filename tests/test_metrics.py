@@ -126,3 +126,94 @@ def test_cli_prints_stats_floor_and_lookup(tmp_path):
     bad = subprocess.run([sys.executable, "metrics.py", "--data", str(tmp_path / "missing")], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "no such folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shower metrics: features, separation power, FPD / KPD, classifier AUC
+# ----------------------------------------------------------------------------------------------------------
+def feature(f, name):
+    return f[:, metrics.FEATURES.index(name)]
+
+
+def test_shower_features_of_hand_made_images():
+    img = np.zeros((3, 44, 44))
+    img[0, 10, 30] = 7                                  # one bright pixel
+    img[1, 4, 6], img[1, 4, 10] = 1, 3                  # two pixels in one row (x = 4), y = 6 and 10
+    f = metrics.shower_features(img)                    # img[2]: empty
+    assert f.shape == (3, 12) and np.isfinite(f).all()
+    np.testing.assert_allclose(f[0], [7, 0, 7, 0, 0, 0, 10, 30, 0, 0, 7, 1])  # (10, 30): even, top-right -> ch 2
+    assert feature(f, "sum")[1] == 4 and feature(f, "cog_x")[1] == 4 and feature(f, "width_x")[1] == 0
+    assert feature(f, "cog_y")[1] == pytest.approx((6 * 1 + 10 * 3) / 4)
+    assert feature(f, "width_y")[1] == pytest.approx(np.sqrt((1 * (6 - 9) ** 2 + 3 * (10 - 9) ** 2) / 4))  # sqrt 3
+    assert feature(f, "max_px")[1] == 3 and feature(f, "n_lit")[1] == 2
+    np.testing.assert_allclose(f[2], [0] * 6 + [21.5, 21.5, 0, 0, 0, 0])     # empty: centre, no NaN
+    fp = metrics.shower_features(np.zeros((1, 56, 30)))
+    assert feature(fp, "cog_x")[0] == 27.5 and feature(fp, "cog_y")[0] == 14.5
+
+
+def test_separation_power_known_answers():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(1000, 3))
+    np.testing.assert_allclose(metrics.separation_power(a, a), 0, atol=1e-15)
+    np.testing.assert_allclose(metrics.separation_power(a, a + 100), 1)          # disjoint: overflow bin
+    np.testing.assert_allclose(metrics.separation_power(a, a - 100), 1)          # underflow bin
+    half = np.r_[a[:500], a[:500] + 100]                                        # half in the overflow bin
+    # p = true fractions, q = half of them + 0.5 in the overflow: 1/2 [sum (p/2)^2 / (3p/2) + 0.25 / 0.5]
+    np.testing.assert_allclose(metrics.separation_power(a[:500], half), 0.5 * (1 / 6 + 0.5), rtol=1e-12)
+
+
+def test_frechet_distance_of_two_gaussians_against_the_closed_form():
+    rng = np.random.default_rng(1)
+    x = rng.normal([0, 1, 2], [1, 2, 0.5], size=(400_000, 3))
+    y = rng.normal([1, 1, 0], [2, 1, 0.5], size=(400_000, 3))
+    # diagonal covariances: |mu_x - mu_y|^2 + sum (sx - sy)^2 over the standard deviations
+    closed = (1 + 0 + 4) + ((1 - 2) ** 2 + (2 - 1) ** 2 + 0)
+    assert metrics.frechet_distance(x, y) == pytest.approx(closed, rel=0.01)
+    assert metrics.frechet_distance(x, x) == pytest.approx(0, abs=1e-8)
+
+
+def test_kernel_distance_is_unbiased():
+    rng = np.random.default_rng(2)
+    x, x2 = rng.normal(size=(2000, 12)), rng.normal(size=(2000, 12))
+    same, shifted = metrics.kernel_distance(x, x2), metrics.kernel_distance(x, x2 + 0.5)
+    assert abs(same) < 0.01 < 10 * abs(same) < shifted
+
+
+def test_auc_known_answer():
+    assert metrics.auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+    assert metrics.auc([0, 1], [0.3, 0.3]) == 0.5 and metrics.auc([1, 0], [0.9, 0.1]) == 1.0
+
+
+@pytest.fixture(scope="module")
+def showers():
+    ds = data.load("neutron", "toy", limit=10_000, progress=False)
+    sp = data.Split(ds, "random", seed=0)
+    idx, true, cond = metrics.test_part(sp)
+    sim, _ = data.resimulate(ds.particles[idx], "neutron", 7, ds.cut)
+    return true[:2000].astype(np.float64), sim[:2000].astype(np.float64), cond.numpy()[:2000]
+
+
+def test_classifier_is_calibrated_and_sees_a_shift(showers):
+    true, sim, cond = showers
+    assert len(true) == 2000
+    ft, fs = metrics.shower_features(true), metrics.shower_features(sim)
+    # an independent re-simulation of the same particles: the same distribution
+    assert metrics.classifier_auc(ft, fs, cond, seed=0) == pytest.approx(0.5, abs=0.05)
+    moved = np.zeros_like(sim)
+    moved[:, 3:] = sim[:, :-3]                                     # every shower moved by 3 fibres in x
+    assert metrics.classifier_auc(ft, metrics.shower_features(moved), cond, seed=0) > 0.9
+
+
+def test_shower_scores_rank_a_blur_below_the_floor(showers):
+    true, sim, cond = showers
+    same = metrics.shower_scores(true, true, cond)
+    assert same["separation"] == 0 and same["fpd"] == pytest.approx(0, abs=1e-8) and same["auc"] == 0.5
+    assert abs(same["kpd"]) < 0.01
+    floor = metrics.shower_scores(true, sim, cond)
+    import torch
+    blur = torch.nn.functional.avg_pool2d(torch.tensor(sim)[:, None], 5, 1, 2)[:, 0].numpy()   # smooth blobs
+    blurred = metrics.shower_scores(true, blur, cond)
+    assert blur.sum() == pytest.approx(sim.sum(), rel=0.05)         # about the same light
+    for k in ("separation", "fpd", "kpd", "auc"):
+        assert blurred[k] > floor[k] + 0.05, k
+    assert floor["auc"] < 0.56 and blurred["auc"] > 0.9

@@ -14,9 +14,10 @@ Modes (one row each):
   graph      (GPU) bf16 autocast with the whole sampling loop (all steps) captured in one CUDA graph: static
              condition and output buffers, warm-up on a side stream, then replay. The noise is drawn on the GPU
              inside the graph (generator=None), so every replay draws fresh noise.
-Timing: one warm-up call, then --repeats calls; the median. On a GPU each call is timed with CUDA events
-around the call and the end event is synchronised before reading it (the published timings skipped that
-synchronisation and may undercount); on a CPU with perf_counter. Conditions are standard-normal standardised
+Timing (timed()): warm-up calls (three when a call is fast), then --repeats measurements, each of K back-to-back
+calls between one pair of clock readings lasting >= 0.1 s, divided by K; the median. On a GPU the clock is a pair
+of CUDA events and the end event is synchronised before reading it (the published timings skipped that
+synchronisation and may undercount); on a CPU perf_counter. Conditions are standard-normal standardised
 features (the cost does not depend on their values).
 
 Columns: ms/sample and samples/s; NFE (network evaluations per sample); parameters; FLOPs per sample counted
@@ -27,13 +28,22 @@ practical peak = the FLOP/s of a large fp32 matmul measured at start-up with the
 torch.cuda.max_memory_allocated on a GPU; not measured on a CPU (n/a). The "toy MC" row is data.py's toy
 simulator (both calorimeters per event, numpy, one core): a toy, not GEANT.
 
+Numerical check: every non-eager row is compared with fp32 eager on the same conditions ("W vs fp32": the
+channel-sum Wasserstein between the two outputs; "(noise)": the same between two eager runs with different noise,
+the scale to read it against; "%sum": the mean relative photon-sum difference where both drew the same noise, e.g.
+bf16 quantisation). On a GPU the eager row runs in true fp32 (TF32 off). --paper always times fresh weights at the
+published sizes, never a checkpoint. A model that cannot be loaded (e.g. a stage-1-only checkpoint) is reported as
+skipped and the others are timed; the JSON is rewritten after every model.
+
 Usage:
-    python bench.py                                     # every model, device auto, batch 256 (CPU) / 256,4096 (GPU)
+    python bench.py                                     # quick (~1 min on a CPU): batch 32, one measurement per row
+    python bench.py --full                              # the published setting: batch 256 (CPU) / 256,4096 (GPU)
     python bench.py --models flow_matching,ddpm --steps 1,11,50 --batch 256,1024
     python bench.py --device cpu --compile --json runs/bench_cpu.json
     python bench.py --detector proton                   # the ZP versions (sdigan_proton.py is ZP only)
 """
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -44,9 +54,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import metrics
 
 MODELS = ["vae", "sae_ng", "gan", "sdigan_proton", "vqgan", "ddpm", "flow_matching", "latent_fm"]
 ITERATIVE = {"ddpm", "flow_matching", "latent_fm"}          # models whose cost scales with --steps
@@ -85,9 +98,11 @@ def make_sampler(name, mod, nets, ck, detector, steps):
 
 
 def load_nets(name, mod, detector, runs, paper, device):
-    """(networks in sampling order, checkpoint or None, n_params): trained weights if runs/<name>/ckpt.pt exists."""
+    """(networks in sampling order, checkpoint or None, what was timed): trained weights if runs/<name>/ckpt.pt
+    exists and is a complete checkpoint of this detector, else fresh weights. --paper always times fresh weights at
+    the published size (a checkpoint would be the CPU-sized model, silently)."""
     path = Path(runs) / name / "ckpt.pt"
-    if path.exists():
+    if path.exists() and not paper:
         a = mod.get_args(["--sample", "--ckpt", str(path), "--device", str(device)])
         out = mod.load_model(a)
         ck, nets = out[0], [m for m in out[1:] if isinstance(m, torch.nn.Module)]
@@ -104,23 +119,29 @@ def load_nets(name, mod, detector, runs, paper, device):
 # ----------------------------------------------------------------------------------------------------------
 # Timing helpers
 # ----------------------------------------------------------------------------------------------------------
-def timed(fn, cond, repeats, device):
-    """Median seconds per call of fn(cond) after one warm-up call, synchronised on CUDA."""
-    fn(cond)
-    times = []
-    for _ in range(repeats):
+def timed(fn, cond, repeats, device, min_seconds=0.1):
+    """Median seconds per call of fn(cond). Warm-up: one call, two more when a call is fast (< min_seconds:
+    allocator, cuDNN plans, graph pools settle). Then `repeats` measurements, each of K back-to-back calls
+    between one pair of clock readings (CUDA events, synchronised; perf_counter on a CPU), K chosen so that a
+    measurement lasts >= min_seconds: sub-millisecond graph replays are not timed one by one."""
+    def clock(k):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn(cond)
+            for _ in range(k):
+                fn(cond)
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        for _ in range(k):
             fn(cond)
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        return time.perf_counter() - t0
+    first = clock(1)
+    if first < min_seconds:
+        clock(2)
+    k = max(1, math.ceil(min_seconds / max(clock(1), 1e-7)))
+    return float(np.median([clock(k) / k for _ in range(repeats)]))
 
 
 def cuda_graph(fn, cond):
@@ -141,6 +162,7 @@ def cuda_graph(fn, cond):
             static_out = fn(static_cond)
     except Exception as e:                               # capture refused: report it, never crash the table
         torch.cuda.synchronize()
+        torch.cuda.set_stream(torch.cuda.default_stream(cond.device))   # never leave later rows on a capture stream
         return None, f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
     def replay(c):
@@ -151,8 +173,10 @@ def cuda_graph(fn, cond):
 
 
 def flops_per_sample(fn, cond):
-    """FLOPs of fn on a batch, divided by the batch size (torch's flop counter: matmul, conv, attention)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of fn on a batch, divided by the batch size (torch's flop counter: matmul, conv, attention).
+    Attention runs on SDPA's math backend here: the fused CPU kernel has no FLOP formula and would count 0,
+    so CPU and GPU rows count the same FLOPs."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn(cond)
     return counter.get_total_flops() / len(cond)
 
@@ -195,40 +219,87 @@ def toy_row(n=2000, seed=0):
 # ----------------------------------------------------------------------------------------------------------
 # The benchmark
 # ----------------------------------------------------------------------------------------------------------
-def bench_model(name, args, device, modes, cpu_peak_flops):
+def agreement(ref, out, same_noise):
+    """How far a mode's output is from fp32 eager on the same conditions: the channel-sum Wasserstein between
+    the two batches and, when both drew the same noise, the mean relative difference of the photon sums."""
+    ref, out = metrics.as_counts(ref), metrics.as_counts(out)
+    rel = np.abs(out.sum((1, 2)) - ref.sum((1, 2))).mean() / max(ref.sum((1, 2)).mean(), 1e-9) if same_noise else None
+    return dict(check_W=metrics.wasserstein(ref, out)[0], check_rel_sum=None if rel is None else float(rel))
+
+
+def seeded(fn, cond, seed=0):
+    """fn(cond) with the device's default generator seeded: the samplers draw their noise from it."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return fn(cond)
+
+
+def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
+    """The rows of one model script. Every non-eager row is checked against fp32 eager: check_W is the
+    channel-sum Wasserstein between the two outputs (same conditions; same noise except in CUDA graphs, which
+    draw their own), to read against check_W_noise = eager vs eager with other noise; check_rel_sum the mean
+    relative photon-sum difference where the noise is the same (e.g. bf16 quantisation of log1p outputs)."""
     mod = importlib.import_module(name)
     detector = "proton" if name == "sdigan_proton" else args.detector
     nets, ck, source = load_nets(name, mod, detector, args.runs, args.paper, device)
     n_params = sum(p.numel() for m in nets for p in m.parameters())
+    tqdm.write(f"  {name}: {'trained weights from ' + source if ck else 'random initialisation (' + source + ')'}"
+          + (" at the published size" if args.paper else ""))
     rows = []
     for steps in (args.steps if name in ITERATIVE else [None]):
         base, nfe = make_sampler(name, mod, nets, ck, detector, steps or _default_steps(mod))
         flops = flops_per_sample(torch.no_grad()(base), torch.randn(8, 9, device=device))
         for batch in args.batch:
             cond = torch.randn(batch, 9, device=device, generator=None)
+            with fp32_exact(device):
+                ref = seeded(base, cond)
+                noise_w = metrics.wasserstein(ref, seeded(base, cond, 1))[0]
             for mode in modes:
-                fn, note = _mode_fn(mode, base, nets, mod, name, ck, detector, steps, cond)
                 row = dict(model=name, mode=mode, steps=nfe, batch=batch, params=n_params, weights=source,
-                           flops_per_sample=flops, detector=detector)
-                if fn is None:
-                    rows.append(dict(row, ms_per_sample=None, note=note))
-                    print(f"  {name:<15} {mode:<10} {note}", flush=True)
-                    continue
+                           flops_per_sample=flops, detector=detector, check_W_noise=noise_w)
+                if bar is not None:
+                    bar.set_postfix_str(f"{name} {mode} batch {batch}")
                 if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
+                    torch.cuda.reset_peak_memory_stats(device)        # before a capture: the graph's pool counts
                 try:
-                    t = timed(fn, cond, args.repeats, device)
+                    with fp32_exact(device) if mode == "eager" else contextlib.nullcontext():
+                        fn, note = _mode_fn(mode, base, nets, mod, name, ck, detector, steps, cond)
+                        if fn is None:
+                            rows.append(dict(row, ms_per_sample=None, note=note))
+                            tqdm.write(f"  {name:<19} {mode:<10} {note}")
+                            continue
+                        t = timed(fn, cond, args.repeats, device)
+                        check = {} if mode == "eager" else agreement(ref, seeded(fn, cond), mode != "graph")
                 except Exception as e:  # e.g. torch.compile without a working compiler
                     rows.append(dict(row, ms_per_sample=None, note=f"failed: {type(e).__name__}: {str(e)[:100]}"))
-                    print(f"  {name:<15} {mode:<10} failed: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                    tqdm.write(f"  {name:<19} {mode:<10} failed: {type(e).__name__}: {str(e)[:100]}")
                     continue
+                finally:
+                    if bar is not None:
+                        bar.update()
                 peak = device_peak(device, mode in ("amp", "graph")) if device.type == "cuda" else cpu_peak_flops
                 row.update(ms_per_sample=1e3 * t / batch, samples_per_s=batch / t, flops_per_s=flops * batch / t,
                            peak_fraction=(flops * batch / t / peak) if peak else None,
-                           peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
+                           peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+                           **check)
                 rows.append(row)
-                print(format_row(row), flush=True)
+                tqdm.write(format_row(row))
     return rows
+
+
+@contextlib.contextmanager
+def fp32_exact(device):
+    """True fp32 on a GPU: cuDNN convolutions and matmuls default to TF32 on Ampere and later, which would make
+    the 'eager' row (and the reference output of the checks) TF32, not fp32."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def _default_steps(mod):
@@ -269,11 +340,12 @@ def format_row(r):
             f"{fmt(r['ms_per_sample'], '10.4f')} {fmt(r.get('samples_per_s'), '10.0f')} {r['params']:>9,d} "
             f"{fmt(r['flops_per_sample'] and r['flops_per_sample'] / 1e6, '9.2f')} "
             f"{fmt(r['flops_per_s'] and r['flops_per_s'] / 1e9, '9.2f')} {fmt(r['peak_fraction'] and 100 * r['peak_fraction'], '6.1f')} "
-            f"{fmt(r['peak_mem_mb'], '8.1f')}")
+            f"{fmt(r['peak_mem_mb'], '8.1f')} {fmt(r.get('check_W'), '8.3f')} {fmt(r.get('check_W_noise'), '8.3f')} "
+            f"{fmt(r.get('check_rel_sum') and 100 * r['check_rel_sum'], '7.3f')}")
 
 
 HEADER = (f"  {'model':<19} {'mode':<10} {'NFE':>4} {'batch':>6} {'ms/sample':>10} {'samples/s':>10} {'params':>9} "
-          f"{'MFLOP/smp':>9} {'GFLOP/s':>9} {'%peak':>6} {'peak MB':>8}")
+          f"{'MFLOP/smp':>9} {'GFLOP/s':>9} {'%peak':>6} {'peak MB':>8} {'W vs fp32':>8} {'(noise)':>8} {'%sum':>7}")
 
 
 def get_args(argv=None):
@@ -281,11 +353,15 @@ def get_args(argv=None):
                                 epilog=__doc__[__doc__.index("Usage:"):])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated model scripts to time (default: all)")
     p.add_argument("--detector", default="neutron", choices=list(data.SHAPES), help="calorimeter (sdigan_proton is always ZP)")
-    p.add_argument("--batch", default=None, help="comma-separated batch sizes (default 256 on a CPU, 256,4096 on a GPU)")
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes (default: 32 on a CPU, 256 with --full; "
+                   "256,4096 on a GPU)")
     p.add_argument("--steps", default=None, help="comma-separated step counts for the iterative models "
                    "(ddpm, flow_matching, latent_fm; default: each script's default)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per row (median)")
+    p.add_argument("--repeats", type=int, default=None, help="timed measurements per row, median (default: 1 on a "
+                   "CPU, 3 with --full or on a GPU)")
+    p.add_argument("--full", action="store_true", help="the published setting on a CPU: batch 256, 3 repeats "
+                   "(minutes: DDPM's 50 steps and VQ-GAN's 121 tokens dominate); the default answers in about a minute")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks (slow to compile)")
     p.add_argument("--paper", action="store_true", help="fresh weights at the reference (paper) sizes")
     p.add_argument("--runs", default="runs", help="folder with <model>/ckpt.pt checkpoints to take weights from")
@@ -302,7 +378,7 @@ def get_args(argv=None):
         assert all(b > 0 for b in a.batch or [1]) and all(s is None or s > 0 for s in a.steps)
     except (ValueError, AssertionError):
         p.error("--batch and --steps take positive comma-separated integers, e.g. 256,1024")
-    if a.repeats <= 0:
+    if a.repeats is not None and a.repeats <= 0:
         p.error(f"--repeats must be positive (got {a.repeats})")
     return a
 
@@ -311,7 +387,10 @@ def main(argv=None):
     args = get_args(argv)
     device = data.pick_device(args.device)
     cuda = device.type == "cuda"
-    args.batch = args.batch or ([256, 4096] if cuda else [256])
+    if cuda:
+        torch.cuda.set_device(device)                    # cuda:N: events, peaks and memory stats of device N
+    args.batch = args.batch or ([256, 4096] if cuda else [256] if args.full else [32])
+    args.repeats = args.repeats or (3 if cuda or args.full else 1)
     modes = ["eager", "amp", "graph"] if cuda else ["eager", "inference"] + (["compile"] if args.compile else [])
     info = dict(device=torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})",
                 threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version())
@@ -323,14 +402,22 @@ def main(argv=None):
     print(f"device: {info['device']}, torch {info['torch']}, {info['threads']} threads; peak used for %peak: "
           + (f"{peak / 1e9:.1f} GFLOP/s (2048^2 fp32 matmul, measured)" if peak else "datasheet table PEAKS"))
     print(HEADER)
-    rows = []
+    rows, out = [], Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n_rows = sum(len(args.steps if m in ITERATIVE else [None]) for m in args.models) * len(args.batch) * len(modes)
+    bar = tqdm(total=n_rows, desc="bench", unit="row", leave=False, file=sys.stderr)
     for name in args.models:
-        rows += bench_model(name, args, device, modes, peak)
+        try:
+            rows += bench_model(name, args, device, modes, peak, bar)
+        except Exception as e:            # e.g. a stage-1-only checkpoint: report it, time the other models
+            rows.append(dict(model=name, mode="-", note=f"skipped: {type(e).__name__}: {str(e)[:160]}"))
+            tqdm.write(f"  {name:<19} skipped: {type(e).__name__}: {str(e)[:160]}")
+        out.write_text(json.dumps(dict(info, command="python " + " ".join(sys.argv), rows=rows), indent=1))
+    bar.close()
     if not args.no_toy:
         rows.append(toy_row())
         print(format_row(rows[-1]))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(dict(info, command="python " + " ".join(sys.argv), rows=rows), indent=1))
+    out.write_text(json.dumps(dict(info, command="python " + " ".join(sys.argv), rows=rows), indent=1))
     print(f"wrote {args.json}")
     return rows
 

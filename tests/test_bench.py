@@ -34,6 +34,48 @@ def test_cpu_table_end_to_end(tmp_path):
     assert all(x["weights"] == "fresh weights" for x in rows if x["model"] == "latent_fm")
     toy = [x for x in r["rows"] if x["model"].startswith("toy MC")]
     assert len(toy) == 1 and toy[0]["ms_per_sample"] > 0
+    for x in rows:                     # every non-eager CPU row drew the same noise as fp32 eager: same output
+        assert x["check_W_noise"] >= 0
+        if x["mode"] != "eager":
+            assert x["check_W"] == 0 and x["check_rel_sum"] == 0, x
+
+
+def test_paper_ignores_checkpoints_and_a_broken_one_does_not_stop_the_table(tmp_path):
+    cli("flow_matching.py", "--train", "--smoke", "--out", tmp_path / "runs" / "flow_matching")
+    (tmp_path / "runs" / "vae").mkdir(parents=True)
+    (tmp_path / "runs" / "vae" / "ckpt.pt").write_bytes(b"not a checkpoint")    # e.g. a stage-1-only or a broken one
+    out = tmp_path / "b.json"
+    res = cli("bench.py", "--models", "vae,flow_matching,gan", "--batch", 2, "--steps", 1, "--device", "cpu",
+              "--runs", tmp_path / "runs", "--json", out, "--no-toy")
+    r = json.loads(out.read_text())
+    assert [x["model"] for x in r["rows"]] == ["vae", "flow_matching", "flow_matching", "gan", "gan"]
+    assert r["rows"][0]["note"].startswith("skipped") and "vae" in res.stdout and "skipped" in res.stdout
+    assert "trained weights from" in res.stdout and "random initialisation" in res.stdout
+    cli("bench.py", "--models", "flow_matching", "--batch", 2, "--steps", 1, "--device", "cpu", "--paper",
+        "--runs", tmp_path / "runs", "--json", out, "--no-toy")
+    rows = json.loads(out.read_text())["rows"]
+    paper = fm.build_networks(vars(fm.get_args(["--train", "--paper"])))
+    assert all(x["weights"] == "fresh weights" for x in rows)                   # not the CPU-sized checkpoint
+    assert rows[0]["params"] == sum(p.numel() for m in paper.values() for p in m.parameters())
+
+
+def test_timing_loops_fast_calls_between_one_pair_of_clock_readings():
+    import time
+    calls = []
+
+    def fn(c):
+        calls.append(1)
+        time.sleep(0.004)
+    t = bench.timed(fn, None, repeats=2, device=torch.device("cpu"), min_seconds=0.03)
+    assert 0.004 <= t < 0.008
+    k = (len(calls) - 4) // 2                              # 1 + 2 warm-ups + 1 to size K, then 2 x K
+    assert k >= 4 and len(calls) == 4 + 2 * k
+
+
+def test_flop_counter_counts_attention_on_the_cpu():
+    q = torch.randn(2, 4, 36, 24)
+    f = bench.flops_per_sample(lambda c: torch.nn.functional.scaled_dot_product_attention(c, c, c), q)
+    assert f == 2 * (2 * 4 * 36 * 36 * 24) * 2 / 2          # QK^T and AV, 2 FLOPs per MAC, per batch element
 
 
 def test_flop_counter_known_answer():
@@ -50,3 +92,13 @@ def test_bad_flags():
     assert "unknown ['nope']" in cli("bench.py", "--models", "nope", ok=False).stderr
     assert "positive comma-separated" in cli("bench.py", "--batch", "0", ok=False).stderr
     assert "positive comma-separated" in cli("bench.py", "--steps", "a", ok=False).stderr
+
+
+def test_gpu_report_stops_at_once_without_a_gpu():
+    import subprocess
+    import pytest
+    from conftest import ROOT
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the report would run")
+    out = subprocess.run(["bash", "tools/gpu_report.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "no CUDA GPU" in out.stderr

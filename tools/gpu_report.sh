@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The prepared GPU measurement (issue 22): one command for the rare, short loans of a GPU machine.
+#   bash tools/gpu_report.sh            # ~6-8 min on one H100/H200; installs nothing beyond requirements.txt
+# Writes, under results/gpu_<device>/ (and a copy under $OUT when the caller sets it):
+#   bench_default.json  bench.py --full: every model at the CPU-default sizes, batch 256 and 4096, eager fp32
+#                       (TF32 off) / bf16 AMP / CUDA graph, each non-eager row checked against fp32 eager
+#   bench_paper.json    the same at the published (--paper) sizes, fresh weights
+#   train_fm_paper.json flow_matching.py --paper training throughput (steps/s), fp32 and --amp, 2 min each
+# Every step has its own time limit, so a hang costs minutes, not the loan. Without a GPU it stops at once.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_report: no CUDA GPU visible to torch ($(python -c 'import torch; print(torch.__version__)')): nothing to measure" >&2
+    exit 2
+fi
+dev=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_').replace('/', '_'))")
+out="results/gpu_$dev"
+mkdir -p "$out"
+echo "gpu_report: $dev -> $out"
+timeout 120 python data.py > "$out/data.log" 2>&1 || echo "gpu_report: toy data generation failed (see $out/data.log)"
+timeout 200 python bench.py --device cuda --full --json "$out/bench_default.json" || echo "gpu_report: bench default stopped (rc $?)"
+timeout 200 python bench.py --device cuda --full --paper --json "$out/bench_paper.json" || echo "gpu_report: bench --paper stopped (rc $?)"
+for mode in fp32 amp; do
+    run="/tmp/gpu_report_fm_$mode"
+    rm -rf "$run"
+    flag=$([ "$mode" = amp ] && echo --amp || true)
+    timeout 120 python flow_matching.py --train --paper $flag --device cuda --val-every 200 --out "$run" > "$run.log" 2>&1
+    echo "gpu_report: flow_matching --paper $mode training stopped after its 2 min (rc $?)"
+done
+python - "$out" <<'PY'
+import json, sys, torch
+from pathlib import Path
+out, res = Path(sys.argv[1]), {}
+for mode in ("fp32", "amp"):
+    rows = [json.loads(l) for l in Path(f"/tmp/gpu_report_fm_{mode}/metrics.jsonl").read_text().splitlines()] \
+        if Path(f"/tmp/gpu_report_fm_{mode}/metrics.jsonl").exists() else []
+    if len(rows) >= 2:   # steps/s between the first and the last logged row (validation time included)
+        a, b = rows[0], rows[-1]
+        res[mode] = dict(steps_per_s=(b["step"] - a["step"]) / (60 * (b["minutes"] - a["minutes"])), rows=rows)
+    else:
+        res[mode] = dict(steps_per_s=None, note="fewer than 2 logged rows in 2 minutes")
+res.update(device=torch.cuda.get_device_name(0), torch=torch.__version__,
+           command="flow_matching.py --train --paper [--amp] --device cuda --val-every 200, 120 s each")
+(out / "train_fm_paper.json").write_text(json.dumps(res, indent=1))
+print({k: v.get("steps_per_s") for k, v in res.items() if isinstance(v, dict)})
+PY
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp -r "$out" "$OUT/"; fi
+echo "gpu_report: done; commit $out"

@@ -1,40 +1,48 @@
 """Conditional flow matching in pixel space for the ALICE Zero Degree Calorimeters.
 
-Paper: "Fast simulation of the ZDC with flow matching" (arXiv 2507.18811), following the master's thesis
-arXiv 2407.16704: Wasserstein 1.27 on the real neutron set at 0.37-0.46 ms per sample (A100, 11 Euler steps).
+Paper: M. Wojnar, "Even Faster Simulations with Flow Matching: A Study of Zero Degree Calorimeter Responses"
+(arXiv 2507.18811, and its 2024 poster): Wasserstein 1.27 on the real neutron set at 0.37-0.46 ms per sample
+(A100). Settings the paper leaves open: the authors' code, github.com/m-wojnar/faster_zdc (JAX).
 
-Method. A network v(x, t, c) is trained to move Gaussian noise into calorimeter responses along straight
-lines: x_t = (1 - t) x0 + t x1 with x0 ~ N(0, I) (noise at t = 0) and x1 = log1p(counts) (data at t = 1),
-target velocity x1 - x0, loss = MSE (conditional flow matching with the linear / rectified-flow path).
-Sampling integrates dx/dt = v from t = 0 to 1 with Euler (NFE = steps) or the midpoint rule (NFE = 2 steps),
-then applies ReLU (counts cannot be negative) and expm1.
-
-Network: a compact UNet. Width `--width` (reference 4) times multipliers 2/3/4 gives the channels of the three
-resolution levels (ZN 44x44 -> 22x22 -> 11x11); 2 residual blocks per level; self-attention with the
-condition as an extra token at the two lowest levels and in the middle. The time is rescaled to t * 1000
-before the sinusoidal embedding; the 9 standardised particle features go through an MLP that is added to
-the time embedding (and projected to the attention token). ZP images (56x30) are zero-padded to 56x32 and
-cropped back. An EMA of the weights (decay min(0.999, (1 + step) / (10 + step))) is what samples.
+Method. A network v(x, t, c) moves Gaussian noise into responses along straight lines: x_t = (1 - t) x0 + t x1,
+x0 ~ N(0, I) (noise at t = 0), x1 = log1p(counts) (data at t = 1), target velocity x1 - x0, loss = MSE, t ~
+U[0, --t-max). Sampling integrates dx/dt = v from t = 0 to 1 with Euler (NFE = steps) or the midpoint rule
+(NFE = 2 steps), then applies ReLU and expm1. An EMA of the weights (decay min(--ema, (1 + step) / (10 + step)))
+samples; --ema 0 samples the trained weights. Both networks (`--unet`) take any number of levels (`--mults`).
+- `published` (`--paper`): the paper's UNet (faster_zdc zdc/architectures/unet.py) in torch, with its
+  initialisation: bias-free convolutions, per-pixel LayerNorm, SiLU; the time embedding (sinusoidal on t itself,
+  then an MLP) enters every residual block, the particle features (their own MLP) only the attention token;
+  attention before the blocks of the second-lowest level and in the middle. Width 4, mults 2/3/4, 2 blocks,
+  2 heads: 77,372 parameters, the published count.
+- `compact` (CPU default; every README row was measured with it): GroupNorm, biased convolutions, the time
+  embedding (sinusoidal on 1000 t) plus a condition MLP added in every block, attention after the blocks of
+  the lowest `--attn-levels` levels and in the middle; images zero-padded to a multiple of 2^(levels - 1).
+  Width 4, mults 2/3/4, attention at the lowest level: 89,289 parameters.
 
 Usage:
     python flow_matching.py --train                      # ZN, CPU default (~20 min on 2 cores), runs/flow_matching
     python flow_matching.py --train --detector proton --out runs/fm_proton
     python flow_matching.py --train --split disjoint     # test particles never seen in training
-    python flow_matching.py --train --paper              # width 4, 2 attention levels (94.5k; paper: 77k), 100 epochs
+    python flow_matching.py --train --paper              # the paper: published UNet, Adam 4.4e-4, 50 epochs
     python flow_matching.py --sample --ckpt runs/flow_matching/ckpt.pt --n 1000 --out samples.npz
     python flow_matching.py --eval --ckpt runs/flow_matching/ckpt.pt [--steps 20 --solver midpoint] [--plot]
     python flow_matching.py --train --smoke              # seconds: tiny data, tiny model
 Logged every --val-every steps: train loss (velocity MSE), val loss (same, fixed noise), the validation Wasserstein of
 1000 generated samples (lower is better; compare with the floor printed by --eval).
 
-Deviations from the paper: the CPU default has attention at the lowest level only (`--attn-levels 1`, 1.7x
-faster on a CPU; the paper's two levels are `--attn-levels 2`) and trains one epoch instead of the paper's
-schedule (`--paper`: width 4, two attention levels, 100 epochs); no logit-normal t by default
-(`--t-dist logit-normal` turns it on).
+`--paper` (every setting and its source: docs/fidelity/flow_matching.md; explicit flags beat it): the published
+UNet, Adam lr 4.4e-4 (b1 0.70, b2 0.88) at a constant rate, no gradient clipping, batch 256, 50 epochs, t ~
+U[0, 0.99], sampling from the trained weights (the authors' code never samples its EMA). The authors' attention
+block drops the first pixel instead of the condition token, shifting the map by one pixel per block; here each
+pixel keeps its own output, the conditioning the paper describes. CPU default (measured, kept): the compact
+UNet, attention at the lowest level only, 1 head (1.7x faster on a CPU than two levels), AdamW lr 2e-3, 100
+warm-up steps, cosine decay, gradient norm clipped to 1, batch 128, one epoch, t ~ U[0, 1), EMA 0.999.
+`--t-dist logit-normal` is an option of this script, not of the paper.
 """
 import argparse
 import copy
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -49,26 +57,42 @@ import data
 import metrics
 
 NAME = "flow_matching"
-DEFAULTS = dict(epochs=1, batch_size=128, lr=2e-3)   # CPU default: ~20 minutes on 2 cores for ZN
-PAPER = dict(epochs=100, batch_size=256, lr=1e-3, width=4, attn_levels=2)
+DEFAULTS = dict(epochs=1, batch_size=128, lr=2e-3, unet="compact", width=4, mults="2,3,4", n_res=2, attn_levels=1,
+                heads=1, t_max=1.0, betas="0.9,0.999", schedule="cosine", warmup="100", grad_clip=1.0, ema=0.999)
+PAPER = dict(epochs=50, batch_size=256, lr=4.4e-4, unet="published", width=4, mults="2,3,4", n_res=2, attn_levels=2,
+             heads=2, t_max=0.99, betas="0.7,0.88", schedule="constant", warmup="0", grad_clip=0.0, ema=0.0)
+PUBLISHED = {"unet": (77_372, "paper arXiv 2507.18811 and poster: 'a compact UNet with 77k parameters'; "
+                              "faster_zdc FMUnet: 77,372")}
+OLD = dict(unet="compact", mults="2,3,4", n_res=2, heads=1, t_max=1.0, betas="0.9,0.999", schedule="cosine",
+           warmup="100", grad_clip=1.0)                 # what checkpoints from before these flags were trained with
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("Usage:"):])
     data.add_common_args(p, NAME)
-    g = p.add_argument_group("flow matching")
-    g.add_argument("--width", type=int, default=4, help="base width; channels are width x 2/3/4 (reference: 4)")
-    g.add_argument("--attn-levels", type=int, default=1, choices=[0, 1, 2, 3],
-                   help="resolution levels with attention, counted from the lowest (paper: 2; CPU default 1, 1.7x faster)")
+    g = p.add_argument_group("flow matching (defaults: CPU default / --paper)")
+    g.add_argument("--unet", default=None, choices=["compact", "published"], help="network (compact / published)")
+    g.add_argument("--width", type=int, default=None, help="base width; channels are width x --mults (4 / 4)")
+    g.add_argument("--mults", default=None, help="channel multipliers, one resolution level each (2,3,4 / 2,3,4)")
+    g.add_argument("--n-res", type=int, default=None, help="residual blocks per level (2 / 2)")
+    g.add_argument("--attn-levels", type=int, default=None, help="attention at the N lowest resolutions; compact: "
+                   "the blocks of N levels and always the middle; published: the middle, then N - 1 levels (1 / 2)")
+    g.add_argument("--heads", type=int, default=None, help="attention heads (1 / 2)")
+    g.add_argument("--t-max", type=float, default=None, help="training t ~ U[0, t_max) (1 / 0.99)")
+    g.add_argument("--betas", default=None, help="Adam(W) b1,b2 (0.9,0.999 / 0.7,0.88)")
+    g.add_argument("--schedule", default=None, choices=["cosine", "constant"], help="LR after warm-up (cosine / constant)")
+    g.add_argument("--warmup", default=None, help="linear LR warm-up: N steps or P%% of the steps (100 / 0)")
+    g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this; 0: off (1 / 0)")
+    g.add_argument("--ema", type=float, default=None, help="EMA decay of the weights used for sampling; 0: the "
+                   "trained weights (0.999 / 0)")
     g.add_argument("--steps", type=int, default=11, help="integration steps for sampling")
     g.add_argument("--solver", default="euler", choices=["euler", "midpoint"], help="ODE solver (midpoint: 2 NFE/step)")
     g.add_argument("--t-dist", default="uniform", choices=["uniform", "logit-normal"], help="training time distribution")
-    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights used for sampling")
     g.add_argument("--val-every", type=int, default=500, help="validate (loss and Wasserstein) every N steps")
     g.add_argument("--sweep", default=None, metavar="STEPS", help="--eval: quality vs speed for these comma-separated "
                    "step counts, with both solvers (e.g. 1,2,4,8,11,20); writes sweep.json")
-    g.add_argument("--paper", action="store_true", help="reference size and schedule of the paper")
+    g.add_argument("--paper", action="store_true", help="the paper's network and training (explicit flags still win)")
     args = p.parse_args(argv)
     data.check_args(p, args)
     if args.steps <= 0:
@@ -78,28 +102,51 @@ def get_args(argv=None):
         assert not args.sweep or min(args.sweep) > 0
     except (ValueError, AssertionError):
         p.error(f"--sweep takes positive comma-separated step counts, e.g. 1,2,4,8 (got {args.sweep!r})")
-    if args.paper:
-        for k, v in PAPER.items():
-            if k in ("width", "attn_levels") or getattr(args, k) is None:
-                setattr(args, k, v)
-    for k, v in DEFAULTS.items():
-        if getattr(args, k) is None:
+    for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
+        if getattr(args, k) is None:                   # precedence: explicit flag > --paper > CPU default
             setattr(args, k, v)
     if args.smoke:
         args.limit, args.width, args.max_steps, args.batch_size = args.limit or 1500, 2, args.max_steps or 6, 32
         args.max_test, args.reps, args.ckpt_every = min(args.max_test or 200, 200), min(args.reps, 2), 3
+    check_unet_args(p, args)
     args.out = args.out or f"runs/{NAME}"
     return args
+
+
+def check_unet_args(p, args):
+    """Argparse errors (exit 2, no traceback) for the network and optimiser flags."""
+    try:
+        mults = [int(m) for m in str(args.mults).split(",")]
+        assert 1 <= len(mults) <= 5 and min(mults) > 0
+    except (ValueError, AssertionError):
+        p.error(f"--mults takes 1 to 5 positive comma-separated integers, e.g. 2,3,4 (got {args.mults!r})")
+    try:
+        b1, b2 = (float(b) for b in str(args.betas).split(","))
+        assert 0 <= b1 < 1 and 0 <= b2 < 1
+    except (ValueError, AssertionError):
+        p.error(f"--betas takes b1,b2 in [0, 1), e.g. 0.9,0.999 (got {args.betas!r})")
+    if not re.fullmatch(r"\d+%?", str(args.warmup)):
+        p.error(f"--warmup takes a step count or a percentage, e.g. 100 or 10% (got {args.warmup!r})")
+    for bad, msg in [(args.width <= 0 or args.n_res <= 0, "--width and --n-res must be positive"),
+                     (not 0 <= args.attn_levels <= len(mults), f"--attn-levels must be in 0..{len(mults)} (the levels)"),
+                     (args.heads <= 0 or any(args.width * m % args.heads for m in mults),
+                      f"--heads must divide every level's channels ({args.width} x {args.mults})"),
+                     (not 0 < args.t_max <= 1, f"--t-max must be in (0, 1] (got {args.t_max})"),
+                     (not 0 <= args.ema < 1, f"--ema must be in [0, 1) (got {args.ema})"),
+                     (not args.grad_clip >= 0, f"--grad-clip must be >= 0 (got {args.grad_clip})")]:
+        if bad:
+            p.error(msg)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of t in [0, 1], rescaled to t * 1000 (the usual diffusion range)."""
+def timestep_embedding(t, dim, scale=1000.0):
+    """Sinusoidal embedding of t in [0, 1], rescaled to t * scale (1000, the usual diffusion range; the
+    published network uses t itself)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-    a = 1000.0 * t[:, None].float() * freqs[None]
+    a = scale * t[:, None].float() * freqs[None]
     return torch.cat([a.sin(), a.cos()], 1)
 
 
@@ -136,11 +183,13 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, width=4, mults=(2, 3, 4), n_res=2, n_cond=9, emb=32, attn_levels=2):
+    """The compact UNet (CPU default): any number of levels; attention at the lowest `attn_levels` and in the middle."""
+
+    def __init__(self, width=4, mults=(2, 3, 4), n_res=2, n_cond=9, emb=32, attn_levels=2, heads=1):
         super().__init__()
         ch = [width * m for m in mults]
         attn = [i >= len(ch) - attn_levels for i in range(len(ch))]  # attention at the lowest levels
-        self.emb = emb
+        self.emb, self.pad = emb, 2 ** (len(ch) - 1)                 # images padded to a multiple of self.pad
         self.t_mlp = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.c_mlp = nn.Sequential(nn.Linear(n_cond, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.inp = nn.Conv2d(1, ch[0], 3, padding=1)
@@ -148,16 +197,17 @@ class UNet(nn.Module):
         skips, c = [ch[0]], ch[0]
         for i, co in enumerate(ch):
             for _ in range(n_res):
-                self.down.append(nn.ModuleList([ResBlock(c, co, emb), Attention(co, emb) if attn[i] else None]))
+                self.down.append(nn.ModuleList([ResBlock(c, co, emb), Attention(co, emb, heads) if attn[i] else None]))
                 c = co
                 skips.append(c)
             if i < len(ch) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
-        self.mid = nn.ModuleList([ResBlock(c, c, emb), Attention(c, emb), ResBlock(c, c, emb)])
+        self.mid = nn.ModuleList([ResBlock(c, c, emb), Attention(c, emb, heads), ResBlock(c, c, emb)])
         for i, co in reversed(list(enumerate(ch))):
             for _ in range(n_res + 1):
-                self.up.append(nn.ModuleList([ResBlock(c + skips.pop(), co, emb), Attention(co, emb) if attn[i] else None]))
+                self.up.append(nn.ModuleList([ResBlock(c + skips.pop(), co, emb),
+                                              Attention(co, emb, heads) if attn[i] else None]))
                 c = co
             if i > 0:
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
@@ -165,7 +215,7 @@ class UNet(nn.Module):
 
     def forward(self, x, t, cond):
         H, W = x.shape[-2:]
-        x = F.pad(x, (0, -W % 4, 0, -H % 4))                            # to a multiple of 4, cropped below
+        x = F.pad(x, (0, -W % self.pad, 0, -H % self.pad))              # cropped below
         e = self.t_mlp(timestep_embedding(t, self.emb)) + self.c_mlp(cond)
         h = self.inp(x)
         hs = [h]
@@ -186,20 +236,146 @@ class UNet(nn.Module):
         return self.out(h)[..., :H, :W]
 
 
+# The published network (faster_zdc zdc/architectures/unet.py and zdc/layers/conv.py), with its initialisation.
+def pconv(cin, cout, k, stride=1, std=None):
+    """Bias-free 'same' convolution, weights N(0, std^2) with std = 1 / (cout k^2) unless given."""
+    c = nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False)
+    nn.init.normal_(c.weight, std=1 / (cout * k * k) if std is None else std)
+    return c
+
+
+def plin(cin, cout, std=None):
+    """Bias-free dense layer, LeCun-normal weights (flax's default) unless std is given."""
+    lin = nn.Linear(cin, cout, bias=False)
+    nn.init.normal_(lin.weight, std=cin ** -0.5 if std is None else std)
+    return lin
+
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel (flax's LayerNorm on NHWC), eps 1e-6."""
+
+    def __init__(self, ch):
+        super().__init__(ch, eps=1e-6)
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class PubResBlock(nn.Module):
+    def __init__(self, cin, cout, emb):
+        super().__init__()
+        self.n1, self.c1 = ChannelNorm(cin), pconv(cin, cout, 3)
+        self.e = plin(emb, cout, std=0.01 / cout)                       # the published 1x1 conv on the embedding
+        self.n2, self.c2 = ChannelNorm(cout), pconv(cout, cout, 3, std=1e-4 / cout)   # starts near the identity
+        self.skip = pconv(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, e):
+        h = self.c1(F.silu(self.n1(x))) + F.silu(self.e(e))[:, :, None, None]
+        return self.skip(x) + self.c2(F.silu(self.n2(h)))
+
+
+class PubAttention(nn.Module):
+    """The condition embedding projected to one token after the d-channel pixels; LayerNorm, bias-free multi-head
+    self-attention with `ch` query/key/value features and output back to d, residual; the token is dropped."""
+
+    def __init__(self, d, ch, emb, heads):
+        super().__init__()
+        self.tok, self.norm, self.heads = plin(emb, d), nn.LayerNorm(d, eps=1e-6), heads
+        self.qkv, self.out = plin(d, 3 * ch), plin(ch, d, std=0.2 / ch ** 0.5)
+
+    def forward(self, x, c):
+        B, D, H, W = x.shape
+        s = torch.cat([x.flatten(2).transpose(1, 2), self.tok(c)[:, None]], 1)          # (B, HW + 1, D)
+        q, k, v = self.qkv(self.norm(s)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        s = s + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return s[:, :-1].transpose(1, 2).reshape(B, D, H, W)
+
+
+class PublishedUNet(nn.Module):
+    """The paper's UNet, any number of levels. attn_levels = k: attention in the middle (k >= 1) and before the
+    residual blocks of the k - 1 levels above the lowest; in the up path on the concatenation with the skip."""
+
+    def __init__(self, width=4, mults=(2, 3, 4), n_res=2, heads=2, attn_levels=2, n_cond=9, cin=1):
+        super().__init__()
+        ch, L = [width * m for m in mults], len(mults)
+        attn = [L - attn_levels <= i < L - 1 for i in range(L)]
+        self.emb = ch[0]
+        E = 2 * ch[0]
+        self.t_mlp = nn.Sequential(plin(ch[0], E), nn.SiLU(), plin(E, E))
+        self.c_mlp = nn.Sequential(plin(n_cond, E), nn.SiLU(), plin(E, E))
+        self.inp = pconv(cin, width, 3)
+        self.down, self.mid, self.up = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        skips, c = [], width
+        for i, co in enumerate(ch):
+            for _ in range(n_res):
+                if attn[i]:
+                    self.down.append(PubAttention(c, co, E, heads))
+                    skips.append(c)
+                self.down.append(PubResBlock(c, co, E))
+                c = co
+                skips.append(c)
+            if i < L - 1:
+                self.down.append(pconv(c, c, 3, stride=2))
+        self.mid.append(PubResBlock(c, c, E))
+        for _ in range(n_res):
+            self.mid.extend([PubAttention(c, c, E, heads)] if attn_levels else [])
+            self.mid.append(PubResBlock(c, c, E))
+        for i, co in reversed(list(enumerate(ch))):
+            for _ in range(n_res):
+                if attn[i]:
+                    c += skips.pop()
+                    self.up.append(PubAttention(c, co, E, heads))
+                c += skips.pop()
+                self.up.append(PubResBlock(c, co, E))
+                c = co
+            if i > 0:
+                self.up.append(pconv(c, c, 3))                                 # after a nearest x2 upsampling
+        self.out = nn.Sequential(ChannelNorm(c), nn.SiLU(), pconv(c, cin, 1))
+
+    def forward(self, x, t, cond):
+        c, e = self.c_mlp(cond), self.t_mlp(timestep_embedding(t, self.emb, scale=1.0))
+        h, hs = self.inp(x), []
+        for m in self.down:
+            h = m(h, e) if isinstance(m, PubResBlock) else m(h, c) if isinstance(m, PubAttention) else m(h)
+            if not isinstance(m, nn.Conv2d):                                   # no skip after a downsampling
+                hs.append(h)
+        for m in self.mid:
+            h = m(h, e) if isinstance(m, PubResBlock) else m(h, c)
+        for m in self.up:
+            if isinstance(m, nn.Conv2d):                                       # upsample, crop to the skip's size
+                h = m(F.interpolate(h, scale_factor=2, mode="nearest"))[..., :hs[-1].shape[-2], :hs[-1].shape[-1]]
+            else:
+                h = m(torch.cat([hs.pop(), h], 1), e if isinstance(m, PubResBlock) else c)
+        return self.out(h)
+
+
+def build_networks(cfg):
+    """{'unet': the network} described by a checkpoint's args (missing keys: the values of older checkpoints)."""
+    cfg = {**OLD, "attn_levels": 1, "width": 4, **cfg}
+    kw = dict(width=cfg["width"], mults=[int(m) for m in str(cfg["mults"]).split(",")], n_res=cfg["n_res"],
+              heads=cfg["heads"], attn_levels=cfg["attn_levels"])
+    return {"unet": PublishedUNet(**kw) if cfg["unet"] == "published" else UNet(**kw)}
+
+
 def build_model(cfg):
-    """The network described by a checkpoint's args (or a fresh config dict with 'width')."""
-    return UNet(width=cfg["width"], attn_levels=cfg["attn_levels"])
+    return build_networks(cfg)["unet"]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Method: loss and sampler
 # ----------------------------------------------------------------------------------------------------------
-def fm_loss(model, x1, cond, generator, t_dist="uniform"):
+def sample_t(n, generator, device, t_dist="uniform", t_max=1.0):
+    """Training times in [0, t_max): uniform (the paper, t_max 0.99) or a logit-normal scaled by t_max."""
+    t = torch.rand(n, generator=generator, device=device)
+    if t_dist == "logit-normal":
+        t = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    return t_max * t
+
+
+def fm_loss(model, x1, cond, generator, t_dist="uniform", t_max=1.0):
     """Conditional flow-matching loss on a batch of log1p responses x1."""
     x0 = torch.randn(x1.shape, generator=generator, device=x1.device)
-    t = torch.rand(len(x1), generator=generator, device=x1.device)
-    if t_dist == "logit-normal":
-        t = torch.sigmoid(torch.randn(len(x1), generator=generator, device=x1.device))
+    t = sample_t(len(x1), generator, x1.device, t_dist, t_max)
     tb = t[:, None, None, None]
     xt = (1 - tb) * x0 + tb * x1
     return F.mse_loss(model(xt, t, cond), x1 - x0)
@@ -224,6 +400,17 @@ def sample(model, cond, shape, generator=None, steps=11, solver="euler"):
 # ----------------------------------------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------------------
+def lr_factor(schedule, warmup, planned):
+    """step -> LR multiplier: linear warm-up over `warmup` ("N" steps or "P%" of `planned`), then constant or a
+    cosine decay to 0 at `planned`."""
+    w = planned * int(warmup[:-1]) / 100 if warmup.endswith("%") else int(warmup)
+
+    def f(s):
+        ramp = min(1.0, (s + 1) / w) if w > 0 else 1.0
+        return ramp * (0.5 * (1 + math.cos(math.pi * min(s / planned, 1.0))) if schedule == "cosine" else 1.0)
+    return f
+
+
 def ema_update(ema, model, decay, step):
     d = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
@@ -249,7 +436,7 @@ def train(args):
         raise data.DataError(f"{ckpt_path} exists: pass --resume to continue it, or --out a new folder")
     if args.resume and ckpt_path.exists():
         ck = data.load_checkpoint(ckpt_path, NAME)
-        args = data.resume_args(args, ck)
+        args = data.resume_args(args, ck, older=OLD)
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     split = data.load_split(vars(args))
@@ -258,12 +445,12 @@ def train(args):
     x_va, c_va = split.x("val")[:2000], split.cond("val")[:2000]
     model = build_model(vars(args)).to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    betas = tuple(float(b) for b in args.betas.split(","))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=betas, weight_decay=0.0)   # = Adam
     steps_per_epoch = math.ceil(len(x_tr) / args.batch_size)
     planned = args.epochs * steps_per_epoch               # the LR schedule spans --epochs; --max-steps stops early
     total = min(planned, args.max_steps or planned)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / planned, 1.0))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args.schedule, args.warmup, planned))
     scaler = torch.amp.GradScaler(enabled=args.amp and dev.type == "cuda" and not torch.cuda.is_bf16_supported())
     noise = torch.Generator(dev).manual_seed(args.seed)
     step, epoch = 0, 0
@@ -286,7 +473,7 @@ def train(args):
     def validate(losses):
         with torch.no_grad():
             g = torch.Generator(dev).manual_seed(1234)
-            val = np.mean([fm_loss(ema, x.to(dev), c.to(dev), g).item()
+            val = np.mean([fm_loss(ema, x.to(dev), c.to(dev), g, args.t_dist, args.t_max).item()
                            for x, c in data.batches((x_va, c_va), 500, shuffle=False)])
             k = min(1000, len(x_va))
             gen = sample(ema, c_va[:k].to(dev), shape, torch.Generator().manual_seed(0), args.steps, args.solver)
@@ -307,13 +494,14 @@ def train(args):
         for x, c in bar:
             x, c = x.to(dev), c.to(dev)
             with data.autocast(dev, args.amp):
-                loss = fm_loss(model, x, c, noise, args.t_dist)
+                loss = fm_loss(model, x, c, noise, args.t_dist, args.t_max)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}: training diverged (lower --lr?)")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if args.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             scaler.step(opt), scaler.update(), sched.step()
             ema_update(ema, model, args.ema, step)
             step += 1

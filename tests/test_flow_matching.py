@@ -1,5 +1,6 @@
 """flow_matching.py through its command line, and its sampler directly."""
 import json
+import math
 
 import pytest
 import torch
@@ -83,3 +84,86 @@ def test_euler_integrates_a_known_velocity_field():
     x0 = torch.randn((4, 1, 44, 44), generator=torch.Generator().manual_seed(0))
     out = fm.sample(Constant(), torch.zeros(4, 9), (44, 44), g, steps=7)
     torch.testing.assert_close(out, torch.expm1(torch.relu(x0[:, 0] + 1)))
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_paper_is_the_published_setting_and_explicit_flags_win():
+    a = fm.get_args(["--train", "--paper"])
+    nets = fm.build_networks(vars(a))
+    assert n_params(nets["unet"]) == 77_372 == fm.PUBLISHED["unet"][0]          # the published count, exactly
+    assert (a.unet, a.width, a.mults, a.n_res, a.heads, a.attn_levels) == ("published", 4, "2,3,4", 2, 2, 2)
+    assert (a.lr, a.betas, a.schedule, a.warmup, a.batch_size, a.epochs) == (4.4e-4, "0.7,0.88", "constant", "0", 256, 50)
+    assert (a.t_max, a.grad_clip, a.ema) == (0.99, 0.0, 0.0)
+    b = fm.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "8", "--heads", "1"])
+    assert (b.batch_size, b.lr, b.width, b.heads, b.unet, b.epochs) == (7, 0.123, 8, 1, "published", 50)
+    d = fm.get_args(["--train"])                                                  # the measured CPU default is unchanged
+    assert (d.unet, d.width, d.attn_levels, d.heads, d.lr, d.epochs, d.t_max, d.ema) == ("compact", 4, 1, 1, 2e-3, 1, 1.0, 0.999)
+    assert n_params(fm.build_model(vars(d))) == 89_289
+    old = {"width": 4, "attn_levels": 1}                                          # a checkpoint from before these flags
+    assert n_params(fm.build_model(old)) == 89_289
+
+
+@pytest.mark.parametrize("unet", ["compact", "published"])
+@pytest.mark.parametrize("shape", [(44, 44), (56, 30)])
+def test_four_level_unets_run_on_both_detectors(unet, shape):
+    model = fm.build_model(dict(unet=unet, width=2, mults="1,2,3,4", n_res=1, heads=2, attn_levels=2)).eval()
+    x, t, c = torch.randn(3, 1, *shape), torch.rand(3), torch.randn(3, 9)
+    with torch.no_grad():
+        out = model(x, t, c)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        assert not torch.allclose(out, model(x, t, torch.randn(3, 9)))            # the condition reaches the output
+
+
+def test_published_attention_keeps_each_pixel_in_place():
+    """With a zero output projection the block is the identity: the token is dropped, no pixel moves (the
+    authors' code drops the first pixel instead and shifts the map by one)."""
+    att = fm.PubAttention(6, 4, 8, heads=2)
+    x, c = torch.randn(2, 6, 5, 7), torch.randn(2, 8)
+    torch.nn.init.zeros_(att.out.weight)
+    torch.testing.assert_close(att(x, c), x)
+    torch.nn.init.normal_(att.out.weight)
+    y = att(x, c)
+    assert y.shape == x.shape and not torch.allclose(y, x) and not torch.allclose(y, att(x, torch.randn(2, 8)))
+
+
+@pytest.mark.parametrize("t_dist", ["uniform", "logit-normal"])
+def test_training_times_lie_in_0_t_max(t_dist):
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, c):
+            self.t = t
+            return torch.zeros_like(x)
+    rec, g = Recorder(), torch.Generator().manual_seed(0)
+    fm.fm_loss(rec, torch.zeros(20_000, 1, 2, 2), torch.zeros(20_000, 9), g, t_dist, t_max=0.99)
+    assert rec.t.min() >= 0 and rec.t.max() < 0.99
+    if t_dist == "uniform":
+        assert rec.t.max() > 0.985 and rec.t.min() < 0.005 and abs(rec.t.mean().item() - 0.495) < 0.01
+
+
+def test_lr_schedules():
+    const = fm.lr_factor("constant", "0", 1000)
+    assert [const(s) for s in (0, 500, 999, 5000)] == [1.0] * 4                 # the paper: constant, no warm-up
+    cos = fm.lr_factor("cosine", "10%", 1000)                                      # 100 warm-up steps
+    assert cos(0) == pytest.approx(0.01) and cos(99) == pytest.approx(math.cos(math.pi * 0.099) / 2 + 0.5)
+    assert cos(500) == pytest.approx(0.5) and cos(1000) == pytest.approx(0.0, abs=1e-12)
+    assert fm.lr_factor("cosine", "100", 1000)(49) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.049)) / 2)
+
+
+@pytest.mark.parametrize("flags,msg", [(("--heads", "3"), "--heads must divide"), (("--warmup", "ten"), "--warmup takes"),
+                                       (("--betas", "0.9"), "--betas takes"), (("--mults", "2,0"), "--mults takes"),
+                                       (("--t-max", "1.5"), "--t-max must be in"), (("--attn-levels", "4"), "--attn-levels")])
+def test_bad_network_flags_are_argparse_errors(flags, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        fm.get_args(["--train", *flags])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_paper_smoke_trains_the_published_unet(tmp_path):
+    cli(S, "--train", "--smoke", "--paper", "--out", tmp_path / "p")
+    ck = torch.load(tmp_path / "p" / "ckpt.pt", weights_only=True)
+    assert ck["args"]["unet"] == "published" and ck["args"]["t_max"] == 0.99 and ck["step"] == 6
+    assert ck["n_params"] == n_params(fm.build_model(ck["args"]))
+    cli(S, "--sample", "--ckpt", tmp_path / "p" / "ckpt.pt", "--n", 20, "--out", tmp_path / "s.npz")
+    check_samples(tmp_path / "s.npz", (44, 44), 20)

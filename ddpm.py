@@ -15,10 +15,10 @@ same noise draws in the same order). Each step clips the predicted x0 to the dat
 count of the training set] and recomputes eps from it (Ho et al.'s clip_denoised); the last step returns
 that x0, and expm1 gives the counts.
 
-Network: flow_matching.py's UNet. Channels `--width` x `--mults` (CPU default 4 x 2/3/4 = 8/12/16 over ZN
-44x44 -> 22x22 -> 11x11, 89k parameters; reference 16 x 1/2/4/8 = 16/32/64/128 over 48 -> 24 -> 12 -> 6,
-4.0M), 2 residual blocks per level, self-attention with the condition as an extra token at the lowest
-`--attn-levels` levels and in the middle. Time embedding: sinusoidal on the integer step t itself (0..999,
+Network: flow_matching.py's compact UNet. Channels `--width` x `--mults` (CPU default 4 x 2/3/4 = 8/12/16 over
+ZN 44x44 -> 22x22 -> 11x11, 89k parameters; --paper 16 x 1/2/4/8 = 16/32/64/128 over 48 -> 24 -> 12 -> 6,
+4,046,913 parameters, the thesis' "four million"), `--n-res` residual blocks per level, self-attention
+(`--heads`) with the condition as an extra token at the lowest `--attn-levels` levels and in the middle. Time embedding: sinusoidal on the integer step t itself (0..999,
 not rescaled: the range of flow_matching.py's t * 1000). The 9 standardised features go through an MLP added
 to the time embedding (and projected to the attention token). Images are zero-padded to a multiple of
 2^(levels - 1) and cropped back. EMA decay min(0.999, (1 + step) / (10 + step)). The eps output has a
@@ -32,7 +32,7 @@ Usage:
     python ddpm.py --train                      # ZN, CPU default (~15-20 min on 2 cores), runs/ddpm
     python ddpm.py --train --detector proton --out runs/ddpm_zp
     python ddpm.py --train --split disjoint     # test particles never seen in training
-    python ddpm.py --train --paper              # 16/32/64/128 channels (4.0M parameters), 100 epochs
+    python ddpm.py --train --paper              # the thesis: 16/32/64/128 channels (4.0M), AdamW 2.8e-5, 100 epochs
     python ddpm.py --sample --ckpt runs/ddpm/ckpt.pt --n 1000 --out samples.npz [--steps 50 --eta 0.7]
     python ddpm.py --eval --ckpt runs/ddpm/ckpt.pt [--steps 100 --eta 1] [--plot]
     python ddpm.py --eval --ckpt runs/ddpm/ckpt.pt --sweep --max-test 500 --reps 2 --plot   # steps x eta grid
@@ -41,14 +41,22 @@ Logged every --val-every steps: train loss (noise MSE), val loss (same, fixed t 
 Wasserstein of 500 generated samples (--steps, --eta; lower is better; compare with the floor of --eval;
 W depends on the sample count).
 
-Deviations from the thesis: the CPU default is a much smaller UNet (89k parameters, attention at the lowest
-level only) trained for one epoch; `--paper` gives the reference 16/32/64/128 channels (attention at the two
-lowest levels) and 100 epochs (the thesis' epochs and learning rate are assumptions). Data are log1p counts,
-not rescaled to [-1, 1] (so x0 is clipped to [0, x_max]); the eps network has the fixed input skip above.
+`--paper` (docs/fidelity/ddpm.md lists every setting and its source; explicit flags beat it): 16/32/64/128
+channels, 2 blocks, attention at the two lowest levels with 4 heads; AdamW lr 2.8e-5, b1 0.87, b2 0.82, eps
+2.5e-5, weight decay 5.5e-4, linear warm-up over 10 % of the steps then cosine decay (thesis Table A.5,
+Section 4.11), gradient norm clipped to 1, batch 256, 100 epochs (Table 4.2). Deviations from the thesis: its
+network is diffusers' UNet2DConditionModel (cross-attention to the features at the 11x11 level and in the
+middle, m-wojnar/zdc zdc/models/diffusion/diffusion.py); this compact UNet matches its channels and size, not
+its blocks. The CPU default is a much smaller UNet (89k parameters, attention at the lowest level only, 1 head)
+trained for one epoch with AdamW lr 2e-3 (betas 0.9/0.999, no weight decay), 100 warm-up steps, cosine decay,
+batch 128: the thesis' lr 2.8e-5 is far too small for one CPU epoch. Data are log1p counts, not rescaled to
+[-1, 1] (so x0 is clipped to [0, x_max]; the thesis' code clips x0 to [-7, 7]); the eps network has the fixed
+input skip above; DDIM steps include t = 0 (the thesis' code: "trailing" spacing, 999 ... 19).
 """
 import argparse
 import copy
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -65,8 +73,15 @@ import metrics
 NAME = "ddpm"
 T = 1000                                                # diffusion steps of training
 X_MAX = math.log1p(2 ** 16 - 1)                         # log1p of the largest uint16 count: samples are clipped to it
-DEFAULTS = dict(epochs=1, batch_size=128, lr=2e-3)      # CPU default: ~15-20 minutes on 2 cores for ZN
-PAPER = dict(epochs=100, batch_size=256, lr=2e-4, width=16, mults="1,2,4,8", attn_levels=2)
+DEFAULTS = dict(epochs=1, batch_size=128, lr=2e-3, width=4, mults="2,3,4", n_res=2, attn_levels=1, heads=1,
+                betas="0.9,0.999", adam_eps=1e-8, weight_decay=0.0, schedule="cosine", warmup="100", grad_clip=1.0,
+                ema=0.999)                              # CPU default: ~15-20 minutes on 2 cores for ZN
+PAPER = dict(epochs=100, batch_size=256, lr=2.8e-5, width=16, mults="1,2,4,8", n_res=2, attn_levels=2, heads=4,
+             betas="0.87,0.82", adam_eps=2.5e-5, weight_decay=5.5e-4, schedule="cosine", warmup="10%", grad_clip=1.0,
+             ema=0.999)                                 # thesis Table 4.2, Table A.5, Section 4.11; docs/fidelity/ddpm.md
+PUBLISHED = {"unet": (4_000_000, "thesis Section 4.11: 'a DDPM model with four million parameters'")}
+OLD = dict(n_res=2, heads=1, betas="0.9,0.999", adam_eps=1e-8, weight_decay=0.0, schedule="cosine", warmup="100",
+           grad_clip=1.0)                               # what checkpoints from before these flags were trained with
 SWEEP_ETAS = (0.0, 0.7, 1.0)
 
 
@@ -74,24 +89,31 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("Usage:"):])
     data.add_common_args(p, NAME)
-    g = p.add_argument_group("DDPM")
-    g.add_argument("--width", type=int, default=4, help="base width; channels are width x --mults (reference: 16)")
-    g.add_argument("--mults", default="2,3,4", help="channel multipliers, one resolution level each (reference: 1,2,4,8)")
-    g.add_argument("--attn-levels", type=int, default=1, choices=[0, 1, 2, 3],
-                   help="resolution levels with attention, counted from the lowest (reference: 2; CPU default 1)")
+    g = p.add_argument_group("DDPM (defaults: CPU default / --paper)")
+    g.add_argument("--width", type=int, default=None, help="base width; channels are width x --mults (4 / 16)")
+    g.add_argument("--mults", default=None, help="channel multipliers, one resolution level each (2,3,4 / 1,2,4,8)")
+    g.add_argument("--n-res", type=int, default=None, help="residual blocks per level (2 / 2)")
+    g.add_argument("--attn-levels", type=int, default=None,
+                   help="lowest resolution levels with attention, plus the middle (1 / 2; 0: the middle only)")
+    g.add_argument("--heads", type=int, default=None, help="attention heads (1 / 4)")
+    g.add_argument("--betas", default=None, help="AdamW b1,b2 (0.9,0.999 / 0.87,0.82)")
+    g.add_argument("--adam-eps", type=float, default=None, help="AdamW epsilon (1e-8 / 2.5e-5)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (0 / 5.5e-4)")
+    g.add_argument("--schedule", default=None, choices=["cosine", "constant"], help="LR after warm-up (cosine / cosine)")
+    g.add_argument("--warmup", default=None, help="linear LR warm-up: N steps or P%% of the steps (100 / 10%%)")
+    g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this; 0: off (1 / 1)")
+    g.add_argument("--ema", type=float, default=None, help="EMA decay of the weights used for sampling (0.999 / 0.999)")
     g.add_argument("--steps", type=int, default=50, help=f"DDIM sampling steps, 1..{T} ({T} with --eta 1: ancestral DDPM)")
     g.add_argument("--eta", type=float, default=0.7, help="DDIM noise scale in [0, 1]: 0 deterministic, 1 DDPM variance")
-    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights used for sampling")
     g.add_argument("--val-every", type=int, default=1000, help="validate (loss and Wasserstein) every N steps")
     g.add_argument("--sweep", nargs="?", const="5,10,25,50,100", default=None, metavar="STEPS",
                    help="--eval: quality vs speed for these comma-separated step counts (default 5,10,25,50,100), "
                    "each with eta 0, 0.7 and 1; writes sweep.json (and sweep.png with --plot)")
-    g.add_argument("--paper", action="store_true", help="reference size and schedule of the thesis")
+    g.add_argument("--paper", action="store_true", help="the thesis' network size and training (explicit flags still win)")
     args = p.parse_args(argv)
     data.check_args(p, args)
     for bad, msg in [(not 1 <= args.steps <= T, f"--steps must be between 1 and {T} (got {args.steps})"),
-                     (not 0.0 <= args.eta <= 1.0, f"--eta must be in [0, 1] (got {args.eta})"),
-                     (args.width <= 0, f"--width must be positive (got {args.width})")]:
+                     (not 0.0 <= args.eta <= 1.0, f"--eta must be in [0, 1] (got {args.eta})")]:
         if bad:
             p.error(msg)
     try:
@@ -99,24 +121,41 @@ def get_args(argv=None):
         assert not args.sweep or (min(args.sweep) >= 1 and max(args.sweep) <= T)
     except (ValueError, AssertionError):
         p.error(f"--sweep takes comma-separated step counts between 1 and {T}, e.g. 5,10,25 (got {args.sweep!r})")
-    if args.paper:
-        for k, v in PAPER.items():
-            if k in ("width", "mults", "attn_levels") or getattr(args, k) is None:
-                setattr(args, k, v)
-    try:
-        mults = [int(m) for m in args.mults.split(",")]
-        assert 1 <= len(mults) <= 4 and min(mults) > 0
-    except (ValueError, AssertionError):
-        p.error(f"--mults takes 1 to 4 positive comma-separated integers, e.g. 2,3,4 (got {args.mults!r})")
-    for k, v in DEFAULTS.items():
-        if getattr(args, k) is None:
+    for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
+        if getattr(args, k) is None:                   # precedence: explicit flag > --paper > CPU default
             setattr(args, k, v)
     if args.smoke:
         args.limit, args.width, args.max_steps, args.batch_size = args.limit or 1500, 2, args.max_steps or 6, 32
         args.max_test, args.reps, args.ckpt_every = min(args.max_test or 200, 200), min(args.reps, 2), 3
-        args.steps = min(args.steps, 2)
+        args.steps, args.heads = min(args.steps, 2), 1
+    check_unet_args(p, args)
     args.out = args.out or f"runs/{NAME}"
     return args
+
+
+def check_unet_args(p, args):
+    """Argparse errors (exit 2, no traceback) for the network and optimiser flags."""
+    try:
+        mults = [int(m) for m in str(args.mults).split(",")]
+        assert 1 <= len(mults) <= 5 and min(mults) > 0
+    except (ValueError, AssertionError):
+        p.error(f"--mults takes 1 to 5 positive comma-separated integers, e.g. 2,3,4 (got {args.mults!r})")
+    try:
+        b1, b2 = (float(b) for b in str(args.betas).split(","))
+        assert 0 <= b1 < 1 and 0 <= b2 < 1
+    except (ValueError, AssertionError):
+        p.error(f"--betas takes b1,b2 in [0, 1), e.g. 0.9,0.999 (got {args.betas!r})")
+    if not re.fullmatch(r"\d+%?", str(args.warmup)):
+        p.error(f"--warmup takes a step count or a percentage, e.g. 100 or 10% (got {args.warmup!r})")
+    for bad, msg in [(args.width <= 0 or args.n_res <= 0, "--width and --n-res must be positive"),
+                     (not 0 <= args.attn_levels <= len(mults), f"--attn-levels must be in 0..{len(mults)} (the levels)"),
+                     (args.heads <= 0 or any(args.width * m % args.heads for m in mults),
+                      f"--heads must divide every level's channels ({args.width} x {args.mults})"),
+                     (not (args.adam_eps > 0 and args.weight_decay >= 0), "--adam-eps must be > 0, --weight-decay >= 0"),
+                     (not 0 <= args.ema < 1, f"--ema must be in [0, 1) (got {args.ema})"),
+                     (not args.grad_clip >= 0, f"--grad-clip must be >= 0 (got {args.grad_clip})")]:
+        if bad:
+            p.error(msg)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,7 +205,7 @@ class UNet(nn.Module):
     """eps(x_t, t, cond). The diffusion schedule and the data range are buffers (not parameters: the EMA
     never touches them)."""
 
-    def __init__(self, width=4, mults=(2, 3, 4), n_res=2, n_cond=9, attn_levels=1, beta=(1e-4, 2e-2)):
+    def __init__(self, width=4, mults=(2, 3, 4), n_res=2, n_cond=9, attn_levels=1, heads=1, beta=(1e-4, 2e-2)):
         super().__init__()
         ch = [width * m for m in mults]
         attn = [i >= len(ch) - attn_levels for i in range(len(ch))]  # attention at the lowest levels
@@ -183,16 +222,17 @@ class UNet(nn.Module):
         skips, c = [ch[0]], ch[0]
         for i, co in enumerate(ch):
             for _ in range(n_res):
-                self.down.append(nn.ModuleList([ResBlock(c, co, emb), Attention(co, emb) if attn[i] else None]))
+                self.down.append(nn.ModuleList([ResBlock(c, co, emb), Attention(co, emb, heads) if attn[i] else None]))
                 c = co
                 skips.append(c)
             if i < len(ch) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
-        self.mid = nn.ModuleList([ResBlock(c, c, emb), Attention(c, emb), ResBlock(c, c, emb)])
+        self.mid = nn.ModuleList([ResBlock(c, c, emb), Attention(c, emb, heads), ResBlock(c, c, emb)])
         for i, co in reversed(list(enumerate(ch))):
             for _ in range(n_res + 1):
-                self.up.append(nn.ModuleList([ResBlock(c + skips.pop(), co, emb), Attention(co, emb) if attn[i] else None]))
+                self.up.append(nn.ModuleList([ResBlock(c + skips.pop(), co, emb),
+                                              Attention(co, emb, heads) if attn[i] else None]))
                 c = co
             if i > 0:
                 self.up.append(nn.Upsample(scale_factor=2, mode="nearest"))
@@ -223,9 +263,15 @@ class UNet(nn.Module):
         return (1 - a).sqrt() / var * x[..., :H, :W] + (a / var).sqrt() * self.x_std * self.out(h)[..., :H, :W]
 
 
+def build_networks(cfg):
+    """{'unet': the network} described by a checkpoint's args (missing keys: the values of older checkpoints)."""
+    cfg = {**OLD, **cfg}
+    return {"unet": UNet(width=cfg["width"], mults=[int(m) for m in str(cfg["mults"]).split(",")], n_res=cfg["n_res"],
+                         attn_levels=cfg["attn_levels"], heads=cfg["heads"])}
+
+
 def build_model(cfg):
-    """The network described by a checkpoint's args (or a fresh config dict with 'width', 'mults', 'attn_levels')."""
-    return UNet(width=cfg["width"], mults=[int(m) for m in str(cfg["mults"]).split(",")], attn_levels=cfg["attn_levels"])
+    return build_networks(cfg)["unet"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -299,6 +345,17 @@ def ddpm_ancestral(model, cond, shape, generator=None, clip=True):
 # ----------------------------------------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------------------
+def lr_factor(schedule, warmup, planned):
+    """step -> LR multiplier: linear warm-up over `warmup` ("N" steps or "P%" of `planned`), then constant or a
+    cosine decay to 0 at `planned`."""
+    w = planned * int(warmup[:-1]) / 100 if warmup.endswith("%") else int(warmup)
+
+    def f(s):
+        ramp = min(1.0, (s + 1) / w) if w > 0 else 1.0
+        return ramp * (0.5 * (1 + math.cos(math.pi * min(s / planned, 1.0))) if schedule == "cosine" else 1.0)
+    return f
+
+
 def ema_update(ema, model, decay, step):
     d = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
@@ -324,7 +381,7 @@ def train(args):
         raise data.DataError(f"{ckpt_path} exists: pass --resume to continue it, or --out a new folder")
     if args.resume and ckpt_path.exists():
         ck = data.load_checkpoint(ckpt_path, NAME)
-        args = data.resume_args(args, ck)
+        args = data.resume_args(args, ck, older=OLD)
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     split = data.load_split(vars(args))
@@ -334,12 +391,12 @@ def train(args):
     model = build_model(vars(args)).to(dev)
     model.x_max.fill_(x_tr.max()), model.x_std.fill_(x_tr.std())  # data range (x0 clipping), scale (eps skip)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(float(b) for b in args.betas.split(",")),
+                            eps=args.adam_eps, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(len(x_tr) / args.batch_size)
     planned = args.epochs * steps_per_epoch               # the LR schedule spans --epochs; --max-steps stops early
     total = min(planned, args.max_steps or planned)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / planned, 1.0))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args.schedule, args.warmup, planned))
     scaler = torch.amp.GradScaler(enabled=args.amp and dev.type == "cuda" and not torch.cuda.is_bf16_supported())
     noise = torch.Generator(dev).manual_seed(args.seed)
     step, epoch = 0, 0
@@ -389,7 +446,8 @@ def train(args):
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if args.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             scaler.step(opt), scaler.update(), sched.step()
             ema_update(ema, model, args.ema, step)
             step += 1

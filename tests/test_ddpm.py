@@ -1,5 +1,6 @@
 """ddpm.py through its command line, and its samplers directly."""
 import json
+import math
 
 import pytest
 import torch
@@ -64,7 +65,9 @@ def test_wrong_checkpoints_give_clear_errors(run, tmp_path):
                                        (("--steps", 1001), "--steps must be between 1 and 1000"),
                                        (("--eta", -0.1), "--eta must be in [0, 1]"), (("--eta", 1.5), "--eta must be in [0, 1]"),
                                        (("--eta", "nan"), "--eta must be in [0, 1]"), (("--sweep", "5,0"), "--sweep takes"),
-                                       (("--sweep", "5,1001"), "--sweep takes"), (("--mults", "2,x"), "--mults takes")])
+                                       (("--sweep", "5,1001"), "--sweep takes"), (("--mults", "2,x"), "--mults takes"),
+                                       (("--heads", "3"), "--heads must divide"), (("--warmup", "5 %"), "--warmup takes"),
+                                       (("--betas", "0.9,1"), "--betas takes"), (("--adam-eps", "0"), "--adam-eps")])
 def test_bad_flags_are_argparse_errors(flags, msg, capsys):
     with pytest.raises(SystemExit) as e:
         ddpm.get_args(["--sample", *map(str, flags)])
@@ -176,8 +179,30 @@ def test_sampler_shapes_seeds_and_etas(shape):
     assert torch.equal(x, y) and not torch.equal(x, z)
 
 
-def test_reference_size():
-    model = ddpm.build_model(vars(ddpm.get_args(["--train", "--paper"])))
-    assert 3.5e6 < sum(p.numel() for p in model.parameters()) < 4.5e6
+def test_reference_size_and_the_thesis_optimiser():
+    a = ddpm.get_args(["--train", "--paper"])
+    model = ddpm.build_networks(vars(a))["unet"]
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 4_046_913 and abs(n / ddpm.PUBLISHED["unet"][0] - 1) < 0.02        # thesis: "four million"
+    assert [m.attn.num_heads for m in model.modules() if isinstance(m, ddpm.Attention)] == [4] * 11
+    assert (a.lr, a.betas, a.adam_eps, a.weight_decay, a.schedule, a.warmup) == (2.8e-5, "0.87,0.82", 2.5e-5, 5.5e-4, "cosine", "10%")
+    assert (a.batch_size, a.epochs, a.grad_clip, a.width, a.mults) == (256, 100, 1.0, 16, "1,2,4,8")
     with torch.no_grad():                                      # four levels: ZP 56x30 is padded to 56x32 and back
         assert model(torch.zeros(1, 1, 56, 30), torch.tensor([999]), torch.zeros(1, 9)).shape == (1, 1, 56, 30)
+
+
+def test_explicit_flags_beat_paper_and_the_cpu_default_is_unchanged():
+    a = ddpm.get_args(["--train", "--paper", "--width", "8", "--batch-size", "7", "--lr", "0.123", "--attn-levels", "1"])
+    assert (a.width, a.batch_size, a.lr, a.attn_levels, a.mults, a.heads) == (8, 7, 0.123, 1, "1,2,4,8", 4)
+    d = ddpm.get_args(["--train"])
+    assert (d.width, d.mults, d.attn_levels, d.heads, d.lr, d.betas, d.weight_decay, d.warmup) == (
+        4, "2,3,4", 1, 1, 2e-3, "0.9,0.999", 0.0, "100")
+    n = [sum(p.numel() for p in ddpm.build_model(cfg).parameters()) for cfg in (vars(d), dict(width=4, mults="2,3,4", attn_levels=1))]
+    assert n == [89_289, 89_289]                                # the CPU default, and a checkpoint from before --heads
+
+
+def test_warmup_percentage_then_cosine():
+    f = ddpm.lr_factor("cosine", "10%", 2000)                   # 200 warm-up steps, then cosine to 0 at step 2000
+    assert f(0) == pytest.approx(1 / 200) and f(99) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 99 / 2000)))
+    assert f(1000) == pytest.approx(0.5) and f(2000) == pytest.approx(0.0, abs=1e-12)
+    assert ddpm.lr_factor("constant", "0", 10)(7) == 1.0

@@ -18,19 +18,30 @@ Usage:
     python latent_fm.py --train                     # both stages, ZN, CPU default (~15 min on 2 cores)
     python latent_fm.py --train --stage 1           # only the autoencoder (--stage 2 then reuses it)
     python latent_fm.py --train --detector proton --out runs/lfm_proton
-    python latent_fm.py --train --paper             # reference sizes (VAE ~60k, UNet ~128k) and epochs
+    python latent_fm.py --train --paper             # the paper's sizes (VAE 58k, UNet 129k) and training
     python latent_fm.py --sample --ckpt runs/latent_fm/ckpt.pt --n 1000 --out samples.npz
     python latent_fm.py --eval --ckpt runs/latent_fm/ckpt.pt [--steps 8] [--plot]
     python latent_fm.py --train --smoke             # seconds
 
-Deviations from the paper: the paper's stage-1 loss adds a VGG perceptual term and an adversarial term with
-gradient-norm balancing. A pretrained VGG cannot be downloaded here and ImageNet features say little about
-sparse photon-count images, so the perceptual term is left out and nothing pretends to replace it; the
-adversarial term is also left out (plain L2 + KL), which makes reconstructions blurrier than the paper's.
+`--paper` (docs/fidelity/latent_fm.md lists every setting and its source; explicit flags beat it), from the
+authors' code (faster_zdc zdc/models/autoencoder/variational.py, zdc/models/flow_matching/latent_flow_matching.py):
+batch 256, 50 epochs per stage, Adam with optax's cosine one-cycle schedule (20 % ramp from peak/25, then down
+to peak/25,000), stage 1 peak 2.3e-3 (b1 0.58, b2 0.75), stage 2 peak 1.3e-3 (b1 0.9, b2 0.6), no gradient
+clipping, stage-2 t ~ U[0, 0.99], sampling from the trained weights (no EMA). Sizes within 2 % of the
+published ones: VAE `--vae-width 21` 58,473 (published 59,348), UNet `--width 20` 129,344 (published 127,824).
+Deviations from the paper: the networks match the published sizes, not the published blocks (the authors'
+VAE: 4 x 2/3/4 channels, 2 residual blocks per level and an attention block at 11x11; their UNet: flow_matching
+.py's published UNet with width 8, mults 1/2/4, 1 block: exactly 127,824). The paper's stage-1 loss is a
+gradient-normalised L2 + KL plus a VGG perceptual term and an adversarial term. A pretrained VGG cannot be
+downloaded here and ImageNet features say little about sparse photon-count images, so the perceptual term is
+left out and nothing pretends to replace it; the adversarial term is also left out (plain L2 + --kl KL), which
+makes reconstructions blurrier than the paper's. CPU default: AdamW lr 2e-3 (weight decay 0.01) for both
+stages, 100 warm-up steps and cosine decay, gradient norm clipped to 1, batch 128, 1 + 6 epochs, EMA 0.999.
 """
 import argparse
 import copy
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,26 +56,46 @@ import data
 import metrics
 
 NAME = "latent_fm"
-DEFAULTS = dict(epochs=1, epochs2=6, batch_size=128, lr=2e-3)   # CPU default: ~15 minutes on 2 cores for ZN
-PAPER = dict(epochs=100, epochs2=300, batch_size=256, lr=1e-3)
+DEFAULTS = dict(epochs=1, epochs2=6, batch_size=128, lr=2e-3, vae_width=20, width=20, heads=2, t_max=1.0,
+                betas="0.9,0.999", weight_decay=0.01, schedule="cosine", warmup="100", grad_clip=1.0, ema=0.999)  # ~15 min
+PAPER = dict(epochs=50, epochs2=50, batch_size=256, lr=2.3e-3, lr2=1.3e-3, vae_width=21, width=20, heads=2, t_max=0.99,
+             betas="0.58,0.75", betas2="0.9,0.6", weight_decay=0.0, schedule="onecycle", warmup="20%", grad_clip=0.0,
+             ema=0.0)
+PUBLISHED = {"vae": (59_348, "poster: 'a size of 60k'; faster_zdc zdc/models/autoencoder/variational.py VAE: 59,348"),
+             "unet": (127_824, "faster_zdc latent_flow_matching.py LatentFMUnet: 127,824 (poster: latent FM 160k "
+                               "= UNet + decoder 30,888)")}
+OLD = dict(heads=2, t_max=1.0, betas="0.9,0.999", weight_decay=0.01, schedule="cosine", warmup="100",
+           grad_clip=1.0)                          # what checkpoints from before these flags were trained with
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("Usage:"):])
     data.add_common_args(p, NAME)
-    g = p.add_argument_group("latent flow matching")
+    g = p.add_argument_group("latent flow matching (defaults: CPU default / --paper)")
     g.add_argument("--stage", type=int, default=None, choices=[1, 2], help="train only this stage (default: both)")
-    g.add_argument("--epochs2", type=int, default=None, help="epochs of stage 2 (--epochs is stage 1)")
-    g.add_argument("--vae-width", type=int, default=20, help="VAE channels (x1, x2 after downsampling); 20: 53k parameters")
-    g.add_argument("--width", type=int, default=20, help="latent UNet channels (x1, x2), even; 20: 129k parameters")
+    g.add_argument("--epochs2", type=int, default=None, help="epochs of stage 2; --epochs is stage 1 (6 / 50)")
+    g.add_argument("--lr2", type=float, default=None, help="learning rate of stage 2; --lr is stage 1 (--lr / 1.3e-3)")
+    g.add_argument("--vae-width", type=int, default=None, help="VAE channels (x1, x2 after downsampling) (20: 53k / "
+                   "21: 58k)")
+    g.add_argument("--width", type=int, default=None, help="latent UNet channels (x1, x2) (20: 129k / 20)")
+    g.add_argument("--heads", type=int, default=None, help="attention heads; must divide --width (2 / 2)")
+    g.add_argument("--t-max", type=float, default=None, help="stage 2 training t ~ U[0, t_max) (1 / 0.99)")
+    g.add_argument("--betas", default=None, help="Adam(W) b1,b2 of stage 1 (0.9,0.999 / 0.58,0.75)")
+    g.add_argument("--betas2", default=None, help="Adam(W) b1,b2 of stage 2 (--betas / 0.9,0.6)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay, both stages (0.01 / 0)")
+    g.add_argument("--schedule", default=None, choices=["cosine", "onecycle"], help="LR schedule of both stages: "
+                   "linear warm-up and cosine decay to 0, or optax's cosine one-cycle (cosine / onecycle)")
+    g.add_argument("--warmup", default=None, help="warm-up (one-cycle: ramp) length, N steps or P%% (100 / 20%%)")
+    g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this; 0: off (1 / 0)")
+    g.add_argument("--ema", type=float, default=None, help="EMA decay of the UNet weights used for sampling; 0: the "
+                   "trained weights (0.999 / 0)")
     g.add_argument("--kl", type=float, default=1e-3, help="weight of the KL term of stage 1")
     g.add_argument("--steps", type=int, default=8, help="Euler steps for sampling")
-    g.add_argument("--ema", type=float, default=0.999, help="EMA decay of the UNet weights used for sampling")
     g.add_argument("--val-every", type=int, default=500, help="validate every N steps")
     g.add_argument("--sweep", default=None, metavar="STEPS", help="--eval: quality vs speed for these comma-separated "
                    "Euler step counts (e.g. 1,2,4,8,16); writes sweep.json")
-    g.add_argument("--paper", action="store_true", help="reference sizes and schedule")
+    g.add_argument("--paper", action="store_true", help="the paper's sizes and training (explicit flags still win)")
     args = p.parse_args(argv)
     data.check_args(p, args)
     if args.steps <= 0:
@@ -74,15 +105,28 @@ def get_args(argv=None):
         assert not args.sweep or min(args.sweep) > 0
     except (ValueError, AssertionError):
         p.error(f"--sweep takes positive comma-separated step counts, e.g. 1,2,4,8 (got {args.sweep!r})")
-    if args.width <= 0 or args.width % 2 or args.vae_width <= 0:
-        p.error("--width must be positive and even (2 attention heads), --vae-width positive")
     for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
-        if getattr(args, k) is None:   # flags given on the command line win
+        if getattr(args, k) is None:                   # precedence: explicit flag > --paper > CPU default
             setattr(args, k, v)
+    args.lr2, args.betas2 = args.lr2 or args.lr, args.betas2 or args.betas
     if args.smoke:
         args.limit, args.vae_width, args.width, args.batch_size = args.limit or 1500, 4, 4, 32
         args.max_steps = args.max_steps or 4
         args.max_test, args.reps, args.ckpt_every = min(args.max_test or 200, 200), min(args.reps, 2), 2
+    for b in (args.betas, args.betas2):
+        try:
+            assert all(0 <= float(x) < 1 for x in b.split(",")) and len(b.split(",")) == 2
+        except (ValueError, AssertionError):
+            p.error(f"--betas/--betas2 take b1,b2 in [0, 1), e.g. 0.9,0.999 (got {b!r})")
+    for bad, msg in [(args.width <= 0 or args.vae_width <= 0 or args.heads <= 0 or args.width % args.heads,
+                      "--width must be positive and a multiple of --heads, --vae-width positive"),
+                     (not re.fullmatch(r"\d+%?", args.warmup), f"--warmup takes N steps or P% (got {args.warmup!r})"),
+                     (not 0 < args.t_max <= 1, f"--t-max must be in (0, 1] (got {args.t_max})"),
+                     (not 0 <= args.ema < 1 or not args.grad_clip >= 0 or not args.weight_decay >= 0,
+                      "--ema must be in [0, 1), --grad-clip and --weight-decay >= 0"),
+                     (args.lr2 <= 0, f"--lr2 must be positive (got {args.lr2})")]:
+        if bad:
+            p.error(msg)
     args.out = args.out or f"runs/{NAME}"
     return args
 
@@ -142,7 +186,7 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Self-attention over the latent pixels plus one condition token."""
 
-    def __init__(self, ch, emb, heads=2):
+    def __init__(self, ch, emb, heads):
         super().__init__()
         self.norm, self.tok = nn.GroupNorm(groups(ch), ch), nn.Linear(emb, ch)
         self.attn = nn.MultiheadAttention(ch, heads, batch_first=True)
@@ -157,18 +201,18 @@ class Attention(nn.Module):
 class LatentUNet(nn.Module):
     """Two-level UNet on the latent grid with attention (and the condition token) at both levels."""
 
-    def __init__(self, zc=4, width=16, n_cond=9, emb=64):
+    def __init__(self, zc=4, width=16, heads=2, n_cond=9, emb=64):
         super().__init__()
         c1, c2 = width, 2 * width
         self.emb = emb
         self.t_mlp = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.c_mlp = nn.Sequential(nn.Linear(n_cond, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.inp = nn.Conv2d(zc, c1, 3, padding=1)
-        self.d1, self.a1 = ResBlock(c1, c1, emb), Attention(c1, emb)
+        self.d1, self.a1 = ResBlock(c1, c1, emb), Attention(c1, emb, heads)
         self.down = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
-        self.m1, self.am, self.m2 = ResBlock(c2, c2, emb), Attention(c2, emb), ResBlock(c2, c2, emb)
+        self.m1, self.am, self.m2 = ResBlock(c2, c2, emb), Attention(c2, emb, heads), ResBlock(c2, c2, emb)
         self.upc = nn.Conv2d(c2, c1, 3, padding=1)
-        self.u1, self.a2 = ResBlock(2 * c1, c1, emb), Attention(c1, emb)
+        self.u1, self.a2 = ResBlock(2 * c1, c1, emb), Attention(c1, emb, heads)
         self.out = nn.Sequential(nn.GroupNorm(groups(c1), c1), nn.SiLU(), nn.Conv2d(c1, zc, 3, padding=1))
 
     def forward(self, z, t, cond):
@@ -182,9 +226,15 @@ class LatentUNet(nn.Module):
         return self.out(h)[..., :H, :W]
 
 
+def build_networks(cfg):
+    """{'vae': stage 1, 'unet': stage 2} described by a checkpoint's args (missing keys: older checkpoints')."""
+    cfg = {**OLD, **cfg}
+    return {"vae": VAE(cfg["vae_width"]), "unet": LatentUNet(width=cfg["width"], heads=cfg["heads"])}
+
+
 def build_model(cfg):
-    """(VAE, latent UNet) described by a checkpoint's args."""
-    return VAE(cfg["vae_width"]), LatentUNet(width=cfg["width"])
+    """(VAE, latent UNet), the order sample() takes them."""
+    return tuple(build_networks(cfg).values())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,10 +248,10 @@ def vae_loss(vae, x, generator, kl_weight):
     return rec + kl_weight * kl
 
 
-def fm_loss(unet, z1, cond, generator):
-    """Conditional flow matching on (scaled) latents: noise at t = 0, data at t = 1, velocity z1 - z0."""
+def fm_loss(unet, z1, cond, generator, t_max=1.0):
+    """Conditional flow matching on (scaled) latents: noise at t = 0, data at t = 1, velocity z1 - z0, t ~ U[0, t_max)."""
     z0 = torch.randn(z1.shape, generator=generator, device=z1.device)
-    t = torch.rand(len(z1), generator=generator, device=z1.device)
+    t = t_max * torch.rand(len(z1), generator=generator, device=z1.device)
     tb = t[:, None, None, None]
     return F.mse_loss(unet(((1 - tb) * z0 + tb * z1), t, cond), z1 - z0)
 
@@ -242,13 +292,30 @@ def schedule(n, epochs, args):
     return spe, epochs * spe, min(epochs * spe, args.max_steps or epochs * spe)
 
 
+def lr_factor(schedule, warmup, planned):
+    """step -> LR multiplier. cosine: linear warm-up over `warmup` ("N" steps or "P%" of `planned`), then cosine
+    decay to 0. onecycle (optax.cosine_onecycle_schedule, div factors 25 and 1000, the authors' code): cosine
+    ramp from 1/25 to 1 over `warmup`, then cosine down to 1/25,000."""
+    w = planned * int(warmup[:-1]) / 100 if warmup.endswith("%") else int(warmup)
+
+    def cos(a, b, f):                                                 # a at f = 0 to b at f = 1
+        return b + (a - b) * 0.5 * (1 + math.cos(math.pi * min(f, 1.0)))
+
+    def f(s):
+        if schedule == "onecycle":
+            return cos(1 / 25, 1.0, s / w) if s < w else cos(1.0, 1 / 25_000, (s - w) / max(planned - w, 1))
+        return (min(1.0, (s + 1) / w) if w > 0 else 1.0) * cos(1.0, 0.0, s / planned)
+    return f
+
+
 def fit(stage, module, loss_fn, tensors, epochs, args, state, save, validate, ema=None):
     """The training loop of one stage (both stages share it): resumable at any step."""
     dev = next(module.parameters()).device
-    opt = torch.optim.AdamW(module.parameters(), lr=args.lr)
+    lr, betas = (args.lr, args.betas) if stage == 1 else (args.lr2, args.betas2)
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=tuple(float(b) for b in betas.split(",")),
+                            weight_decay=args.weight_decay)
     spe, planned, total = schedule(len(tensors[0]), epochs, args)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / planned, 1.0))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args.schedule, args.warmup, planned))
     noise = torch.Generator(dev).manual_seed(args.seed + stage)
     st = state.setdefault(f"stage{stage}", dict(step=0))
     if "opt" in st:                                                # resume
@@ -274,7 +341,8 @@ def fit(stage, module, loss_fn, tensors, epochs, args, state, save, validate, em
                 raise FloatingPointError(f"stage {stage}: loss is {loss.item()} at step {st['step']} (lower --lr?)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+            if args.grad_clip > 0:
+                nn.utils.clip_grad_norm_(module.parameters(), args.grad_clip)
             opt.step(), sched.step()
             if ema is not None:
                 ema_update(ema, module, args.ema, st["step"])
@@ -303,7 +371,8 @@ def train(args):
         raise data.DataError(f"{ckpt_path} exists: pass --resume to continue it, or --out a new folder")
     if ckpt_path.exists():
         ck = data.load_checkpoint(ckpt_path, NAME)
-        stage, args = args.stage, data.resume_args(args, ck)
+        stage, args = args.stage, data.resume_args(args, ck, older=dict(OLD, lr2=ck["args"]["lr"],
+                                                                          betas2=ck["args"].get("betas", OLD["betas"])))
         args.stage = stage
     split = data.load_split(vars(args))
     shape = tuple(data.SHAPES[args.detector])
@@ -339,7 +408,7 @@ def train(args):
     def validate2(step, loss, minutes):
         with torch.no_grad():
             g = torch.Generator(dev).manual_seed(1234)
-            val = np.mean([fm_loss(ema, z.to(dev), c.to(dev), g).item()
+            val = np.mean([fm_loss(ema, z.to(dev), c.to(dev), g, args.t_max).item()
                            for z, c in data.batches((z_va, c_va), 500, shuffle=False)])
             gen = sample(vae, ema, c_va[:1000].to(dev), shape, state["scale"], torch.Generator().manual_seed(0), args.steps)
         log(2, step, loss, minutes, val_loss=float(val), val_W=metrics.wasserstein(split.counts("val")[:1000], gen)[0])
@@ -357,7 +426,7 @@ def train(args):
             state["scale"] = float(z_tr.std())
         z_tr, z_va = z_tr / state["scale"], encode_all(vae, x_va, dev) / state["scale"]
         print(f"latents {tuple(z_tr.shape[1:])}, scale {state['scale']:.4f}")
-        fit(2, unet, lambda z, c, g: fm_loss(unet, z, c, g), (z_tr, c_tr), args.epochs2, args, state, save,
+        fit(2, unet, lambda z, c, g: fm_loss(unet, z, c, g, args.t_max), (z_tr, c_tr), args.epochs2, args, state, save,
             validate2, ema)
     print(f"checkpoint {ckpt_path}")
     return ckpt_path

@@ -47,7 +47,7 @@ def test_stages_resume_and_determinism(tmp_path):
     cli(S, "--train", "--smoke", "--out", c, "--resume")                      # finishes both stages
     for key in ("vae", "unet", "ema"):
         assert_same_weights(weights(a, key), weights(c, key))
-    assert "must be positive and even" in cli(S, "--train", "--width", 3, ok=False).stderr
+    assert "a multiple of --heads" in cli(S, "--train", "--width", 3, ok=False).stderr
 
 
 @pytest.mark.parametrize("shape", [(44, 44), (56, 30)])
@@ -60,3 +60,39 @@ def test_shapes(shape):
     assert unet(mu, torch.rand(3), torch.randn(3, 9)).shape == mu.shape
     out = lfm.sample(vae, unet, torch.randn(3, 9), shape, 1.0, torch.Generator().manual_seed(0), steps=2)
     assert out.shape == (3,) + shape and torch.isfinite(out).all() and (out >= 0).all()
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_paper_counts_optimisers_and_precedence():
+    a = lfm.get_args(["--train", "--paper"])
+    nets = lfm.build_networks(vars(a))
+    for k, (n, _) in lfm.PUBLISHED.items():                                     # 58,473 vs 59,348; 129,344 vs 127,824
+        assert abs(n_params(nets[k]) / n - 1) < 0.02, k
+    assert (a.epochs, a.epochs2, a.batch_size, a.lr, a.lr2, a.betas, a.betas2) == (50, 50, 256, 2.3e-3, 1.3e-3, "0.58,0.75", "0.9,0.6")
+    assert (a.schedule, a.warmup, a.weight_decay, a.grad_clip, a.ema, a.t_max) == ("onecycle", "20%", 0.0, 0.0, 0.0, 0.99)
+    b = lfm.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "8"])
+    assert (b.batch_size, b.lr, b.lr2, b.width, b.vae_width) == (7, 0.123, 1.3e-3, 8, 21)
+    d = lfm.get_args(["--train", "--lr", "0.01"])                                # the CPU default: --lr sets both stages
+    assert (d.lr, d.lr2, d.betas2, d.weight_decay, d.schedule, d.epochs2) == (0.01, 0.01, "0.9,0.999", 0.01, "cosine", 6)
+    assert [n_params(m) for m in lfm.build_model(vars(d))] == [53_169, 129_344]
+
+
+def test_onecycle_schedule_is_optax_cosine_onecycle():
+    f = lfm.lr_factor("onecycle", "20%", 1000)                                  # peak/25 -> peak at 20 % -> peak/25,000
+    assert f(0) == pytest.approx(1 / 25) and f(100) == pytest.approx((1 + 1 / 25) / 2) and f(200) == pytest.approx(1.0)
+    assert f(600) == pytest.approx((1 + 1 / 25_000) / 2) and f(1000) == pytest.approx(1 / 25_000)
+    g = lfm.lr_factor("cosine", "100", 1000)                                     # the CPU default: unchanged
+    assert g(0) == pytest.approx(0.01) and g(500) == pytest.approx(0.5)
+
+
+def test_stage2_times_lie_in_0_t_max():
+    class Recorder(torch.nn.Module):
+        def forward(self, z, t, c):
+            self.t = t
+            return torch.zeros_like(z)
+    rec = Recorder()
+    lfm.fm_loss(rec, torch.zeros(20_000, 4, 2, 2), torch.zeros(20_000, 9), torch.Generator().manual_seed(0), t_max=0.99)
+    assert rec.t.min() >= 0 and 0.985 < rec.t.max() < 0.99

@@ -1,47 +1,56 @@
 """VQ-GAN with a GPT prior for the ALICE Zero Degree Calorimeters: discrete tokens, then an autoregressive model.
 
-Paper: the master's thesis arXiv 2407.16704 (VQ-GAN: Wasserstein 4.58 on the real neutron set at 0.09 ms per
-sample; the improved version with x4 downsampling and an EMA codebook of 512 x 8 with l2-normalised lookup: 2.11).
+Papers: the improved VQ-GAN of the flow-matching paper arXiv 2507.18811 and its poster (x4 downsampling, 121
+tokens, EMA codebook 512 x 8 with l2-normalised lookup, W 2.11 on the real neutron set), a follow-up of the
+thesis arXiv 2407.16704 (Sections 3.5, 4.10: VQ-GAN + transformer, W 4.58); the authors' code
+m-wojnar/faster_zdc fills in what the papers leave open. docs/fidelity/vqgan.md checks it line by line.
 
-Stage 1, tokenizer. A conv encoder with x4 downsampling maps log1p(counts) (ZN 44x44) to an 8 x 11 x 11 grid
-(121 tokens; ZP 56x30 is padded to 56x32 -> 14 x 8 = 112 tokens, cropped back after decoding). Every 8-d
-vector is l2-normalised and replaced by the nearest l2-normalised codebook entry (512 x 8, cosine lookup); the
-decoder sees it through the straight-through estimator. The codebook is not trained by gradients: it is the
-ratio of two exponential moving averages (decay `--vq-decay`) over the training batches, the number of
-vectors assigned to each code (Laplace-smoothed, eps 1e-5) and their sum (`ema_codebook`, a pure function).
-Dead-code restart: after each update, a code whose EMA count (vectors per batch) is below `--dead-below`
-is re-initialised to a random encoder output of the current batch, with count 1. Codes start with count 1,
-so an unused code is restarted after about ln(1 / dead-below) / (1 - decay) steps (460 by default).
-Loss = squared error of the reconstruction (summed over pixels, averaged over the batch) + 0.25 * commitment
-(squared distance of the encoder output to its code, summed over the grid) + adversarial, from step
-`--adv-start` on: a small patch discriminator (hinge loss) on log1p images, the generator term weighted
-adaptively as in VQGAN (`--adv` times |grad L2| / |grad G| at the last decoder layer). One optimiser steps both
-networks: the discriminator sees detached reconstructions and the generator term uses detached
-discriminator weights. The logged stage-1 train loss includes the discriminator's hinge loss.
-Logged every --val-every steps: val loss (L2 + commitment), reconstruction Wasserstein (encode -> quantise ->
-decode of validation responses: the best the whole model can reach), codebook perplexity exp(entropy of the
-code frequencies on the validation set) and usage (fraction of the codes used there).
-Stage 2, prior. The training set is tokenised once; a causal GPT (pre-LN blocks) models the tokens in raster
-order (row-major over the latent grid), conditioned through P = `--prefix` tokens: a learned projection of
-the 9 standardised features to P embeddings placed before the image tokens. Loss: next-token cross entropy.
-Sampling: token by token with temperature (default 1.2) and top-k (default 128; 0 = none), drawn by
-inverse CDF from uniforms taken from a CPU generator up front, so the KV-cached decoder (default) and
-`--no-kv-cache` (recomputes the whole sequence for every token) give the same tokens; then decode, expm1.
+Stage 1, tokenizer (59,924 parameters at --ae-width 4, as published). Encoder: 3x3 conv to w channels, three
+levels of 2 residual blocks (LayerNorm over channels, SiLU, bias-free 3x3 conv, twice) with 2w, 3w, 4w
+channels and a stride-2 conv between levels, then residual block / 2-head self-attention / residual block,
+LayerNorm, SiLU, 1x1 conv to the 8-d code space; the decoder mirrors it (nearest x2 upsampling + conv) and ends
+with a 1x1 conv to 1 channel. ZN 44x44 -> 8 x 11 x 11 (121 tokens); ZP 56x30 is padded to 56x32 (112 tokens)
+and cropped back after decoding. Every 8-d vector is l2-normalised and replaced by the nearest l2-normalised
+codebook entry (cosine lookup), passed to the decoder by the straight-through estimator. The codebook is the
+ratio of two exponential moving averages (decay `--vq-decay`): of the number of vectors assigned to each code
+(Laplace-smoothed, eps 1e-5) and of their sum (`ema_codebook`). Dead-code restart (not in the reference; off
+under --paper): a code whose EMA count per batch falls below `--dead-below` is set to a random encoder output
+of the batch, with count 1. Loss, balanced as in the reference by `GradNorm` (identity; its backward rescales
+the gradient reaching the reconstructed image to a fixed norm): L2 (mean squared error, image gradient of norm
+0.1) + 0.25 * commitment (mean squared distance of the encoder output to its code) - mean D(reconstruction)
+(image gradient of norm `--adv`, D's weights detached). The patch discriminator D (hinge loss; last layer
+zero-initialised, so it starts neutral) is a separate optimisation problem: its own Adam without weight decay
+(as published), its own gradient clipping (`--clip`; none under --paper, as published), the same batches.
+Logged every --val-every steps: train loss (L2 + 0.25 commitment - mean D(rec) + D's hinge loss), val loss (L2
++ commitment), reconstruction Wasserstein (encode -> quantise -> decode of validation responses: the best the
+whole model can reach), codebook perplexity exp(entropy of the code frequencies) and usage (fraction used).
+Stage 2, prior. The training set is tokenised once; a causal GPT (pre-LN, bias-free, GELU MLP of width
+`--mlp` with dropout `--dropout`, output layer tied to the token embedding) models the tokens in raster order
+after P = `--prefix` condition tokens (a learned projection of the 9 standardised features). Loss: next-token
+cross entropy. Sampling: token by token with temperature (1.2) and top-k (128; 0 = none), by inverse CDF from
+uniforms drawn up front from a CPU generator, so the KV-cached decoder and `--no-kv-cache` give the same
+tokens; then decode, ReLU, expm1. Both stages use the reference's one-cycle cosine schedule: from lr/25 up to
+lr over the first 20 % (stage 2: 33 %) of the steps, then down to lr/25,000.
 
 Usage:
-    python vqgan.py --train                      # both stages, ZN, CPU default (~15-20 min on 2 cores)
+    python vqgan.py --train                      # both stages, ZN, CPU default
     python vqgan.py --train --stage 1            # only the tokenizer (--stage 2 then reuses it)
     python vqgan.py --train --detector proton --out runs/vqgan_proton
-    python vqgan.py --train --paper              # reference sizes (autoencoder ~60k, GPT 128 x 4 heads x 6 layers)
+    python vqgan.py --train --paper              # the published setting (50 + 50 epochs: a GPU job)
     python vqgan.py --sample --ckpt runs/vqgan/ckpt.pt --n 1000 --out samples.npz
     python vqgan.py --eval --ckpt runs/vqgan/ckpt.pt [--temperature 1.0 --top-k 0] [--plot]
     python vqgan.py --eval --ckpt runs/vqgan/ckpt.pt --sweep     # temperature x top-k, ms with/without KV cache
     python vqgan.py --train --smoke              # seconds
+Explicit flags beat --paper, which beats the CPU default.
 
-Deviations from the thesis: the CPU default GPT is smaller (embed 64, 4 heads, 4 layers; `--paper`: 128, 4, 6)
-and both stages train for a fraction of an epoch-scale schedule (`--paper`: 30 + 50 epochs); no perceptual
-(VGG) loss, which needs pretrained weights that are not available offline; the discriminator starts at a
-fixed step instead of a tuned epoch.
+Deviations (reasons in docs/fidelity/vqgan.md): no perceptual (LPIPS) term and no pretrained VGG16
+discriminator (no pretrained weights offline): D is a small patch discriminator trained from scratch; the
+reference tokenises the particle features with a separate VQ-VAE (2 tokens), here a learned projection to
+--prefix embeddings (--paper: 2) trains with the GPT; the decoder's output ReLU acts when decoding to counts,
+not in training (it dies on the mostly empty ZP images: latent_fm.py). The CPU default: 1 + 1 epochs, batch
+128, larger learning rates (2e-3 for all three networks) with the earlier default's betas, clipping at 1.0 per
+network, the adversarial gradient equal to the L2's (0.1, published 1.0), dead-code restarts, and a smaller
+GPT (embed 64, 4 layers, 4 prefix tokens, no dropout).
 """
 import argparse
 import json
@@ -60,55 +69,79 @@ import data
 import metrics
 
 NAME = "vqgan"
-DEFAULTS = dict(epochs=1, epochs2=1, batch_size=128, lr=2e-3)   # CPU default: ~15-20 minutes on 2 cores for ZN
-PAPER = dict(epochs=30, epochs2=50, batch_size=256, lr=1e-3, ae_width=20, embed=128, heads=4, layers=6)
+MULTS, AE_HEADS, REC_NORM = (2, 3, 4), 2, 0.1       # tokenizer levels and attention heads; L2 gradient norm
+# CPU default (ZN, 2 cores): see the docstring. Keys without a flag (betas, eps, weight decay, warm-up) are
+# fixed per setting; every other key is a flag that beats both dicts when given.
+DEFAULTS = dict(epochs=1, epochs2=1, batch_size=128, lr=2e-3, d_lr=2e-3, lr2=2e-3, ae_width=4, d_width=16,
+                embed=64, heads=4, layers=4, mlp=256, dropout=0.0, prefix=4, adv=0.1, adv_start=0, dead_below=0.01,
+                clip=1.0, betas=[0.5, 0.9], d_betas=[0.5, 0.9], betas2=[0.9, 0.95], eps2=1e-8, wd2=0.01,
+                warmup=0.2, warmup2=0.33)
+# faster_zdc: vq_gan.py (optimisers, loss weights), gpt.py (GPT, its AdamW), utils/nn.py (one-cycle schedule,
+# 50 epochs, batch 256), architectures/conv.py (tokenizer)
+PAPER = dict(epochs=50, epochs2=50, batch_size=256, lr=2.2e-4, d_lr=1.3e-6, lr2=5.2e-3, ae_width=4, d_width=16,
+             embed=128, heads=4, layers=6, mlp=256, dropout=0.1, prefix=2, adv=1.0, adv_start=0, dead_below=0.0,
+             clip=0.0, betas=[0.67, 0.9], d_betas=[0.6, 0.55], betas2=[0.87, 0.998], eps2=1e-5, wd2=0.14,
+             warmup=0.2, warmup2=0.33)
+PUBLISHED = {"tokenizer": (59_924, "arXiv 2507.18811 improved VQ-GAN; faster_zdc vq_gan.py VQVAE (channels 4, "
+                                   "multipliers 2/3/4, 2 res blocks, 2 heads, 8-d codes)")}
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("Usage:"):])
     data.add_common_args(p, NAME)
-    g = p.add_argument_group("VQ-GAN")
+    g = p.add_argument_group("VQ-GAN (--lr: the tokenizer's peak learning rate; --epochs: stage 1)")
     g.add_argument("--stage", type=int, default=None, choices=[1, 2], help="train only this stage (default: both)")
-    g.add_argument("--epochs2", type=int, default=None, help="epochs of stage 2 (--epochs is stage 1)")
-    g.add_argument("--ae-width", type=int, default=16, help="autoencoder channels (x1, x2 after downsampling)")
+    g.add_argument("--epochs2", type=int, default=None, help="epochs of stage 2 (CPU 1, paper 50)")
+    g.add_argument("--lr2", type=float, default=None, help="GPT peak learning rate (CPU 2e-3, paper 5.2e-3)")
+    g.add_argument("--d-lr", type=float, default=None, help="discriminator peak learning rate (CPU 2e-3, paper 1.3e-6)")
+    g.add_argument("--ae-width", type=int, default=None, help="tokenizer base channels w (levels 2w, 3w, 4w); paper 4")
+    g.add_argument("--d-width", type=int, default=None, help="patch discriminator channels (w, 2w); 16")
     g.add_argument("--codes", type=int, default=512, help="codebook size")
     g.add_argument("--code-dim", type=int, default=8, help="codebook vector dimension")
     g.add_argument("--vq-decay", type=float, default=0.99, help="EMA decay of the codebook statistics")
-    g.add_argument("--dead-below", type=float, default=0.01, help="restart codes whose EMA count per batch falls below this")
+    g.add_argument("--dead-below", type=float, default=None, help="restart codes whose EMA count per batch falls below "
+                   "this (CPU 0.01; paper 0: no restarts)")
     g.add_argument("--beta", type=float, default=0.25, help="weight of the commitment loss")
-    g.add_argument("--adv", type=float, default=0.1, help="adversarial weight (times the adaptive gradient ratio); 0: off")
-    g.add_argument("--adv-start", type=int, default=800, help="stage-1 step at which the discriminator switches on")
-    g.add_argument("--embed", type=int, default=64, help="GPT embedding width (paper: 128)")
-    g.add_argument("--heads", type=int, default=4, help="GPT attention heads (paper: 4)")
-    g.add_argument("--layers", type=int, default=4, help="GPT layers (paper: 6)")
-    g.add_argument("--prefix", type=int, default=4, help="number of condition prefix tokens")
+    g.add_argument("--adv", type=float, default=None, help="norm of the adversarial gradient at the reconstruction "
+                   "(the L2's is 0.1); 0: off (CPU 0.1, paper 1.0)")
+    g.add_argument("--adv-start", type=int, default=None, help="stage-1 step at which the adversarial terms start (0)")
+    g.add_argument("--clip", type=float, default=None, help="clip each network's gradient norm to this; 0: no "
+                   "clipping (CPU 1.0, paper 0)")
+    g.add_argument("--embed", type=int, default=None, help="GPT embedding width (CPU 64, paper 128)")
+    g.add_argument("--heads", type=int, default=None, help="GPT attention heads (4)")
+    g.add_argument("--layers", type=int, default=None, help="GPT layers (CPU 4, paper 6)")
+    g.add_argument("--mlp", type=int, default=None, help="GPT MLP width (256)")
+    g.add_argument("--dropout", type=float, default=None, help="GPT MLP dropout (CPU 0, paper 0.1)")
+    g.add_argument("--prefix", type=int, default=None, help="number of condition prefix tokens (CPU 4, paper 2)")
     g.add_argument("--temperature", type=float, default=1.2, help="sampling temperature")
     g.add_argument("--top-k", type=int, default=128, help="sample among the k most likely tokens (0: all)")
     g.add_argument("--no-kv-cache", action="store_true", help="sample without the KV cache (slow; same tokens)")
     g.add_argument("--val-every", type=int, default=500, help="validate every N steps")
     g.add_argument("--sweep", action="store_true", help="--eval: temperature 1.0/1.2/1.4 x top-k none/128/64, and "
                    "ms per sample with and without the KV cache; writes sweep.json")
-    g.add_argument("--paper", action="store_true", help="reference sizes and schedule")
+    g.add_argument("--paper", action="store_true", help="the published setting (explicit flags still win)")
     args = p.parse_args(argv)
     data.check_args(p, args)
+    for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
+        if getattr(args, k, None) is None:   # flags given on the command line win
+            setattr(args, k, v)
     if not args.temperature > 0 or args.top_k < 0:
         p.error(f"--temperature must be positive and --top-k >= 0 (got {args.temperature}, {args.top_k})")
-    if min(args.ae_width, args.codes, args.code_dim, args.prefix) <= 0 or args.embed % args.heads or args.embed <= 0:
-        p.error("--ae-width, --codes, --code-dim, --prefix must be positive; --embed a positive multiple of --heads")
-    if not 0 < args.vq_decay < 1 or args.dead_below < 0 or args.beta < 0 or args.adv < 0 or args.adv_start < 0:
-        p.error("--vq-decay must be in (0, 1); --dead-below, --beta, --adv, --adv-start must be >= 0")
-    if args.paper:
-        for k, v in PAPER.items():
-            if k in ("ae_width", "embed", "heads", "layers") or getattr(args, k) is None:
-                setattr(args, k, v)
-    for k, v in DEFAULTS.items():
-        if getattr(args, k) is None:   # flags given on the command line win
-            setattr(args, k, v)
+    if min(args.ae_width, args.d_width, args.codes, args.code_dim, args.prefix, args.mlp, args.layers, args.heads,
+           args.embed) <= 0 or args.embed % args.heads:
+        p.error("--ae-width, --d-width, --codes, --code-dim, --prefix, --mlp, --layers, --heads must be positive; "
+                "--embed a positive multiple of --heads")
+    if not (0 < args.vq_decay < 1 and 0 <= args.dropout < 1) or min(args.dead_below, args.beta, args.adv,
+                                                                      args.adv_start, args.clip) < 0:
+        p.error("--vq-decay must be in (0, 1), --dropout in [0, 1); --dead-below, --beta, --adv, --adv-start, "
+                "--clip must be >= 0")
+    if not min(args.lr2, args.d_lr) > 0:
+        p.error(f"--lr2 and --d-lr must be positive (got {args.lr2}, {args.d_lr})")
     if args.smoke:
-        args.limit, args.ae_width, args.embed, args.layers, args.batch_size = args.limit or 1500, 4, 16, 2, 32
-        args.max_steps, args.adv_start, args.codes = args.max_steps or 4, min(args.adv_start, 2), min(args.codes, 64)
-        args.max_test, args.reps, args.ckpt_every = min(args.max_test or 200, 200), min(args.reps, 2), 2
+        args.limit, args.ae_width, args.d_width, args.embed, args.layers = args.limit or 1500, 2, 4, 16, 2
+        args.mlp, args.batch_size, args.codes = 32, 32, min(args.codes, 64)
+        args.max_steps, args.max_test, args.reps, args.ckpt_every = args.max_steps or 4, min(args.max_test or 200, 200), min(args.reps, 2), 2
     args.out = args.out or f"runs/{NAME}"
     return args
 
@@ -116,10 +149,6 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------
-def groups(ch):
-    return math.gcd(ch, 4)
-
-
 def grid(shape):
     """The token grid (h, w) of an image shape: x4 downsampling of the image padded to a multiple of 4."""
     return math.ceil(shape[0] / 4), math.ceil(shape[1] / 4)
@@ -165,20 +194,63 @@ class Quantizer(nn.Module):
         self.cluster_size.copy_(cs), self.embed_sum.copy_(es), self.codebook.copy_(book)
 
 
-class VQAE(nn.Module):
-    """x4 downsampling conv autoencoder with a vector quantiser: (1, H, W) log1p image <-> (h, w) tokens."""
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of every pixel (the reference's LayerNorm on channels-last images)."""
 
-    def __init__(self, width=16, dim=8, codes=512):
+    def __init__(self, ch):
+        super().__init__(ch, eps=1e-6)
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def conv(ci, co, k=3, stride=1):
+    return nn.Conv2d(ci, co, k, stride, padding=k // 2, bias=False)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ci, co):
         super().__init__()
-        w1, w2 = width, 2 * width
+        self.body = nn.Sequential(ChannelNorm(ci), nn.SiLU(), conv(ci, co), ChannelNorm(co), nn.SiLU(), conv(co, co))
+        self.skip = conv(ci, co, 1) if ci != co else nn.Identity()
+        nn.init.normal_(self.body[-1].weight, std=1e-4 / co)        # as the reference: starts near the identity
 
-        def block(ci, co, **kw):
-            return nn.Sequential(nn.Conv2d(ci, co, 3, padding=1, **kw), nn.GroupNorm(groups(co), co), nn.SiLU())
-        self.enc = nn.Sequential(block(1, w1), block(w1, w1, stride=2), block(w1, w2), block(w2, w2, stride=2),
-                                 nn.Conv2d(w2, dim, 1))
-        self.dec = nn.Sequential(nn.Conv2d(dim, w2, 3, padding=1), nn.SiLU(), block(w2, w2),
-                                 nn.Upsample(scale_factor=2), block(w2, w1), nn.Upsample(scale_factor=2),
-                                 block(w1, w1), nn.Conv2d(w1, 1, 3, padding=1))
+    def forward(self, x):
+        return self.skip(x) + self.body(x)
+
+
+class SelfAttention(nn.Module):
+    """Bias-free multi-head self-attention over the pixels, with a pre-norm and a residual connection."""
+
+    def __init__(self, ch, heads=AE_HEADS):
+        super().__init__()
+        self.norm, self.attn = ChannelNorm(ch), nn.MultiheadAttention(ch, heads, bias=False, batch_first=True)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)
+        return x + self.attn(h, h, h, need_weights=False)[0].transpose(1, 2).reshape(B, C, H, W)
+
+
+class VQAE(nn.Module):
+    """The reference tokenizer: residual conv encoder/decoder (x4 downsampling, attention in the middle) and a
+    vector quantiser: (1, H, W) log1p image <-> (h, w) tokens."""
+
+    def __init__(self, width=4, dim=8, codes=512):
+        super().__init__()
+        enc, c = [conv(1, width)], width
+        for i, m in enumerate(MULTS):
+            enc += [ResBlock(c, width * m), ResBlock(width * m, width * m)]
+            c = width * m
+            enc += [conv(c, c, stride=2)] if i < len(MULTS) - 1 else []
+        middle = [ResBlock(c, c), SelfAttention(c), ResBlock(c, c)]
+        self.enc = nn.Sequential(*enc, *middle, ChannelNorm(c), nn.SiLU(), conv(c, dim, 1))
+        dec = [conv(dim, c), ResBlock(c, c), SelfAttention(c), ResBlock(c, c)]
+        for i, m in enumerate(MULTS[::-1]):
+            dec += [ResBlock(c, width * m), ResBlock(width * m, width * m)]
+            c = width * m
+            dec += [nn.Upsample(scale_factor=2), conv(c, c)] if i > 0 else []
+        self.dec = nn.Sequential(*dec, ChannelNorm(c), nn.SiLU(), conv(c, 1, 1))
         self.vq = Quantizer(codes, dim)
 
     def encode(self, x):
@@ -193,20 +265,25 @@ class VQAE(nn.Module):
 
 
 def patch_disc(width=16):
-    """Small patch discriminator: one logit per ~10x10 receptive field of the log1p image."""
-    return nn.Sequential(nn.Conv2d(1, width, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(width, 2 * width, 4, 2, 1),
-                         nn.GroupNorm(groups(2 * width), 2 * width), nn.LeakyReLU(0.2), nn.Conv2d(2 * width, 1, 3, padding=1))
+    """Small patch discriminator: one logit per ~10x10 receptive field of the log1p image; the last layer starts
+    at zero (as the reference's discriminator heads), so D and its gradient start neutral."""
+    d = nn.Sequential(nn.Conv2d(1, width, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(width, 2 * width, 4, 2, 1),
+                      nn.GroupNorm(math.gcd(2 * width, 4), 2 * width), nn.LeakyReLU(0.2), nn.Conv2d(2 * width, 1, 3, padding=1))
+    nn.init.zeros_(d[-1].weight), nn.init.zeros_(d[-1].bias)
+    return d
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block; causal self-attention, with an optional KV cache (a dict, filled from start = 0)."""
+    """Pre-LN transformer block, bias-free; causal self-attention with an optional KV cache (a dict, filled
+    from start = 0); dropout in the MLP."""
 
-    def __init__(self, embed, heads):
+    def __init__(self, embed, heads, mlp, dropout):
         super().__init__()
         self.heads = heads
-        self.ln1, self.qkv, self.proj = nn.LayerNorm(embed), nn.Linear(embed, 3 * embed), nn.Linear(embed, embed)
-        self.ln2 = nn.LayerNorm(embed)
-        self.mlp = nn.Sequential(nn.Linear(embed, 4 * embed), nn.GELU(), nn.Linear(4 * embed, embed))
+        self.ln1, self.qkv = nn.LayerNorm(embed, bias=False), nn.Linear(embed, 3 * embed, bias=False)
+        self.proj, self.ln2 = nn.Linear(embed, embed, bias=False), nn.LayerNorm(embed, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(embed, mlp, bias=False), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+                                 nn.Linear(mlp, embed, bias=False), nn.Dropout(dropout))
 
     def forward(self, x, cache=None, start=0):
         B, L, E = x.shape
@@ -223,16 +300,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Causal transformer over [P condition prefix tokens, image tokens in raster order]."""
+    """Causal transformer over [P condition prefix tokens, image tokens in raster order]; the output layer is
+    the token embedding (tied weights)."""
 
-    def __init__(self, codes, n_tokens, embed=64, heads=4, layers=4, prefix=4, n_cond=9):
+    def __init__(self, codes, n_tokens, embed=64, heads=4, layers=4, prefix=4, mlp=256, dropout=0.0, n_cond=9):
         super().__init__()
         self.prefix, self.n_tokens = prefix, n_tokens
         self.cond = nn.Sequential(nn.Linear(n_cond, embed), nn.SiLU(), nn.Linear(embed, prefix * embed))
         self.tok, self.pos = nn.Embedding(codes, embed), nn.Parameter(torch.zeros(prefix + n_tokens, embed))
-        nn.init.normal_(self.pos, std=0.02)
-        self.blocks = nn.ModuleList([Block(embed, heads) for _ in range(layers)])
-        self.ln, self.head = nn.LayerNorm(embed), nn.Linear(embed, codes)
+        nn.init.normal_(self.pos, std=0.02), nn.init.normal_(self.tok.weight, std=embed ** -0.5)   # as flax's Embed
+        self.blocks = nn.ModuleList([Block(embed, heads, mlp, dropout) for _ in range(layers)])
+        self.ln = nn.LayerNorm(embed, bias=False)
 
     def forward(self, cond, tokens, caches=None, start=0):
         """Logits (B, L, codes) after each input position. start = 0: the sequence is the prefix followed by
@@ -243,38 +321,55 @@ class GPT(nn.Module):
         h = h + self.pos[start:start + h.shape[1]]
         for i, blk in enumerate(self.blocks):
             h = blk(h, None if caches is None else caches[i], start)
-        return self.head(self.ln(h))
+        return F.linear(self.ln(h), self.tok.weight)
+
+
+def build_networks(cfg):
+    """Every trained network described by a checkpoint's args, by name."""
+    h, w = grid(data.SHAPES[cfg["detector"]])
+    return dict(tokenizer=VQAE(cfg["ae_width"], cfg["code_dim"], cfg["codes"]), discriminator=patch_disc(cfg["d_width"]),
+                gpt=GPT(cfg["codes"], h * w, cfg["embed"], cfg["heads"], cfg["layers"], cfg["prefix"], cfg["mlp"],
+                        cfg["dropout"]))
 
 
 def build_model(cfg):
-    """(VQ autoencoder, patch discriminator, GPT) described by a checkpoint's args."""
-    h, w = grid(data.SHAPES[cfg["detector"]])
-    return (VQAE(cfg["ae_width"], cfg["code_dim"], cfg["codes"]), patch_disc(cfg["ae_width"]),
-            GPT(cfg["codes"], h * w, cfg["embed"], cfg["heads"], cfg["layers"], cfg["prefix"]))
+    """(tokenizer, discriminator, GPT): the tuple bench.py unpacks."""
+    return tuple(build_networks(cfg).values())
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Method: losses and sampler
 # ----------------------------------------------------------------------------------------------------------
+class GradNorm(torch.autograd.Function):
+    """Identity; its backward rescales the incoming gradient to norm `weight` (the reference's grad_norm)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.weight * g / (g.norm() + 1e-8), None
+
+
 def vq_loss(vqae, disc, x, generator, args, step, update=True):
-    """Stage 1: L2 + beta * commitment (+ adaptive adversarial + discriminator hinge from args.adv_start).
-    update=True also applies the EMA codebook update and dead-code restarts of this batch."""
+    """Stage 1: L2 (image gradient of norm 0.1) + beta * commitment, and from args.adv_start on (update=True)
+    the adversarial term (image gradient of norm args.adv, D's weights detached) + D's hinge loss (on the
+    detached reconstruction: D's gradient comes from it alone). update=True also applies the EMA codebook
+    update and dead-code restarts of this batch."""
     z = vqae.encode(x)
     idx = vqae.vq.lookup(z)
     zq = vqae.vq.embed(idx)
     rec = vqae.decode(z + (zq - z).detach(), x.shape[-2:])
-    l2 = (rec - x).pow(2).flatten(1).sum(1).mean()
-    loss = l2 + args.beta * (z - zq.detach()).pow(2).flatten(1).sum(1).mean()
+    loss = (GradNorm.apply(rec, REC_NORM) - x).pow(2).mean() + args.beta * (z - zq.detach()).pow(2).mean()
     if update:
         vqae.vq.update(z, idx, args.vq_decay, args.dead_below, generator)
     if update and args.adv > 0 and step >= args.adv_start:
         frozen = {k: v.detach() for k, v in disc.named_parameters()}
-        g_loss = -torch.func.functional_call(disc, frozen, (rec,)).mean()
-        last = vqae.dec[-1].weight
-        g_rec, g_adv = (torch.autograd.grad(t, last, retain_graph=True)[0].norm() for t in (l2, g_loss))
-        weight = args.adv * (g_rec / (g_adv + 1e-4)).clamp(0, 1e4).detach()
+        g_loss = -torch.func.functional_call(disc, frozen, (GradNorm.apply(rec, args.adv),)).mean()
         d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(rec.detach())).mean()
-        loss = loss + weight * g_loss + d_loss
+        loss = loss + g_loss + d_loss
     return loss
 
 
@@ -345,22 +440,54 @@ def schedule(n, epochs, args):
     return spe, epochs * spe, min(epochs * spe, args.max_steps or epochs * spe)
 
 
-def fit(stage, module, loss_fn, tensors, epochs, args, state, save, validate):
+def one_cycle(step, total, warmup, div=25.0, final_div=1000.0):
+    """LR multiplier of the reference's schedule (optax.cosine_onecycle_schedule, = torch OneCycleLR 'cos'):
+    cosine from 1/div up to 1 over the first `warmup` fraction of `total` steps, then cosine down to
+    1/(div * final_div)."""
+    w = max(1, round(warmup * total))
+    a, b, f = (1 / div, 1.0, step / w) if step < w else (1.0, 1 / (div * final_div), (step - w) / max(1, total - w))
+    return b + (a - b) * 0.5 * (1 + math.cos(math.pi * min(f, 1.0)))
+
+
+def optimizers(stage, nets, args):
+    """[(network, its optimiser)]: stage 1 the tokenizer and D (Adam, no weight decay, as published), stage 2
+    the GPT (AdamW). Each network is a separate optimisation problem with its own clipping."""
+    if stage == 1:
+        return [(nets["tokenizer"], torch.optim.Adam(nets["tokenizer"].parameters(), args.lr, betas=tuple(args.betas))),
+                (nets["discriminator"], torch.optim.Adam(nets["discriminator"].parameters(), args.d_lr,
+                                                         betas=tuple(args.d_betas)))]
+    return [(nets["gpt"], torch.optim.AdamW(nets["gpt"].parameters(), args.lr2, betas=tuple(args.betas2),
+                                            eps=args.eps2, weight_decay=args.wd2))]
+
+
+def clip_and_step(opts, clip):
+    """Clip each network's gradient on its own (clip > 0), then step its optimiser: a huge discriminator
+    gradient must not shrink the tokenizer's update, nor the other way round."""
+    for net, opt in opts:
+        if clip > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), clip)
+        opt.step()
+
+
+def fit(stage, nets, loss_fn, tensors, epochs, args, state, save, validate):
     """The training loop of one stage (both stages share it): resumable at any step."""
-    dev = next(module.parameters()).device
-    opt = torch.optim.AdamW(module.parameters(), lr=args.lr, betas=(0.5, 0.9) if stage == 1 else (0.9, 0.95))
+    dev = next(nets["tokenizer"].parameters()).device
+    opts = optimizers(stage, nets, args)
     spe, planned, total = schedule(len(tensors[0]), epochs, args)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / planned, 1.0))))
+    warmup = args.warmup if stage == 1 else args.warmup2
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: one_cycle(s, planned, warmup)) for _, o in opts]
     noise = torch.Generator().manual_seed(args.seed + stage)
     st = state.setdefault(f"stage{stage}", dict(step=0))
     if "opt" in st:                                                # resume
-        opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"]), noise.set_state(st["noise"])
-    print(f"stage {stage}: {sum(p.numel() for p in module.parameters()):,} parameters, {spe} steps per epoch, "
-          f"{total} steps in total")
+        for (_, o), s, so, ss in zip(opts, scheds, st["opt"], st["sched"]):
+            o.load_state_dict(so), s.load_state_dict(ss)
+        noise.set_state(st["noise"]), torch.set_rng_state(st["rng"])
+    print(f"stage {stage}: " + " + ".join(f"{sum(p.numel() for p in net.parameters()):,}" for net, _ in opts) +
+          f" parameters ({'tokenizer + discriminator' if stage == 1 else 'GPT'}), {spe} steps per epoch, {total} steps")
 
     def checkpoint():
-        st.update(opt=opt.state_dict(), sched=sched.state_dict(), noise=noise.get_state())
+        st.update(opt=[o.state_dict() for _, o in opts], sched=[s.state_dict() for s in scheds],
+                  noise=noise.get_state(), rng=torch.get_rng_state())
         save()
 
     t0, losses = time.time(), []
@@ -376,10 +503,12 @@ def fit(stage, module, loss_fn, tensors, epochs, args, state, save, validate):
                 loss = loss_fn(*[b.to(dev) for b in batch], noise)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"stage {stage}: loss is {loss.item()} at step {st['step']} (lower --lr?)")
-            opt.zero_grad(set_to_none=True)
+            for _, o in opts:
+                o.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-            opt.step(), sched.step()
+            clip_and_step(opts, args.clip)
+            for s in scheds:
+                s.step()
             st["step"] += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -411,10 +540,11 @@ def train(args):
     shape = tuple(data.SHAPES[args.detector])
     x_tr, c_tr = split.x("train"), split.cond("train")
     x_va, c_va = split.x("val")[:2000], split.cond("val")[:2000]
-    vqae, disc, gpt = (m.to(dev) for m in build_model(vars(args)))
+    nets = {k: m.to(dev) for k, m in build_networks(vars(args)).items()}
+    vqae, disc, gpt = nets.values()
     state = dict()
     if ck is not None:
-        vqae.load_state_dict(ck["vqae"]), disc.load_state_dict(ck["disc"]), gpt.load_state_dict(ck["gpt"])
+        load_weights(nets, ck, ckpt_path)
         state = ck["state"]
         print(f"continuing {ckpt_path}: stage 1 at step {state.get('stage1', {}).get('step', 0)}, "
               f"stage 2 at step {state.get('stage2', {}).get('step', 0)}")
@@ -451,8 +581,7 @@ def train(args):
 
     target1, target2 = schedule(len(x_tr), args.epochs, args)[2], schedule(len(x_tr), args.epochs2, args)[2]
     if args.stage in (None, 1) and state.get("stage1", {}).get("step", 0) < target1:
-        both = nn.ModuleList([vqae, disc])
-        fit(1, both, lambda x, g: vq_loss(vqae, disc, x, g, args, state["stage1"]["step"]), (x_tr,), args.epochs,
+        fit(1, nets, lambda x, g: vq_loss(vqae, disc, x, g, args, state["stage1"]["step"]), (x_tr,), args.epochs,
             args, state, save, validate1)
     if args.stage in (None, 2) and state.get("stage2", {}).get("step", 0) < target2:
         if state.get("stage1", {}).get("step", 0) < target1:
@@ -460,19 +589,29 @@ def train(args):
         vqae.eval().requires_grad_(False)
         t_tr, t_va = tokenize(vqae, x_tr, dev).short(), tokenize(vqae, x_va, dev).short()
         print(f"tokens: {t_tr.shape[1]} per response, {len(torch.unique(t_tr))} distinct codes in the training set")
-        fit(2, gpt, lambda t, c, g: gpt_loss(gpt, t.long(), c), (t_tr, c_tr), args.epochs2, args, state, save, validate2)
+        fit(2, nets, lambda t, c, g: gpt_loss(gpt, t.long(), c), (t_tr, c_tr), args.epochs2, args, state, save, validate2)
     print(f"checkpoint {ckpt_path}")
     return ckpt_path
 
 
+def load_weights(nets, ck, path):
+    try:
+        for name, key in (("tokenizer", "vqae"), ("discriminator", "disc"), ("gpt", "gpt")):
+            nets[name].load_state_dict(ck[key])
+    except RuntimeError:
+        raise data.DataError(f"{path}: written by an older vqgan.py whose networks differ (before the published "
+                             "tokenizer): train a new one") from None
+
+
 def load_model(args):
-    ck = data.load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", NAME, args.detector)
+    path = args.ckpt or Path(args.out) / "ckpt.pt"
+    ck = data.load_checkpoint(path, NAME, args.detector)
     if not ck["state"].get("stage2", {}).get("step"):
-        raise data.DataError(f"{args.ckpt}: stage 2 is not trained yet (python {NAME}.py --train --resume)")
+        raise data.DataError(f"{path}: stage 2 is not trained yet (python {NAME}.py --train --resume)")
     dev = data.pick_device(args.device)
-    vqae, _, gpt = build_model(ck["args"])
-    vqae.load_state_dict(ck["vqae"]), gpt.load_state_dict(ck["gpt"])
-    return ck, vqae.to(dev).eval(), gpt.to(dev).eval(), dev
+    nets = build_networks(ck["args"])
+    load_weights(nets, ck, path)
+    return ck, nets["tokenizer"].to(dev).eval(), nets["gpt"].to(dev).eval(), dev
 
 
 def generator_fn(vqae, gpt, ck, device, temperature, top_k, kv_cache=True, amp=False):

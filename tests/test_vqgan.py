@@ -53,6 +53,10 @@ def test_stages_resume_determinism_and_errors(tmp_path):
     assert "--temperature must be positive" in cli(S, "--sample", "--temperature", 0, ok=False).stderr
     assert "multiple of --heads" in cli(S, "--train", "--embed", 30, ok=False).stderr
     assert "exists: pass --resume" in cli(S, "--train", "--smoke", "--out", a, ok=False).stderr
+    ck = torch.load(a / "ckpt.pt", weights_only=True)                   # a tokenizer of the old, plain conv design
+    ck["vqae"] = {k.replace("enc.", "encoder."): v for k, v in ck["vqae"].items()}
+    torch.save(ck, tmp_path / "old.pt")
+    assert "older vqgan.py" in cli(S, "--sample", "--ckpt", tmp_path / "old.pt", ok=False).stderr
 
 
 def test_ema_update_hand_computed():
@@ -83,8 +87,9 @@ def test_quantizer_update_and_dead_code_restart():
 def test_shapes_and_kv_cache_equals_no_cache(shape):
     torch.manual_seed(0)
     det = "neutron" if shape == (44, 44) else "proton"
-    vqae, disc, gpt = vq.build_model(dict(detector=det, ae_width=4, code_dim=8, codes=32, embed=16, heads=2, layers=2,
-                                          prefix=3))
+    vqae, disc, gpt = vq.build_model(dict(detector=det, ae_width=2, d_width=4, code_dim=8, codes=32, embed=16, heads=2,
+                                          layers=2, prefix=3, mlp=32, dropout=0.1))
+    gpt.eval()
     x = torch.rand(3, 1, *shape)
     tok = vqae.tokens(x)
     assert tok.shape == (3,) + vq.grid(shape) and tok.shape[1] * tok.shape[2] == (121 if det == "neutron" else 112)
@@ -107,3 +112,75 @@ def test_top_k_and_temperature():
     assert set(vq.pick(logits, u, 1.0, 0).tolist()) == {0, 1, 2, 3}
     assert torch.equal(vq.pick(logits, u, 1e-4, 0), torch.zeros(1000, dtype=torch.long))   # T -> 0: argmax
     assert vq.pick(logits[:2], torch.tensor([0.0, 0.999999]), 1.0, 0).tolist() == [0, 3]        # CDF ends
+
+
+def test_paper_is_the_published_setting_and_explicit_flags_win():
+    a = vq.get_args(["--train", "--paper"])
+    nets = vq.build_networks(vars(a))
+    count = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
+    assert count["tokenizer"] == vq.PUBLISHED["tokenizer"][0] == 59_924       # the reference tokenizer, exactly
+    gpt = nets["gpt"]                                                          # faster_zdc gpt.py: 128, 4 heads, 6 layers, MLP 256
+    assert (gpt.tok.embedding_dim, len(gpt.blocks), gpt.blocks[0].heads, gpt.prefix) == (128, 6, 4, 2)
+    assert gpt.blocks[0].mlp[0].out_features == 256 and gpt.blocks[0].mlp[2].p == 0.1
+    assert not any("bias" in k for k in gpt.state_dict() if not k.startswith("cond."))   # bias-free; tied output
+    assert (a.epochs, a.epochs2, a.batch_size, a.lr, a.d_lr, a.lr2, a.clip, a.adv, a.dead_below) == \
+        (50, 50, 256, 2.2e-4, 1.3e-6, 5.2e-3, 0.0, 1.0, 0.0)
+    assert (a.betas, a.d_betas, a.betas2, a.eps2, a.wd2) == ([0.67, 0.9], [0.6, 0.55], [0.87, 0.998], 1e-5, 0.14)
+    b = vq.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--embed", "32", "--clip", "2"])
+    assert (b.batch_size, b.lr, b.embed, b.clip, b.layers) == (7, 0.123, 32, 2.0, 6)     # explicit > --paper
+    c = vq.get_args(["--train", "--embed", "32"])
+    assert (c.embed, c.layers, c.lr, c.clip, c.epochs) == (32, 4, 2e-3, 1.0, 1)            # explicit > default
+
+
+def test_one_cycle_schedule_known_values():
+    """The reference schedule: 1/25 of the peak at step 0, the peak after the warm-up, 1/25000 at the end."""
+    assert vq.one_cycle(0, 1000, 0.2) == pytest.approx(1 / 25)
+    assert vq.one_cycle(100, 1000, 0.2) == pytest.approx((1 / 25 + 1) / 2)          # half-way up the cosine
+    assert vq.one_cycle(200, 1000, 0.2) == pytest.approx(1.0)
+    assert vq.one_cycle(600, 1000, 0.2) == pytest.approx((1 + 1 / 25_000) / 2)      # half-way down
+    assert vq.one_cycle(1000, 1000, 0.2) == vq.one_cycle(5000, 1000, 0.2) == pytest.approx(1 / 25_000)
+
+
+def test_grad_norm_rescales_only_the_gradient():
+    x = torch.randn(3, 1, 4, 4, requires_grad=True)
+    c = torch.randn(3, 1, 4, 4)
+    y = vq.GradNorm.apply(x, 0.1)
+    assert torch.equal(y, x)
+    (c * y).sum().backward()                                   # d/dx = c, rescaled to norm 0.1
+    torch.testing.assert_close(x.grad, 0.1 * c / c.norm())
+
+
+def test_each_network_is_clipped_on_its_own():
+    """The tokenizer and D are separate optimisation problems: with one clip over both (the old code) a huge D
+    gradient shrank the tokenizer's update ~1e6-fold; clipped separately it leaves it alone, and vice versa."""
+    torch.manual_seed(0)
+    nets = vq.build_networks(vars(vq.get_args(["--train", "--smoke"])))
+    ae, d = nets["tokenizer"], nets["discriminator"]
+    for huge, small in ((d, ae), (ae, d)):
+        before = {n: [p.detach().clone() for p in m.parameters()] for n, m in (("huge", huge), ("small", small))}
+        for p in small.parameters():
+            p.grad = torch.full_like(p, 1e-3)                  # total norm well below the clip
+        for p in huge.parameters():
+            p.grad = torch.full_like(p, 1e3)
+        g_small = [p.grad.clone() for p in small.parameters()]
+        opts = [(m, torch.optim.SGD(m.parameters(), lr=1.0)) for m in (ae, d)]   # update = -(clipped) gradient
+        vq.clip_and_step(opts, 1.0)
+        for p, p0, g in zip(small.parameters(), before["small"], g_small):
+            torch.testing.assert_close(p0 - p.detach(), g)      # not shrunk
+        step = torch.cat([(p0 - p.detach()).flatten() for p, p0 in zip(huge.parameters(), before["huge"])])
+        assert step.norm() == pytest.approx(1.0, rel=1e-4)     # clipped to norm 1
+        with torch.no_grad():
+            for p, p0 in zip(small.parameters(), before["small"]):
+                p.copy_(p0)
+    for p in ae.parameters():                                  # the old joint clip, for contrast
+        p.grad = torch.full_like(p, 1e-3)
+    for p in d.parameters():
+        p.grad = torch.full_like(p, 1e3)
+    total = torch.nn.utils.clip_grad_norm_(list(ae.parameters()) + list(d.parameters()), 1.0)
+    assert total > 1e4 and all(torch.allclose(p.grad, torch.full_like(p, 1e-3 / total)) for p in ae.parameters())
+
+
+def test_discriminator_starts_neutral():
+    """D's last layer starts at zero: D(x) = 0 and the adversarial gradient reaching the tokenizer is zero."""
+    nets = vq.build_networks(vars(vq.get_args(["--train", "--smoke"])))
+    assert torch.equal(nets["discriminator"](torch.rand(2, 1, 44, 44)), torch.zeros(2, 1, 11, 11))

@@ -7,8 +7,11 @@ Method. A generator G(z, c) maps noise z ~ N(0, I_10) and the 9 standardised par
 log1p(counts) image (ReLU output, so exact zeros are possible); a discriminator D(x, c) returns a logit.
 Non-saturating BCE: D minimises BCE(D(x, c), 1) + BCE(D(G(z, c'), c'), 0) and G minimises BCE(D(G(z, c'), c'), 1),
 where the fakes are conditioned on c', a shuffled copy of the batch's conditions (so D cannot pair a fake with
-the real image of the same row). One D step, then one G step, per batch; Adam with the published settings
-(D lr 1.4e-5, betas .97/.96; G lr 1e-4, betas .76/.54) with --paper, and a constant learning rate.
+the real image of the same row). One D step, then one G step, per batch; two separate optimisers. --paper:
+the thesis' Table A.4 (D: Adam lr 1.4e-5, betas .97/.96, eps 3.7e-5; G: Adam with Nesterov momentum (NAdam) lr
+1e-4, betas .76/.54, eps 1.8e-2; no weight decay; each with the one-cycle cosine schedule of the authors' code:
+from lr/div up to lr over the first 43 % (G: 34 %) of the steps, then down to lr/(div * final div), div 41 and
+1700 (G: 260 and 9500)), batch 256, 100 epochs (Table 4.2). The CPU default: constant learning rates.
 Generator: dense 19 -> 256 -> (2w, H/4, W/4), two nearest x2 upsamplings each followed by a 3x3 conv (2w, w
 channels), a 3x3 conv to 1 channel, ReLU, cropped to H x W (ZP 56x30 is generated at 56x32). Discriminator:
 two 3x3 convs (w, 2w channels) each with 2x2 max pooling, flatten, concatenate c, dense 128 -> 64 -> logit.
@@ -28,19 +31,24 @@ but applies it in log space; here both are raw counts). `--no-postprocess` sets 
 Usage:
     python gan.py --train                            # ZN, CPU default (~9 min on 2 cores), runs/gan
     python gan.py --train --detector proton --out runs/gan_proton
-    python gan.py --train --paper                    # reference size (G 0.9M, D 1.4M), 100 epochs
+    python gan.py --train --paper                    # the thesis setting (G 0.89M, D 1.41M), 100 epochs: a GPU job
     python gan.py --sample --ckpt runs/gan/ckpt.pt --n 1000 --out samples.npz
     python gan.py --eval --ckpt runs/gan/ckpt.pt [--no-postprocess] [--plot]
     python gan.py --train --smoke                    # seconds: tiny data, tiny model
+Explicit flags beat --paper, which beats the CPU default. --width is the generator's width (as in the other
+scripts; --g-width, its old name, still works, and checkpoints that stored g_width load and resume).
 Logged every --val-every steps (means since the previous row): d_loss, g_loss (= train_loss), d_real and
 d_fake (mean sigmoid(D) on real and fake images: ~0.5 both at equilibrium; d_real -> 1 and d_fake -> 0 means
 D is winning), and the validation Wasserstein of 1000 generated samples (without postprocessing).
 
-Deviations from the paper: the thesis generator starts from a 13x13 dense layer with "valid" convs (5.6M
-parameters); here the start is H/4 x W/4 with padded convs, so one network serves both detectors, and widths
-are chosen to land near the reference sizes with --paper (ZN: G 0.89M, D 1.41M). The CPU default keeps G
-(0.89M) but has a narrower D (--d-width 8, 0.26M) without BatchNorm, no dropout (25 % of the CPU time), one
-epoch instead of 100, and faster Adam settings (lr 2e-4 for both, betas .5/.9): with the published ones (D lr 1.4e-5,
+Deviations from the paper (docs/fidelity/gan.md): the thesis' final GAN (Section 4.9) is built from its ViT
+encoder/decoder (~1M parameters; the ViT backbone is a separate issue); this is the conditional conv GAN of the
+authors' earlier code, whose generator starts from a 13x13 dense layer with "valid" convs (5.6M parameters);
+here the start is H/4 x W/4 with padded convs, so one network serves both detectors, and widths are chosen to
+land near the reference sizes with --paper (ZN: G 0.89M, D 1.41M). torch's NAdam (Dozat's momentum schedule)
+stands in for optax's Nesterov Adam. The CPU default keeps G (0.89M) but has a narrower D (--d-width 8, 0.26M)
+without BatchNorm, no dropout (25 % of the CPU time), one epoch instead of 100, batch 128, and faster Adam
+settings at a constant rate (lr 2e-4 for both, betas .5/.9, eps 1e-8): with the published ones (D lr 1.4e-5,
 b1 .97) D did not move in 400 steps (D(real) ~ D(fake) ~ 0.51, val W flat at ~145), with these val W fell
 from ~140 to ~40-50 in 300 steps. --paper restores the published settings.
 """
@@ -62,10 +70,17 @@ import metrics
 NAME = "gan"
 NOISE = 10
 # CPU default: ~9 min on 2 cores (ZN). The published optimiser settings (PAPER) barely move D in a CPU budget.
-DEFAULTS = dict(epochs=1, batch_size=128, lr=2e-4, d_lr=2e-4, g_betas=[0.5, 0.9], d_betas=[0.5, 0.9], g_width=14,
-                d_width=8, dropout=0.0, d_norm="none")
-PAPER = dict(epochs=100, batch_size=128, lr=1e-4, d_lr=1.4e-5, g_betas=[0.76, 0.54], d_betas=[0.97, 0.96], g_width=14,
-             d_width=44, dropout=0.2, d_norm="batch")
+# Keys without a flag (Adam eps, Nesterov, schedule) are fixed per setting; every other key is a flag that beats
+# both dicts when given. Schedule: (warm-up fraction, initial div, final div) of the one-cycle cosine, or None.
+DEFAULTS = dict(epochs=1, batch_size=128, lr=2e-4, d_lr=2e-4, g_betas=[0.5, 0.9], d_betas=[0.5, 0.9], width=14,
+                d_width=8, dropout=0.0, d_norm="none", g_eps=1e-8, d_eps=1e-8, g_nesterov=False, g_sched=None,
+                d_sched=None)
+# thesis Table 4.2 (100 epochs, batch 256) and Table A.4 (both optimisers)
+PAPER = dict(epochs=100, batch_size=256, lr=1e-4, d_lr=1.4e-5, g_betas=[0.76, 0.54], d_betas=[0.97, 0.96], width=14,
+             d_width=44, dropout=0.2, d_norm="batch", g_eps=1.8e-2, d_eps=3.7e-5, g_nesterov=True,
+             g_sched=[0.34, 260.0, 9500.0], d_sched=[0.43, 41.0, 1700.0])
+PUBLISHED = {"generator": (900_000, "MODELS.md reference size G ~0.9M (thesis Sec. 4.9: ~1M-parameter GANs)"),
+             "discriminator": (1_400_000, "MODELS.md reference size D ~1.4M")}
 
 
 def get_args(argv=None):
@@ -73,7 +88,8 @@ def get_args(argv=None):
                                 epilog=__doc__[__doc__.index("Usage:"):])
     data.add_common_args(p, NAME)
     g = p.add_argument_group("GAN (--lr is the generator's learning rate)")
-    g.add_argument("--g-width", type=int, default=None, help="generator channels w (dense to 2w, convs 2w, w); paper size 14")
+    g.add_argument("--width", "--g-width", dest="width", type=int, default=None,
+                   help="generator channels w (dense to 2w, convs 2w, w); 14 (--g-width: its old name)")
     g.add_argument("--d-width", type=int, default=None, help="discriminator conv channels w (convs w, 2w); CPU 8, paper size 44")
     g.add_argument("--d-lr", type=float, default=None, help="discriminator learning rate (CPU 2e-4; published 1.4e-5)")
     g.add_argument("--g-betas", type=float, nargs=2, default=None, help="generator Adam betas (CPU .5 .9; published .76 .54)")
@@ -84,21 +100,21 @@ def get_args(argv=None):
     g.add_argument("--val-every", type=int, default=500, help="validate (losses, D outputs, Wasserstein) every N steps")
     g.add_argument("--pp-samples", type=int, default=20000, help="training events used to fit the postprocessing scale")
     g.add_argument("--no-postprocess", action="store_true", help="--sample/--eval: ignore the fitted scale (s = 1)")
-    g.add_argument("--paper", action="store_true", help="reference sizes and schedule")
+    g.add_argument("--paper", action="store_true", help="the published setting (explicit flags still win)")
     args = p.parse_args(argv)
     data.check_args(p, args)
     if args.d_lr is not None and not args.d_lr > 0 or not all(0 <= b < 1 for b in (args.g_betas or []) + (args.d_betas or [])):
         p.error("--d-lr must be positive and Adam betas in [0, 1)")
     if args.dropout is not None and not 0 <= args.dropout < 1 or args.pp_samples <= 0 or args.val_every <= 0:
         p.error("--dropout must be in [0, 1), --pp-samples and --val-every positive")
-    for k in ("g_width", "d_width"):
+    for k in ("width", "d_width"):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive (got {getattr(args, k)})")
     for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
-        if getattr(args, k) is None:   # flags given on the command line win
+        if getattr(args, k, None) is None:   # flags given on the command line win
             setattr(args, k, v)
     if args.smoke:
-        args.limit, args.g_width, args.d_width, args.batch_size = args.limit or 1500, 4, 4, 32
+        args.limit, args.width, args.d_width, args.batch_size = args.limit or 1500, 4, 4, 32
         args.max_steps, args.pp_samples = args.max_steps or 6, min(args.pp_samples, 300)
         args.max_test, args.reps, args.ckpt_every = min(args.max_test or 200, 200), min(args.reps, 2), 3
     args.out = args.out or f"runs/{NAME}"
@@ -146,12 +162,32 @@ class Discriminator(nn.Module):
 
 
 def build_model(cfg):
-    """The generator described by a checkpoint's args (the network that samples)."""
-    return Generator(data.SHAPES[cfg["detector"]], cfg["g_width"], cfg["dropout"])
+    """The generator described by a checkpoint's args (the network that samples); checkpoints from before
+    --width call its width g_width."""
+    return Generator(data.SHAPES[cfg["detector"]], cfg["width"] if "width" in cfg else cfg["g_width"], cfg["dropout"])
 
 
 def build_discriminator(cfg):
     return Discriminator(data.SHAPES[cfg["detector"]], cfg["d_width"], cfg["dropout"], cfg.get("d_norm", "batch") == "batch")
+
+
+def build_networks(cfg):
+    return dict(generator=build_model(cfg), discriminator=build_discriminator(cfg))
+
+
+def one_cycle(step, total, warmup, div, final_div):
+    """LR multiplier of the thesis' schedule (optax.cosine_onecycle_schedule, = torch OneCycleLR 'cos'): cosine
+    from 1/div up to 1 over the first `warmup` fraction of `total` steps, then down to 1/(div * final_div)."""
+    w = max(1, round(warmup * total))
+    a, b, f = (1 / div, 1.0, step / w) if step < w else (1.0, 1 / (div * final_div), (step - w) / max(1, total - w))
+    return b + (a - b) * 0.5 * (1 + math.cos(math.pi * min(f, 1.0)))
+
+
+def optimizer(net, lr, betas, eps, nesterov, sched, total):
+    """Adam (NAdam where the thesis used Nesterov momentum), no weight decay (Table A.4), and its schedule:
+    the one-cycle cosine `sched` = (warm-up fraction, div, final div) over `total` steps, or constant."""
+    opt = (torch.optim.NAdam if nesterov else torch.optim.Adam)(net.parameters(), lr=lr, betas=tuple(betas), eps=eps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, (lambda s: one_cycle(s, total, *sched)) if sched else (lambda s: 1.0))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,24 +281,27 @@ def train(args):
         raise data.DataError(f"{ckpt_path} exists: pass --resume to continue it, or --out a new folder")
     if args.resume and ckpt_path.exists():
         ck = data.load_checkpoint(ckpt_path, NAME)
-        args = data.resume_args(args, ck, older=dict(d_norm="batch"))   # before --d-norm, D had BatchNorm
+        # before --d-norm, D had BatchNorm; before --width, the generator's width was g_width
+        args = data.resume_args(args, ck, older=dict(d_norm="batch", width=ck["args"].get("g_width")))
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     split = data.load_split(vars(args))
     x_tr, c_tr = split.x("train"), split.cond("train")
     c_va = split.cond("val")[:1000]
-    gen, disc = build_model(vars(args)).to(dev), build_discriminator(vars(args)).to(dev)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=tuple(args.g_betas))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.d_lr, betas=tuple(args.d_betas))
+    gen, disc = (m.to(dev) for m in build_networks(vars(args)).values())
     steps_per_epoch = max(len(x_tr) // args.batch_size, 1)   # the last incomplete batch is dropped (BatchNorm)
-    planned = args.epochs * steps_per_epoch               # constant learning rates; --max-steps stops early
+    planned = args.epochs * steps_per_epoch               # the schedules span this; --max-steps stops early
     total = min(planned, args.max_steps or planned)
+    opt_g, sched_g = optimizer(gen, args.lr, args.g_betas, args.g_eps, args.g_nesterov, args.g_sched, planned)
+    opt_d, sched_d = optimizer(disc, args.d_lr, args.d_betas, args.d_eps, False, args.d_sched, planned)
     scaler = torch.amp.GradScaler(enabled=args.amp and dev.type == "cuda" and not torch.cuda.is_bf16_supported())
     noise = torch.Generator(dev).manual_seed(args.seed)
     step, epoch, scale = 0, 0, 1.0
     if ck is not None:
         gen.load_state_dict(ck["weights"]), disc.load_state_dict(ck["disc"])
         opt_g.load_state_dict(ck["opt_g"]), opt_d.load_state_dict(ck["opt_d"]), scaler.load_state_dict(ck["scaler"])
+        if "sched_g" in ck:
+            sched_g.load_state_dict(ck["sched_g"]), sched_d.load_state_dict(ck["sched_d"])
         noise.set_state(ck["rng"]["noise"]), torch.set_rng_state(ck["rng"]["torch"])
         step, epoch, scale = ck["step"], ck["epoch"], ck["scale"]
         print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
@@ -273,6 +312,7 @@ def train(args):
     def save():
         data.save_checkpoint(dict(model=NAME, args=vars(args), data=split.state(), weights=gen.state_dict(),
                                   disc=disc.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
+                                  sched_g=sched_g.state_dict(), sched_d=sched_d.state_dict(),
                                   scaler=scaler.state_dict(), step=step, epoch=epoch, n_params=n_g, scale=scale,
                                   rng=dict(noise=noise.get_state(), torch=torch.get_rng_state())), ckpt_path)
 
@@ -306,6 +346,7 @@ def train(args):
                                                         scaler, args.amp)
             if not math.isfinite(d_loss + g_loss):
                 raise FloatingPointError(f"losses D {d_loss}, G {g_loss} at step {step}: training diverged")
+            sched_g.step(), sched_d.step()
             step += 1
             logs.append((d_loss, g_loss, d_real, d_fake))
             bar.set_postfix(D=f"{d_loss:.3f}", G=f"{g_loss:.3f}")

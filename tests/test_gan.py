@@ -70,18 +70,22 @@ def test_same_seed_same_losses_resume_equals_uninterrupted_and_clear_errors(tmp_
     (tmp_path / "junk.pt").write_text("junk")
     assert "not a readable checkpoint" in cli(S, "--eval", "--ckpt", tmp_path / "junk.pt", ok=False).stderr
     assert "exists: pass --resume" in cli(S, "--train", "--smoke", "--out", a, ok=False).stderr
-    old = tmp_path / "old"                                     # a checkpoint from before --d-norm existed
+    old = tmp_path / "old"               # a checkpoint from before --d-norm, --width (then --g-width) and schedules
     cli(S, "--train", "--smoke", "--out", old, "--max-steps", 4, "--d-norm", "batch")
     ck = torch.load(old / "ckpt.pt", weights_only=True)
-    del ck["args"]["d_norm"]
+    del ck["args"]["d_norm"], ck["sched_g"], ck["sched_d"]
+    ck["args"]["g_width"] = ck["args"].pop("width")
     torch.save(ck, old / "ckpt.pt")
-    cli(S, "--train", "--smoke", "--out", old, "--resume")   # its D has BatchNorm: resumes with it
-    assert torch.load(old / "ckpt.pt", weights_only=True)["step"] == 6
+    cli(S, "--sample", "--ckpt", old / "ckpt.pt", "--n", 10, "--out", old / "s.npz")   # samples with its width
+    check_samples(old / "s.npz", data.SHAPES["neutron"], 10)
+    cli(S, "--train", "--out", old, "--resume", "--max-steps", 6)   # no --smoke: the default width would be 14
+    ck = torch.load(old / "ckpt.pt", weights_only=True)              # its D has BatchNorm, its G width 4
+    assert ck["step"] == 6 and ck["args"]["width"] == 4 and ck["args"]["d_norm"] == "batch"
 
 
 @pytest.mark.parametrize("argv, message", [(["--d-lr", "0"], "--d-lr must be positive"),
                                            (["--g-betas", "0.5", "1.5"], "Adam betas in [0, 1)"),
-                                           (["--g-width", "0"], "--g-width must be positive"),
+                                           (["--width", "0"], "--width must be positive"),
                                            (["--dropout", "1"], "--dropout must be in [0, 1)")])
 def test_bad_flags_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -126,3 +130,37 @@ def test_batchnorm_discriminator_is_blind_to_the_brightness_of_a_batch():
         with torch.no_grad():
             same = torch.allclose(d(x, cond), d(3 * x, cond), atol=1e-3)
         assert same == blind, norm
+
+
+def test_paper_is_the_thesis_setting_and_explicit_flags_win():
+    a = gan.get_args(["--train", "--paper"])
+    for name, net in gan.build_networks(vars(a)).items():          # within 2 % of the reference sizes
+        assert sum(p.numel() for p in net.parameters()) == pytest.approx(gan.PUBLISHED[name][0], rel=0.02)
+    # thesis Table 4.2: 100 epochs, batch 256; Table A.4: D lr 1.4e-5, betas .97/.96, eps 3.7e-5, one-cycle 43 %,
+    # div 41, final div 1700; G lr 1e-4, betas .76/.54, eps 1.8e-2, Nesterov, 34 %, 260, 9500; no weight decay
+    assert (a.epochs, a.batch_size, a.lr, a.d_lr, a.g_betas, a.d_betas, a.g_eps, a.d_eps, a.g_nesterov) == \
+        (100, 256, 1e-4, 1.4e-5, [0.76, 0.54], [0.97, 0.96], 1.8e-2, 3.7e-5, True)
+    assert (a.g_sched, a.d_sched, a.d_norm, a.dropout) == ([0.34, 260.0, 9500.0], [0.43, 41.0, 1700.0], "batch", 0.2)
+    b = gan.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "5", "--d-norm", "none"])
+    assert (b.batch_size, b.lr, b.width, b.d_norm, b.d_lr) == (7, 0.123, 5, "none", 1.4e-5)   # explicit > --paper
+    assert gan.get_args(["--train", "--g-width", "6"]).width == 6                     # the old flag name still works
+    c = gan.get_args(["--train"])
+    assert (c.width, c.d_width, c.batch_size, c.d_norm, c.g_sched, c.g_nesterov) == (14, 8, 128, "none", None, False)
+
+
+def test_optimizers_and_one_cycle_schedule():
+    """Nesterov (NAdam) for G under --paper; the one-cycle cosine: lr/div at step 0, lr after the warm-up,
+    lr/(div * final div) at the end; the CPU default keeps a constant learning rate."""
+    net = torch.nn.Linear(2, 2)
+    opt, sched = gan.optimizer(net, 1e-4, [0.76, 0.54], 1.8e-2, True, [0.34, 260.0, 9500.0], 1000)
+    assert isinstance(opt, torch.optim.NAdam) and opt.param_groups[0]["eps"] == 1.8e-2
+    lrs = []
+    for _ in range(1001):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step(), sched.step()
+    assert lrs[0] == pytest.approx(1e-4 / 260) and lrs[340] == pytest.approx(1e-4)
+    assert lrs[170] == pytest.approx(1e-4 * (1 / 260 + 1) / 2) and lrs[1000] == pytest.approx(1e-4 / 260 / 9500)
+    opt, sched = gan.optimizer(net, 2e-4, [0.5, 0.9], 1e-8, False, None, 1000)
+    for _ in range(10):
+        opt.step(), sched.step()
+    assert type(opt) is torch.optim.Adam and opt.param_groups[0]["lr"] == 2e-4

@@ -39,6 +39,7 @@ from tqdm import tqdm
 # Detectors and file names
 # ----------------------------------------------------------------------------------------------------------
 SHAPES = {"neutron": (44, 44), "proton": (56, 30)}
+JOINT = ("neutron", "proton")   # --detector joint: both responses of the same particles (load_joint)
 FILES = {  # the real ALICE file names for the neutron set; the proton set follows the same pattern
     "neutron": ("data_nonrandom_responses.npz", "data_nonrandom_particles.npz"),
     "proton": ("data_proton_responses.npz", "data_proton_particles.npz"),
@@ -248,19 +249,26 @@ def simulate(particles, rng, toy=TOY, detectors=("neutron", "proton")):
     return {det: _images(*_photons(sh, det, rng, toy), np.arange(n), n, SHAPES[det]) for det in detectors}
 
 
-def _chunk(seed, c, toy):
-    """Chunk c of the toy set: its own seeds, so any prefix of chunks is the same whatever the total."""
+def _chunk(seed, c, toy, joint=False):
+    """Chunk c of the toy set: its own seeds, so any prefix of chunks is the same whatever the total.
+    joint=True: instead, the joint set's events (either response passes its cut), both images of each; the
+    random stream is the same, so the joint set is exactly the union of the two single-detector sets."""
     rng_p = np.random.default_rng([seed, 0, c])
     particles = draw_particles(toy["chunk"], rng_p, toy)
     events = np.repeat(particles, toy["runs"], axis=0)
     cond = np.repeat(np.arange(c * toy["chunk"], (c + 1) * toy["chunk"]), toy["runs"])
     rng = np.random.default_rng([seed, 1, c])
     sh = _shower(events, rng, toy)
+    photons = {det: _photons(sh, det, rng, toy) for det in SHAPES}
+    passed = {det: np.bincount(photons[det][0], minlength=len(events)) >= toy[det]["cut"] for det in SHAPES}
+    if joint:
+        keep = np.flatnonzero(np.any(list(passed.values()), 0))
+        return {"joint": ({det: _images(*photons[det], keep, len(events), SHAPES[det]) for det in SHAPES},
+                          events[keep], cond[keep])}
     out = {}
     for det in SHAPES:  # bin only the events that pass the set's photon cut
-        e, pix = _photons(sh, det, rng, toy)
-        keep = np.flatnonzero(np.bincount(e, minlength=len(events)) >= toy[det]["cut"])
-        out[det] = (_images(e, pix, keep, len(events), SHAPES[det]), events[keep], cond[keep])
+        keep = np.flatnonzero(passed[det])
+        out[det] = (_images(*photons[det], keep, len(events), SHAPES[det]), events[keep], cond[keep])
     return out
 
 
@@ -269,23 +277,28 @@ def generate_toy(seed=0, n_chunks=None, limit=None, detector="neutron", toy=TOY,
     chunks as needed for `limit` events of `detector`. Returns dict detector -> (images, particles)."""
     full = toy["n_conditions"] // toy["chunk"]
     n_chunks = n_chunks or full
-    parts = {det: [] for det in SHAPES}
+    joint = detector == "joint"   # then the one set "joint": ({detector: images}, particles)
+    sets = ["joint"] if joint else list(SHAPES)
+    parts = {det: [] for det in sets}
     have = 0
     chunks = range(n_chunks if limit is None else full)
     workers = 1 if limit is not None else min(os.cpu_count() or 1, 8)
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
-    results = pool.map(_chunk, [seed] * len(chunks), chunks, [toy] * len(chunks), chunksize=8) if pool else (
-        _chunk(seed, c, toy) for c in chunks)
+    args = [seed] * len(chunks), chunks, [toy] * len(chunks), [joint] * len(chunks)
+    results = pool.map(_chunk, *args, chunksize=8) if pool else map(_chunk, *args)
     bar = tqdm(results, total=len(chunks), desc="toy Monte Carlo", unit="chunk", disable=not progress, leave=False)
     for out in bar:
-        for det in SHAPES:
+        for det in sets:
             parts[det].append(out[det])
-        have += len(out[detector][0])
+        have += len(out[detector][1])
         bar.set_postfix(events=have, refresh=False)
         if limit is not None and have >= limit:
             break
     if pool:
         pool.shutdown()
+    if joint:
+        return {"joint": ({det: np.concatenate([p[0][det] for p in parts["joint"]]) for det in SHAPES},
+                          np.concatenate([p[1] for p in parts["joint"]]))}
     return {det: (np.concatenate([p[0] for p in parts[det]]), np.concatenate([p[1] for p in parts[det]]))
             for det in SHAPES}
 
@@ -293,10 +306,14 @@ def generate_toy(seed=0, n_chunks=None, limit=None, detector="neutron", toy=TOY,
 def toy_folder(seed=0, limit=None, detector="neutron", toy=TOY, progress=True):
     """The cache folder of the toy set (real file format), generated on first use."""
     tag = f"toy-{toy_hash(toy)}-seed{seed}" + ("" if limit is None else f"-{detector}{limit}")
+    tag += "-joint" if detector == "joint" and limit is None else ""
     folder = cache_dir() / tag
     if not (folder / "done").exists():
         t0 = time.time()
         sets = generate_toy(seed, limit=limit, detector=detector, toy=toy, progress=progress)
+        if detector == "joint":   # the joint folder: both detectors' file pairs, row-aligned particles
+            images, particles = sets.pop("joint")
+            sets = {det: (images[det], particles) for det in SHAPES}
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         for det, (images, particles) in sets.items():
             (tmp / det).mkdir(parents=True, exist_ok=True)
@@ -315,19 +332,26 @@ def toy_folder(seed=0, limit=None, detector="neutron", toy=TOY, progress=True):
 def resimulate(particles, detector, seed=0, cut=None, toy=TOY, max_rounds=1000):
     """Fresh toy responses for the given conditions, drawn from the same distribution as the data set:
     events below the set's photon cut (default: the toy's) are redrawn, as the cut did to the data.
-    Returns counts (n, H, W) and the number of events still below the cut after `max_rounds` (normally 0)."""
-    cut = toy[detector]["cut"] if cut is None else cut
+    Returns counts (n, H, W) and the number of events still below the cut after `max_rounds` (normally 0).
+    detector="joint": both responses of each event, redrawn while neither passes its cut (`cut`: a dict
+    detector -> cut); returns ({detector: counts}, number still below)."""
+    dets = JOINT if detector == "joint" else (detector,)
+    cuts = cut if isinstance(cut, dict) else {detector: cut}
+    cuts = {det: toy[det]["cut"] if cuts.get(det) is None else cuts[det] for det in dets}
     rng = np.random.default_rng([seed, 2])
     particles = np.asarray(particles, float)
-    out = np.zeros((len(particles),) + SHAPES[detector], np.uint16)
+    out = {det: np.zeros((len(particles),) + SHAPES[det], np.uint16) for det in dets}
     todo = np.arange(len(particles))
     for _ in range(max_rounds):
-        img = simulate(particles[todo], rng, toy, (detector,))[detector]
-        out[todo] = img
-        todo = todo[img.reshape(len(todo), -1).sum(1, dtype=np.int64) < cut]
+        img = simulate(particles[todo], rng, toy, dets)
+        passed = np.zeros(len(todo), bool)
+        for det in dets:
+            out[det][todo] = img[det]
+            passed |= img[det].reshape(len(todo), -1).sum(1, dtype=np.int64) >= cuts[det]
+        todo = todo[~passed]
         if len(todo) == 0:
             break
-    return out, len(todo)
+    return (out if detector == "joint" else out[detector]), len(todo)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -427,8 +451,10 @@ def load(detector="neutron", data="toy", limit=None, seed=0, min_photons=None, p
     particles). `limit`: keep only the first `limit` events (the toy then simulates only what it needs).
     `min_photons`: keep only responses with at least this photon sum (published ZP sets use 1, 5 or 18;
     the toy's own cuts are 10 for ZN and 1 for ZP)."""
+    if detector == "joint":
+        return load_joint(data, limit, seed, min_photons, progress)
     if detector not in SHAPES:
-        raise DataError(f"unknown detector {detector!r}: use one of {', '.join(SHAPES)}")
+        raise DataError(f"unknown detector {detector!r}: use one of {', '.join(SHAPES)} or joint")
     if limit is not None and limit < 10:
         raise DataError(f"--limit {limit}: need at least 10 events")
     if str(data) == "toy":
@@ -452,6 +478,64 @@ def load(detector="neutron", data="toy", limit=None, seed=0, min_photons=None, p
         images, particles = images[:limit], particles[:limit]
     cut = max(TOY[detector]["cut"], min_photons or 0) if str(data) == "toy" else min_photons
     return ZDCData(images, particles, detector, source, cut, toy=str(data) == "toy")
+
+
+class JointData:
+    """Both calorimeters' responses to the same particles (--detector joint): `views[det]` is a ZDCData of one
+    detector sharing the particles and condition ids. Its `cut` is {detector: cut}: the toy keeps an event when
+    either response passes its detector's cut, so most events hold one bright and one empty or faint response.
+    A view has is_toy False: one detector's re-simulation is not the joint set's floor (resimulate 'joint' is)."""
+    detector = "joint"
+
+    def __init__(self, images, particles, source, toy=False):
+        self.views = {det: ZDCData(images[det], particles, det, f"{source} [{det}]", toy=False) for det in JOINT}
+        first = self.views[JOINT[0]]
+        self.particles, self.cond_id, self.source, self.is_toy = first.particles, first.cond_id, source, toy
+        self.cut = {det: TOY[det]["cut"] for det in JOINT} if toy else None
+        self.images = {det: v.images for det, v in self.views.items()}
+
+    def __len__(self):
+        return len(self.particles)
+
+    @property
+    def features(self):
+        return self.particles[:, :9]
+
+
+def load_joint(data="toy", limit=None, seed=0, min_photons=None, progress=True):
+    """The joint set: 'toy' (events where either response passes its cut), a folder holding the neutron and the
+    proton file pairs (in neutron/ and proton/ or side by side) whose particles files must be identical row by
+    row, or a joint sample .npz (responses_neutron, responses_proton, particles)."""
+    if min_photons is not None:
+        raise DataError("--min-photons selects one detector's responses; the joint set keeps an event when either "
+                        "response passes its detector's cut (toy: ZN >= 10 or ZP >= 1 photons)")
+    if limit is not None and limit < 10:
+        raise DataError(f"--limit {limit}: need at least 10 events")
+    if str(data) == "toy":
+        folder = toy_folder(seed, limit, "joint", progress=progress)
+        source = f"toy(seed={seed}, joint{'' if limit is None else f', limit={limit}'})"
+    elif Path(data).suffix == ".npz":
+        path = Path(data)
+        images = {det: _read_npz(path, [f"responses_{det}"]) for det in JOINT}
+        particles = _read_npz(path, ["particles"])
+        return JointData({d: im[:limit] for d, im in images.items()}, particles[:limit], str(path))
+    else:
+        folder, source = Path(data), str(data)
+    images, particles = {}, {}
+    for det in JOINT:
+        resp, part = find_files(folder, det)
+        images[det], particles[det] = _read_npz(resp, ["arr_0", "responses"]), _read_npz(part, ["arr_0", "particles"])
+        if len(images[det]) != len(particles[det]):
+            raise DataError(f"{resp}: {len(images[det])} responses but {len(particles[det])} particles in {part.name}")
+    pn, pp = particles["neutron"], particles["proton"]
+    if pn.shape != pp.shape or not np.array_equal(pn, pp):
+        m = min(len(pn), len(pp))
+        differ = ~((pn[:m] == pp[:m]) | np.isnan(pn[:m]) & np.isnan(pp[:m])).reshape(m, -1).all(1)
+        row = int(np.argmax(differ)) if differ.any() else m
+        raise DataError(f"{folder}: the neutron and proton particles files are not row-aligned (shapes {pn.shape} "
+                        f"and {pp.shape}, first differing row {row}): the joint set needs both responses of the "
+                        "same particle in the same row")
+    return JointData({d: im[:limit] for d, im in images.items()}, pn[:limit], source, toy=str(data) == "toy")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -520,6 +604,33 @@ class Split:
                     shape=list(SHAPES[self.ds.detector]), mean=self.mean.tolist(), std=self.std.tolist())
 
 
+class JointSplit:
+    """The joint set's split: one set of indices and one feature standardisation for both detectors (the same
+    as Split on either view). `views[det]` is that detector's Split, which metrics' functions take; x(part) and
+    counts(part) are dicts detector -> tensor / array."""
+
+    def __init__(self, ds, mode="random", seed=0):
+        self.ds, self.mode, self.seed = ds, mode, seed
+        self.views = {det: Split(v, mode, seed) for det, v in ds.views.items()}
+        self.idx, self.mean, self.std = (getattr(self.views[JOINT[0]], k) for k in ("idx", "mean", "std"))
+
+    def cond(self, part):
+        return self.views[JOINT[0]].cond(part)
+
+    def x(self, part):
+        return {det: v.x(part) for det, v in self.views.items()}
+
+    def counts(self, part):
+        return {det: v.counts(part) for det, v in self.views.items()}
+
+    def particles(self, part):
+        return self.ds.particles[self.idx[part]]
+
+    def state(self):
+        return dict(detector="joint", source=self.ds.source, split=self.mode, seed=self.seed,
+                    shape={det: list(SHAPES[det]) for det in JOINT}, mean=self.mean.tolist(), std=self.std.tolist())
+
+
 def standardize(features, mean, std):
     """Raw 9 feature columns (N, >= 9) -> standardised float32 tensor (N, 9)."""
     f = np.asarray(features, dtype=np.float64)[:, :9]
@@ -540,16 +651,18 @@ def batches(tensors, batch_size, generator=None, shuffle=True, device="cpu", sta
 # ----------------------------------------------------------------------------------------------------------
 # Run plumbing shared by the model scripts: command line, devices, seeds, checkpoints, sample files
 # ----------------------------------------------------------------------------------------------------------
-def add_common_args(p, name):
-    """The shared flags, in the same order in every model script (STYLE.md)."""
+def add_common_args(p, name, detectors=None):
+    """The shared flags, in the same order in every model script (STYLE.md). `detectors`: the --detector
+    choices of a script that does not take neutron|proton (sdigan_joint.py: joint only)."""
     g = p.add_argument_group("what to do")
     g.add_argument("--train", action="store_true", help="train (then evaluate briefly on the validation set)")
     g.add_argument("--sample", action="store_true", help="write generated responses to --out (.npz)")
     g.add_argument("--eval", action="store_true", help="full evaluation of --ckpt; writes eval.json beside it")
     g.add_argument("--smoke", action="store_true", help="tiny data, tiny model, a few steps: seconds on a CPU")
     g = p.add_argument_group("data and training")
-    g.add_argument("--detector", default=None, choices=list(SHAPES),
-                   help="neutron (ZN 44x44, the default) or proton (ZP 56x30); --sample/--eval read it from the checkpoint")
+    g.add_argument("--detector", default=None, choices=list(detectors or SHAPES),
+                   help=f"{' or '.join(detectors)}: both calorimeters per particle" if detectors else
+                   "neutron (ZN 44x44, the default) or proton (ZP 56x30); --sample/--eval read it from the checkpoint")
     g.add_argument("--data", default="toy", help="'toy', a folder with the real .npz files, or a sample .npz")
     g.add_argument("--limit", type=int, default=None, help="use only the first N events")
     g.add_argument("--min-photons", type=int, default=None, help="keep responses with at least this photon sum")
@@ -674,7 +787,7 @@ def load_split(a, progress=True):
     """The data and split described by a dict with keys detector, data, limit, seed, min_photons, split
     (the script's args, or the args stored in a checkpoint)."""
     ds = load(a["detector"], a["data"], a["limit"], a["seed"], a.get("min_photons"), progress)
-    return Split(ds, a["split"], a["seed"])
+    return (JointSplit if a["detector"] == "joint" else Split)(ds, a["split"], a["seed"])
 
 
 def split_from_checkpoint(ckpt, progress=True):

@@ -1,0 +1,196 @@
+"""corrvae.py through its command line, and its pieces (mask pooling, predictor inversion, steering) directly."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import corrvae
+import data
+from helpers import assert_same_weights, check_eval, check_samples, cli, losses, weights
+
+S = "corrvae.py"
+
+
+def is_rho(r):
+    """A Spearman correlation; NaN where a tiny smoke model gives constant responses."""
+    return np.isnan(r) or -1 <= r <= 1
+
+
+@pytest.fixture(scope="module", params=["neutron", "proton"])
+def run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"corrvae_{request.param}")
+    cli(S, "--train", "--smoke", "--detector", request.param, "--out", out)
+    return request.param, out
+
+
+def test_smoke_train_sample_set_eval(run):
+    det, out = run
+    ck = torch.load(out / "ckpt.pt", weights_only=True)               # loadable without pickle
+    assert ck["model"] == "corrvae" and ck["data"]["detector"] == det and ck["step"] == 6
+    assert len(ck["prop_mean"]) == len(ck["prop_std"]) == 4 and min(ck["prop_std"]) > 0
+    row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["step"] == 6 and row["val_W"] >= 0 and row["val_kl"] >= 0 and is_rho(row["ctrl_rho"])
+    assert len(row["mask_dims"]) == 4 and min(row["mask_dims"]) >= 1   # no property left without a w dimension
+    cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--n", 40, "--out", out / "s.npz")   # no other flags
+    free = check_samples(out / "s.npz", data.SHAPES[det], 40)
+    assert data.load(det, out / "s.npz").images.shape == free.shape     # sample files load like data
+    s = cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--n", 40, "--set", "cog_x=10, sum=500", "--out", out / "t.npz")
+    assert "requested: cog_x=10, sum=500" in s.stdout
+    steered = check_samples(out / "t.npz", data.SHAPES[det], 40)
+    with np.load(out / "s.npz") as a, np.load(out / "t.npz") as b:
+        assert np.array_equal(a["particles"], b["particles"])         # the same particles, steered responses
+    assert not np.array_equal(free, steered)
+    e = cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 100, "--reps", 2, "--plot")
+    assert "control accuracy" in e.stdout and (out / "eval.traversal.png").stat().st_size > 0
+    r = check_eval(out / "eval.json")
+    assert r["detector"] == det and r["reps"] == 2 and r["n_test"] == 100 and r["train_steps"] == 6
+    assert r["n_control"] == 100 and set(r["control"]) == set(corrvae.PROPS) and "auc" in r["model"]
+    for c in r["control"].values():
+        assert is_rho(c["rho"]) and is_rho(c["rho_free"]) and c["mae"] >= 0 and c["mae_free"] >= 0
+    assert all(sum(m) >= 1 for m in r["mask"].values())
+
+
+def test_bad_input_gives_clear_errors(run, tmp_path):
+    det, out = run
+    if det == "proton":                                                 # the checks do not depend on the detector
+        assert "must lie in [0, 29]" in cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--set", "cog_y=30",
+                                            "--out", tmp_path / "x.npz", ok=False).stderr
+        return
+    ck = out / "ckpt.pt"
+    e = cli(S, "--sample", "--ckpt", ck, "--set", "speed=3", "--out", tmp_path / "x.npz", ok=False)
+    assert "--set 'speed=3': expected NAME=VALUE with NAME one of cog_x, cog_y, sum, n_lit" in e.stderr
+    for bad, msg in [("cog_x=left", "'left' is not a number"), ("sum=-5", "must be finite and >= 0"),
+                     ("cog_x", "NAME=VALUE"), (",", "empty"), ("cog_x=nan", "must be finite")]:
+        with pytest.raises(ValueError, match=msg):
+            corrvae.parse_set(bad)
+    assert corrvae.parse_set(" cog_x=10, sum=5e2 ,") == {"cog_x": 10.0, "sum": 500.0}
+    assert "must lie in [0, 43]" in cli(S, "--sample", "--ckpt", ck, "--set", "cog_x=44", "--out", tmp_path / "x.npz",
+                                        ok=False).stderr
+    assert "--set goes with --sample" in cli(S, "--eval", "--ckpt", ck, "--set", "sum=5", ok=False).stderr
+    assert "--w-dim must be positive" in cli(S, "--train", "--w-dim", 0, ok=False).stderr
+    assert "must be >= 0" in cli(S, "--train", "--prop", -1, ok=False).stderr
+    assert "a checkpoint of corrvae.py, not of vae.py" in cli("vae.py", "--sample", "--ckpt", ck, ok=False).stderr
+    assert "exists: pass --resume" in cli(S, "--train", "--smoke", "--out", out, ok=False).stderr
+
+
+def test_same_seed_same_losses_and_resume_equals_uninterrupted(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    cli(S, "--train", "--smoke", "--out", a, "--val-every", 2)
+    cli(S, "--train", "--smoke", "--out", b, "--val-every", 2)
+    assert losses(a) == losses(b) and len(losses(a)) == 3
+    cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--max-steps", 4)       # "killed" at step 4
+    cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--resume")             # continues to step 6
+    assert torch.load(c / "ckpt.pt", weights_only=True)["step"] == 6
+    assert losses(c) == pytest.approx(losses(a), rel=1e-5)
+    assert_same_weights(weights(a), weights(c))
+
+
+def predictor(mask_rows):
+    """A Predictor whose mask mode is the given 0/1 rows (logits +-5)."""
+    p = corrvae.Predictor(len(mask_rows), len(mask_rows[0]))
+    with torch.no_grad():
+        p.logits.copy_(torch.tensor(mask_rows, dtype=torch.float32) * 10 - 5)
+    return p
+
+
+def test_mask_pooling_shapes_and_a_hard_mask_selects_its_dimensions():
+    torch.manual_seed(0)
+    rows = [[1, 0, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]]
+    p = predictor(rows)
+    m = p.mask()
+    expected = torch.tensor(rows, dtype=torch.float32)
+    expected[3, 0] = 1                                 # an empty row keeps its most likely dimension (all tie: first)
+    assert torch.equal(m, expected)
+    w = torch.randn(5, 6)
+    u, y = p.pool(w, m), p(w, m)
+    assert u.shape == y.shape == (5, 4)
+    for j in range(4):                                  # property j reads exactly its masked dimensions
+        for k in range(6):
+            w2 = w.clone()
+            w2[:, k] += 3.0
+            moved = not torch.allclose(p.pool(w2, m)[:, j], u[:, j])
+            assert moved == bool(m[j, k]), (j, k)
+    g = torch.Generator().manual_seed(0)               # confident logits: every Gumbel sample is the mode ...
+    with torch.no_grad():
+        p.logits.mul_(10)
+    soft = p.mask(g, tau=0.5)
+    assert torch.equal(soft.detach(), (p.logits > 0).float())
+    p(w, soft).sum().backward()                        # ... and the straight-through gradient reaches the logits
+    assert p.logits.grad is not None and p.logits.grad.abs().sum() > 0
+
+
+def test_the_predictor_inverts_a_hand_made_linear_case():
+    p = predictor([[1, 1, 0], [0, 0, 1]])
+    p.g = lambda u: 0.4 * u + 1.0                      # f(u) = 1.4 u + 1, Lipschitz 0.4 < 1
+    y = torch.tensor([[2.4, -1.8], [1.0, 8.0]])
+    torch.testing.assert_close(p.invert(y), (y - 1.0) / 1.4)
+    with torch.no_grad():
+        p.a.copy_(torch.tensor([[2.0, -1.0, 5.0], [7.0, 7.0, 0.5]]))
+        p.b.copy_(torch.tensor([0.5, -0.5]))
+
+    class Model:
+        predictor = p
+    w0 = torch.tensor([[0.3, -0.2, 1.0], [0.0, 0.0, 0.0]])
+    target = torch.tensor([[2.4, float("nan")], [-3.0, float("nan")]])   # set property 0, leave 1 free
+    w = corrvae.steer(Model, w0, target)
+    # u_0 = (y - 1) / 1.4 = 2 a_0 . (w0 + d) + ... : the minimum-norm change d runs along (2, -1, 0)
+    u = (target[:, 0] - 1.0) / 1.4
+    d = ((u - (w0 @ torch.tensor([2.0, -1.0, 0.0]) + 0.5)) / 5.0)[:, None] * torch.tensor([2.0, -1.0, 0.0])
+    torch.testing.assert_close(w, w0 + d)
+    torch.testing.assert_close(p(w, p.mask())[:, 0], target[:, 0])
+    assert torch.equal(w[:, 2], w0[:, 2])             # the unmasked dimension does not move
+
+
+def test_steering_round_trip_with_the_real_predictor():
+    torch.manual_seed(1)
+    model = corrvae.build_model(dict(detector="neutron", width=4, hidden=16, z_dim=3, w_dim=8)).eval()
+    cond = torch.randn(6, 9)
+    target = torch.randn(6, 4)
+    w0 = model.prior_w(cond)[0]
+    with torch.no_grad():
+        w = corrvae.steer(model, w0, target)
+        torch.testing.assert_close(model.predictor(w, model.predictor.mask()), target, atol=1e-4, rtol=1e-4)
+        counts = corrvae.sample(model, cond, torch.Generator().manual_seed(0), target)
+    assert counts.shape == (6, 44, 44) and torch.isfinite(counts).all() and (counts >= 0).all()
+    with pytest.raises(ValueError, match="fully set or fully NaN"):
+        corrvae.steer(model, w0, torch.where(torch.arange(6)[:, None] == 0, float("nan"), target))
+
+
+def test_properties_kl_and_scaling_known_answers():
+    img = np.zeros((2, 44, 44))
+    img[0, 3, 5] = 10
+    img[1, 10, 20], img[1, 12, 20] = 1, 3
+    y = corrvae.properties(img)
+    np.testing.assert_allclose(y, [[3, 5, 10, 1], [11.5, 20, 4, 2]])
+    mean, std = [1.0, 2.0, 0.5, 0.2], [2.0, 3.0, 1.5, 0.7]
+    np.testing.assert_allclose(corrvae.unscale(corrvae.scale(y, mean, std), mean, std), y)
+    np.testing.assert_allclose(corrvae.scale(y, mean, std)[0, 2], (np.log1p(10) - 0.5) / 1.5)
+    mu, lv = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 0.0]])
+    torch.testing.assert_close(corrvae.gaussian_kl(mu, lv, mu, lv), torch.zeros(1, 2))
+    torch.testing.assert_close(corrvae.gaussian_kl(mu, lv), 0.5 * (mu ** 2 + lv.exp() - 1 - lv))
+
+
+def test_total_correlations_known_answers():
+    g = torch.Generator().manual_seed(0)
+    n, lv = 256, torch.full((256, 1), -2.4)            # posteriors of std 0.3 around N(0, 1) spread means
+    a, b, c = (torch.randn(n, 1, generator=g) for _ in range(3))
+    same = torch.zeros(n, 3)                           # identical posteriors: the aggregate is a product, TC = 0
+    for tc in corrvae.total_correlations(torch.randn(n, 2, generator=g), (same[:, :2], same[:, :2]), a.repeat(1, 3), (same, same)):
+        assert abs(tc.item()) < 1e-5
+    bb, bc = torch.cat([b, b], 1), torch.cat([b, c], 1)
+    tc_copy, _ = corrvae.total_correlations(a, (a, lv), bb, (bb, lv.repeat(1, 2)))
+    tc_indep, zw_indep = corrvae.total_correlations(a, (a, lv), bc, (bc, lv.repeat(1, 2)))
+    _, zw_copy = corrvae.total_correlations(b, (b, lv), bc, (bc, lv.repeat(1, 2)))
+    assert tc_copy > 1.0 and tc_indep < 0.3           # w = (b, b): one variable twice
+    assert zw_copy > 1.0 and zw_indep < 0.6           # z = b repeats a w dimension; z = a does not
+
+
+def test_paper_preset_and_explicit_flags():
+    paper, cpu = corrvae.get_args(["--train", "--paper"]), corrvae.get_args(["--train"])
+    assert (paper.epochs, paper.batch_size, paper.lr, paper.schedule) == (250, 64, 1e-4, "step")
+    assert (cpu.epochs, cpu.batch_size, cpu.schedule) == (2, 128, "cosine")
+    a = corrvae.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "5"])
+    assert (a.batch_size, a.lr, a.width, a.hidden) == (7, 0.123, 5, 128)
+    nets = corrvae.build_networks(vars(paper))
+    assert set(nets) == {"encoder", "decoder", "prior", "predictor"} and corrvae.PUBLISHED == {}

@@ -1,5 +1,6 @@
 """vae.py through its command line, and its pieces directly."""
 import json
+import math
 
 import pytest
 import torch
@@ -50,8 +51,10 @@ def test_wrong_checkpoints_give_clear_errors(run, tmp_path):
     assert "checkpoint not found" in cli(S, "--sample", "--ckpt", tmp_path / "none.pt", ok=False).stderr
     (tmp_path / "junk.pt").write_text("junk")
     assert "not a readable checkpoint" in cli(S, "--eval", "--ckpt", tmp_path / "junk.pt", ok=False).stderr
-    assert "--kl must be >= 0" in cli(S, "--train", "--kl", -1, ok=False).stderr
+    assert "--kl and --kl-anneal must be >= 0" in cli(S, "--train", "--kl", -1, ok=False).stderr
     assert "invalid choice" in cli(S, "--train", "--reduction", "max", ok=False).stderr
+    assert "--kl-anneal must be >= 0" in cli(S, "--train", "--kl-anneal", -5, ok=False).stderr
+    assert "needs --cond every" in cli(S, "--train", "--enc-cond", "shared", ok=False).stderr
     assert "--width must be positive" in cli(S, "--train", "--width", 0, ok=False).stderr
     assert "exists: pass --resume" in cli(S, "--train", "--smoke", "--out", out, ok=False).stderr
 
@@ -68,11 +71,12 @@ def test_same_seed_same_losses_and_resume_equals_uninterrupted(tmp_path):
     assert_same_weights(weights(a), weights(c))
 
 
-@pytest.mark.parametrize("det", ["neutron", "proton"])
-def test_shapes_seeds_and_loss(det):
+@pytest.mark.parametrize("det,cond,enc", [("neutron", "input", "dense"), ("proton", "input", "image"),
+                                          ("neutron", "every", "shared"), ("proton", "every", "dense")])
+def test_shapes_seeds_and_loss(det, cond, enc):
     torch.manual_seed(0)
     shape = data.SHAPES[det]
-    model = vae.build_model(dict(detector=det, width=4, hidden=16)).eval()
+    model = vae.build_model(dict(detector=det, width=4, hidden=16, cond=cond, enc_cond=enc)).eval()
     x, cond = torch.rand(5, 1, *shape), torch.randn(5, 9)
     mu, logvar = model.encode(x, cond)
     assert mu.shape == logvar.shape == (5, vae.LATENT)
@@ -84,22 +88,82 @@ def test_shapes_seeds_and_loss(det):
     assert a.shape == (5,) + shape and torch.isfinite(a).all() and (a >= 0).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert vae.reconstruct(model, x, cond).shape == (5,) + shape
-    loss, rec, kl = vae.vae_loss(model, x, cond, None, 0.7)
+    loss, rec, kl = vae.vae_loss(model, x, cond, None, 0.7)                 # default: summed over pixels
     assert kl.shape == (vae.LATENT,) and (kl >= 0).all()
     torch.testing.assert_close(loss, rec + 0.7 * kl.sum())
-    _, rec_sum, _ = vae.vae_loss(model, x, cond, None, 0.7, "sum")        # summed over pixels instead of averaged
-    torch.testing.assert_close(rec_sum, rec * shape[0] * shape[1])
+    torch.testing.assert_close(rec, (dec - x).pow(2).sum((1, 2, 3)).mean())
+    _, rec_mean, _ = vae.vae_loss(model, x, cond, None, 0.7, "mean")      # the deviation: averaged over pixels
+    torch.testing.assert_close(rec_mean * shape[0] * shape[1], rec)
+
+
+class Fixed(torch.nn.Module):
+    """q(z | x, c) and the decoder's output set by hand."""
+    def __init__(self, mu, logvar, out):
+        super().__init__()
+        self.mu, self.logvar, self.out = mu, logvar, out
+
+    def encode(self, x, cond):
+        return self.mu, self.logvar
+
+    def decode(self, z, cond):
+        return self.out
+
+
+def test_summed_reconstruction_and_kl_by_hand():
+    # two 2x2 images; the decoder returns zeros, so the squared errors are 1 + 4 = 5 and 9: batch mean 7
+    x = torch.tensor([[[[1.0, 2.0], [0.0, 0.0]]], [[[0.0, 0.0], [0.0, 3.0]]]])
+    mu, logvar = torch.zeros(2, vae.LATENT), torch.zeros(2, vae.LATENT)
+    mu[0, 0] = 1.0                      # KL 0.5 (mu^2 + sigma^2 - 1 - log sigma^2) = 0.5 (1 + 1 - 1 - 0) = 0.5
+    logvar[1, 1] = math.log(2.0)        # KL 0.5 (0 + 2 - 1 - ln 2) = 0.153426
+    model = Fixed(mu, logvar, torch.zeros(2, 1, 2, 2))
+    loss, rec, kl = vae.vae_loss(model, x, torch.zeros(2, 9), None, 0.7)
+    assert rec.item() == pytest.approx(7.0)
+    expected_kl = [0.25, 0.5 * (1 - math.log(2.0)) / 2] + [0.0] * (vae.LATENT - 2)   # per dimension, batch mean
+    torch.testing.assert_close(kl, torch.tensor(expected_kl))
+    assert loss.item() == pytest.approx(7.0 + 0.7 * (0.25 + 0.076713), abs=1e-5)
+    _, rec_mean, _ = vae.vae_loss(model, x, torch.zeros(2, 9), None, 0.7, "mean")
+    assert rec_mean.item() == pytest.approx(1.75)                          # (5 / 4 + 9 / 4) / 2
 
 
 def test_kl_is_the_gaussian_formula():
-    class Fixed(torch.nn.Module):             # q(z | x, c) = N(1, e^1) in every dimension; decoder returns x
-        def encode(self, x, cond):
-            return torch.ones(len(x), vae.LATENT), torch.ones(len(x), vae.LATENT)
-
-        def decode(self, z, cond):
-            return torch.zeros(len(z), 1, 2, 2)
-    x = torch.zeros(3, 1, 2, 2)
-    loss, rec, kl = vae.vae_loss(Fixed(), x, torch.zeros(3, 9), None, 0.7)
+    x = torch.zeros(3, 1, 2, 2)             # q = N(1, e^1) in every dimension; the decoder returns x
+    model = Fixed(torch.ones(3, vae.LATENT), torch.ones(3, vae.LATENT), torch.zeros(3, 1, 2, 2))
+    loss, rec, kl = vae.vae_loss(model, x, torch.zeros(3, 9), None, 0.7)
     expected = 0.5 * (1 + torch.e - 1 - 1)   # 0.5 (mu^2 + sigma^2 - 1 - log sigma^2) per dimension
     torch.testing.assert_close(kl, torch.full((vae.LATENT,), expected))
     assert rec.item() == 0
+
+
+def test_optimiser_is_the_references_nesterov_adam():
+    # optax.adam(1.4e-3, b1=0.76, b2=0.88, nesterov=True), first step on f(p) = p^2 at p = 1 (gradient 2):
+    # m = (1 - b1) g, v = (1 - b2) g^2; update = lr [b1 m / (1 - b1^2) + (1 - b1) g / (1 - b1)] / (sqrt(v / (1 - b2)) + eps)
+    #        = lr (1 + b1 / (1 + b1)) g / (|g| + eps) = 1.4e-3 x 1.431818...
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = torch.optim.NAdam([p], lr=1.4e-3, betas=vae.BETAS, eps=vae.EPS, momentum_decay=1e9)   # as train() builds it
+    (p ** 2).sum().backward()
+    opt.step()
+    assert p.item() == pytest.approx(1 - 1.4e-3 * (1 + 0.76 / 1.76), abs=1e-7)
+
+
+def test_kl_anneal_falls_from_100x_to_the_published_weight():
+    a = vae.get_args(["--train", "--kl-anneal", "400"])
+    assert [vae.kl_weight(a, s) for s in (0, 200, 400, 1000)] == pytest.approx([70.0, 7.0, 0.7, 0.7])
+    assert vae.kl_weight(vae.get_args(["--train"]), 0) == 0.7
+
+
+def test_paper_preset_and_precedence():
+    a = vae.get_args(["--train", "--paper"])
+    assert (a.batch_size, a.epochs, a.lr, a.reduction, a.kl) == (256, 100, 1.4e-3, "sum", 0.7)   # Table 4.2, A.1
+    b = vae.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "5"])
+    assert (b.batch_size, b.lr, b.width, b.epochs) == (7, 0.123, 5, 100)                    # explicit flag wins
+    d = vae.get_args(["--train"])
+    assert (d.batch_size, d.reduction) == (vae.DEFAULTS["batch_size"], "sum")               # faithful loss by default
+    assert vae.PUBLISHED == {}                                                              # "about one million" only
+    n = sum(p.numel() for p in vae.build_networks(vars(a))["vae"].parameters())
+    assert 0.9e6 < n < 1.2e6
+
+
+def test_checkpoints_from_before_cond_build_the_network_they_trained():
+    old = vae.build_model(dict(detector="neutron", width=4, hidden=16))               # no "cond" key
+    assert not hasattr(old, "embed") and old.dec_head[0].in_features == vae.LATENT + 9
+    assert old.offset == 0.0 and vae.build_model(dict(detector="neutron", width=4, hidden=16, cond="input")).offset == 0.5

@@ -1,75 +1,77 @@
 """End-to-end Sinkhorn autoencoder with a noise generator for the ALICE Zero Degree Calorimeters.
 
-Papers: the master's thesis arXiv 2407.16704 and the neutron ZDC VAE/GAN paper (arXiv 2306.13606), after the
-end-to-end Sinkhorn autoencoder of Deja et al.: an autoencoder with a noise generator reaches Wasserstein 11.19
-on the real neutron set (its l2 variant, the thesis' best autoencoder) at 0.015 ms per sample.
+Papers: the thesis arXiv 2407.16704 (Sec. 3.3 eq. 3.6 and 3.7, Sec. 4.4, Table 4.3, Table A.1), after Deja et
+al.'s e2e Sinkhorn autoencoder (IEEE Access 9, 2021); where the thesis is silent, the authors' code
+(github.com/m-wojnar/zdc, zdc/models/autoencoder/sinkhorn.py, noise_generator_mse.py). Published: W 11.34
+(Sinkhorn) and 11.19 (l2, the thesis' best autoencoder) on the real neutron set with the ViT pair; 26.53 / 37.56
+with its CNN. docs/fidelity/sae_ng.md lists every setting with its source.
 
-Method. An unregularised autoencoder: encoder E(x) -> 20-d code (ReLU, so codes are >= 0), decoder D(code) ->
-log1p(counts) image (ReLU output: exact zeros). A noise generator NG(z, c) maps 10-d Gaussian noise z and the 9
-standardised particle features c to the code space (also ReLU). The condition reaches the image only through
-the code. Loss = reconstruction (squared error on log1p(counts), summed over pixels, averaged over the batch)
-+ `--beta` (20) x S_eps(P, Q), the debiased Sinkhorn divergence between the batch's point clouds
-P = {(E(x_i), c_i)} and Q = {(NG(z_i, c_i), c_i)} (29-d points; the same conditions on both sides, so the
-transport plan pairs codes of similar particles). Sampling: z ~ N(0, I) -> NG(z, c) -> D -> expm1.
-`--matching l2` replaces the Sinkhorn term by `--l2-weight` (10) x ||E(x) - NG(z, c)||^2 (summed over the code,
-averaged over the batch): simpler and the thesis' best variant, but it trains NG towards the conditional mean of
-the code, so it tends to ignore the noise (diversity comes only from what the mean code cannot explain).
-The encoder's code is detached in the matching term by default: the autoencoder learns from the reconstruction
-alone and NG chases its codes. `--end-to-end` lets the matching term shape the code too (the paper's end-to-end
-training), but with the scale-free divergence below that killed the code (all 20 ReLU outputs 0 after 250
-steps, beta x S ~6000 at the start), and without the scaling the code shrank until only its mean was matched.
+Method (eq. 3.6 without the regularisation term, as the thesis does). An unregularised autoencoder: encoder
+E(x) -> 20-d code (ReLU, >= 0), decoder D(code) -> log1p(counts) image (ReLU output: exact zeros); a noise
+generator NG(z, c) maps 10-d Gaussian noise and the 9 standardised particle features to the code space. Loss =
+reconstruction (squared error on log1p(counts), summed over pixels, mean over the batch) + `--beta` (20) x S,
+the debiased Sinkhorn divergence between the batch's clouds {(E(x_i), c_i)} and {(NG(z_i, c_i), c_i)} (29-d:
+raw codes beside the conditions). End to end: S trains the encoder as well as NG (eq. 3.6 writes
+L_S(theta, psi), theta the encoder's). Sampling: z ~ N(0, I) -> NG(z, c) -> D -> expm1. `--matching l2` is
+eq. 3.7: `--l2-weight` (10) x ||E(x) - NG(z, c)||^2 (summed over the code, mean over the batch), also end to end.
+The same conditions stand on both sides, so the plan pairs points of equal or nearby particles: in a batch of
+256 toy ZN events 10 % of the conditions have an exact duplicate and the median distance to the nearest other
+one is 0.75; codes that spread less than that are paired i with i and S = mean ||E(x_i) - NG(z_i, c_i)||^2 / 2.
 
-Two stages. Stage 1 (`--epochs`) trains the autoencoder and the noise generator together, as above. Stage 2
-(`--ng-steps` steps, batch `--ng-batch`, Adam at `--ng-lr` with cosine decay) trains the noise generator alone on
-the frozen encoder's codes of the training set, encoded once (the same matching term, eps = --eps-end). Why:
-after one epoch the autoencoder is good (decoding the mean code of each training particle gave median photon sums
-of 51-53, the encoder's own codes 54-55, 2-14 % empty) but the noise generator was far from it (squared distance to that
-mean code 59-71, the within-particle spread 6-17), so 79-86 % of the samples were empty and W was 49-52. It is a
-small MLP on 20-d codes, so stage 2 costs milliseconds per step: 40,000 l2 steps at batch 512 took W on 1,000
-validation responses from 50 to 15. One step counter runs through both stages (--max-steps and --resume see one
-run); a checkpoint written before stage 2 existed resumes into it.
+Sinkhorn (`sinkhorn_divergence`, as the authors' code): uniform weights, cost |x - y|^2 / 2, the potentials of
+OT(P, Q), OT(P, P), OT(Q, Q) by symmetric log-domain updates (old and new potential averaged) under
+eps-scaling WITHIN every call (`eps_schedule`): eps = diameter^2, then x scaling^2 per update down to blur^2
+(--diameter 1e-2, --blur 1e-5, --scaling 0.95: eps 1e-4 -> 1e-10, 137 updates); then S = <a, f_PQ - f_PP> +
+<b, g_QP - g_QQ>, each potential one last softmin at blur^2, differentiated through the cost only (the gradient
+is the transport plan's). Known answers: 0 for identical clouds, |d|^2 / 2 for a reordered copy shifted by d.
+Numerics: at eps 1e-10 the softmin is a hard minimum (C / eps ~ 1e10), exact through logsumexp; float32 keeps
+the potentials to ~1e-6, so the solver runs in float32 under autocast. The thesis names neither eps nor the
+schedule (these are the authors' values). Starting at eps 1e-4, the updates are hard from the start: on clouds
+of spread 0.1 shifted by 0.6 the 137 updates stop short (S 0.147, exact 0.195); at spreads >= 1 they are exact.
+CPU default --scaling 0.5 (12 updates, each call ~11x cheaper): on 256 random 29-d pairs with code spreads
+0.3 / 1 / 3, S agreed with 0.95's to 1e-4, its gradient exactly for 0.3 and 1 (30-40 % apart for 3, where
+near-ties make the hard plan depend on the path).
 
-Sinkhorn (written out below, `sinkhorn_divergence`): uniform weights, cost C(x, y) = |x - y|^2 (squared
-Euclidean, no 1/2), OT_eps(P, Q) = min_pi <pi, C> + eps KL(pi | P x Q), solved by log-domain Sinkhorn
-iterations on the dual potentials (f, g) without gradients, then evaluated as the dual objective
-<a, f> + <b, g> - eps <a x b, exp((f + g - C) / eps) - 1> at those potentials, whose gradient with respect to
-the points is exactly that of OT_eps (envelope theorem). S_eps = OT_eps(P, Q) - (OT_eps(P, P) + OT_eps(Q, Q)) / 2:
-0 for identical clouds, |d|^2 for a cloud and its copy shifted by d (any eps, at convergence). Both codes are
-divided by the per-dimension std of the batch's encoder codes (detached) before the divergence, so the cost
-and eps are measured in units of the code's spread, beside the 9 standardised conditions: the autoencoder can
-rescale its code freely, and without this the codes (std ~0.1) looked like one point at eps >= 0.5, only their
-mean was matched and the noise generator's codes came out 2-4x too narrow (seen: val W 52 against rec W 18
-after 500 steps). eps is annealed geometrically from `--eps-start` (10: only means and spreads matter) to
-`--eps-end` (0.5: the finer structure) over the planned training steps; validation uses --eps-end.
+Stage 2 (ours, optional: `--ng-steps N`, default 0): then N steps of the noise generator alone on the frozen
+encoder's codes of the training set (same matching term; `--ng-batch`, Adam at `--ng-lr`, cosine decay);
+`--resume --ng-steps N` adds it to a finished run. RESULT_STAGE2
 
-Encoder: 3x3 convs (w, 2w, 2w channels, the last two with stride 2: ZN 44x44 -> 11x11; ZP 56x30 is padded to
-56x32 -> 14x8), flatten, dense `--hidden` -> 20, ReLU. Decoder: dense 20 -> `--hidden` -> (2w, H/4, W/4), two
-nearest x2 upsamplings each followed by a 3x3 conv (w channels), a 3x3 conv to 1 channel, ReLU, crop. Noise
-generator: MLP 19 -> `--ng-hidden` -> `--ng-hidden` -> 20, ReLU with a straight-through gradient (a plain ReLU
-output died: NG dimensions stuck at 0 while the encoder used them, W 55 against rec W 11). LeakyReLU(0.1)
-activations.
+Encoder: 3x3 convs (w, 2w, 2w channels, the last two with stride 2: ZN 44x44 -> 11x11; ZP padded to 56x32 ->
+14x8), dense `--hidden` -> 20, ReLU. Decoder: dense 20 -> `--hidden` -> (2w, H/4, W/4), two nearest x2
+upsamplings each followed by a 3x3 conv (w channels), a 3x3 conv to 1 channel, ReLU, crop; LeakyReLU(0.1).
+Noise generator as the authors' (h = --ng-hidden): z -> 2h, c -> h, concatenated -> 4h -> 4h -> 20,
+LeakyReLU(0.2); ours: a straight-through gradient on its output ReLU (a plain one left dead dimensions before).
 
 Usage:
-    python sae_ng.py --train                       # ZN, CPU default (18 min on 2 cores, 15 of them stage 2)
-    python sae_ng.py --train --matching l2         # the simpler l2 variant (stage 2 takes ~1 min)
+    python sae_ng.py --train                       # ZN, CPU default (end to end, 15 min on 2 cores)
+    python sae_ng.py --train --matching l2         # eq. 3.7
     python sae_ng.py --train --detector proton --out runs/sae_ng_proton
-    python sae_ng.py --train --paper               # reference size (~1.5M parameters on ZN), 100 epochs
+    python sae_ng.py --train --paper               # the thesis' setting, 100 epochs: a GPU job
+    python sae_ng.py --train --resume --ng-steps 20000   # add stage 2 to a finished run
     python sae_ng.py --sample --ckpt runs/sae_ng/ckpt.pt --n 1000 --out samples.npz
     python sae_ng.py --eval --ckpt runs/sae_ng/ckpt.pt [--plot]
     python sae_ng.py --train --smoke               # seconds: tiny data, tiny model
-Logged every --val-every steps (stage 2: every max(--val-every, --ng-steps / 8)), with the stage: train loss
-(total), train match (the Sinkhorn divergence, or the l2 distance), eps, val rec / val match (validation batch of
-500, eps = --eps-end), code_std (mean per-dimension std of the encoder codes: a code collapsing to a point shows
-here), val_W (Wasserstein of 1000 generated samples) and rec_W (encode -> decode of the same 1000 responses: the
-best the decoder can do). --eval prints the reconstruction W beside the generation table and stores it in
-eval.json as reconstruction_W.
+Logged every --val-every steps: train loss, train match (S or the l2 distance), val rec / val match (500
+validation events), code_std / ng_std (mean per-dimension std of the encoder's / NG's codes: a code shrinking
+to a point shows here), val_W (1000 generated samples) and rec_W (encode -> decode of the same 1000: the best
+the decoder can do). --eval adds the reconstruction W (eval.json: reconstruction_W).
 
-Deviations from the paper: the published networks are Keras models whose exact layers are not reproduced; the
-size is matched instead (--paper: width 16, hidden 160, noise generator 256: 1.48M parameters on ZN). The CPU
-default is smaller (width 8, hidden 64, noise generator 128: 0.27M) and trains one epoch instead of 100.
-Stage 2 is ours: in the paper's 100 end-to-end epochs the noise generator gets 100 times the batches it gets here.
+--paper: 100 epochs, batch 256 (Table 4.2); AdamW lr 3.5e-3, betas (0.64, 0.73), eps 1.5e-7, weight decay
+0.068, one-cycle cosine (warm-up 32 %, div 35, final div 770; Table A.1, ViT column); beta 20 and eps
+1e-2 -> 1e-5 at 0.95 (authors' code); no clipping; 997,465 parameters ("approximately one million", Sec. 4.4:
+width 16, hidden 64, NG 128). CPU default: 4 epochs, AdamW 1e-3, default betas, no weight decay, one-cycle
+5 % / 100 / 100, gradient norm clipped at 10, --scaling 0.5, width 8, hidden 64, NG 32 (290,369). Deviation:
+the published encoder/decoder are a ViT (or VDVAE-style CNN) pair, not built here (the thesis-backbone issue).
+Measured (ZN toy, first 2,000 test events, 5 repetitions; results/sae_ng_neutron_*.json): random split W
+27.38 +- 0.07, 13.3x the floor, 54 % empty responses, diversity error 0.89, reconstruction W 7.38 (14.8 min);
+condition-disjoint 31.29 +- 0.03, 18.6x, 58 % empty (13.5 min). The earlier version (encoder detached in the
+matching term, eps 10 -> 0.5 in batch-std units, 20,000 steps of stage 2) scored 20.90 / 10.1x / 30 % and
+28.50 / 16.9x / 41 %. End to end, the codes shrink (per-dimension std 0.07 after 500 steps, 0.055 at the end)
+and NG's codes spread less (0.044): samples are smooth blobs at the right place, too faint (photon sums low by
+about a half in the sample grid), and faint particles come out empty.
 """
 import argparse
+import functools
 import math
 import sys
 import time
@@ -86,50 +88,66 @@ import metrics
 
 NAME = "sae_ng"
 CODE, NOISE = 20, 10
-DEFAULTS = dict(epochs=1, batch_size=128, lr=1e-3, width=8, hidden=64, ng_hidden=128, ng_steps=20_000)   # CPU, ZN: 18 min
-PAPER = dict(epochs=100, batch_size=128, lr=1e-3, width=16, hidden=160, ng_hidden=256, ng_steps=100_000)
+DEFAULTS = dict(epochs=4, batch_size=256, lr=1e-3, betas=[0.9, 0.999], adam_eps=1e-8, weight_decay=0.0,
+                onecycle=[0.05, 100.0, 100.0], clip=10.0, scaling=0.5, width=8, hidden=64, ng_hidden=32,
+                ng_steps=0)                                                              # CPU, ZN: MINUTES
+PAPER = dict(epochs=100, batch_size=256, lr=3.5e-3, betas=[0.64, 0.73], adam_eps=1.5e-7, weight_decay=0.068,
+             onecycle=[0.32, 35.0, 770.0], clip=0.0, scaling=0.95, width=16, hidden=64, ng_hidden=128, ng_steps=0)
+PUBLISHED = {}   # the thesis gives "approximately one million parameters" per model (Section 4.4), no exact count
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("Usage:"):])
     data.add_common_args(p, NAME)
-    g = p.add_argument_group("Sinkhorn autoencoder with noise generator")
-    g.add_argument("--width", type=int, default=None, help="conv channels w (encoder w, 2w, 2w; decoder w); CPU 8, paper 16")
-    g.add_argument("--hidden", type=int, default=None, help="dense layer width of encoder and decoder; CPU 64, paper 160")
-    g.add_argument("--ng-hidden", type=int, default=None, help="noise generator hidden width; CPU 128, paper 256")
+    g = p.add_argument_group("Sinkhorn autoencoder with noise generator (unset: DEFAULTS, or PAPER with --paper)")
+    g.add_argument("--width", type=int, default=None, help="conv channels w (encoder w, 2w, 2w; decoder w)")
+    g.add_argument("--hidden", type=int, default=None, help="dense layer width of encoder and decoder")
+    g.add_argument("--ng-hidden", type=int, default=None, help="noise generator width h (layers 2h|h, 4h, 4h)")
     g.add_argument("--matching", default="sinkhorn", choices=["sinkhorn", "l2"],
-                   help="code matching term: debiased Sinkhorn divergence (default) or l2 ||E(x) - NG(z, c)||^2")
+                   help="code matching term: debiased Sinkhorn divergence (eq. 3.6) or l2 ||E(x) - NG(z, c)||^2 (eq. 3.7)")
     g.add_argument("--beta", type=float, default=20.0, help="weight of the Sinkhorn divergence")
-    g.add_argument("--l2-weight", type=float, default=10.0, help="weight of the l2 matching term (--matching l2)")
-    g.add_argument("--eps-start", type=float, default=10.0, help="Sinkhorn entropic epsilon at the start of training")
-    g.add_argument("--eps-end", type=float, default=0.5, help="Sinkhorn epsilon at the end (annealed geometrically)")
-    g.add_argument("--sinkhorn-iters", type=int, default=50, help="log-domain Sinkhorn iterations per divergence")
-    g.add_argument("--end-to-end", action="store_true", help="let the matching term train the encoder too (default: "
-                   "the encoder's code is detached there)")
-    g.add_argument("--ng-steps", type=int, default=None, help="stage 2: steps of the noise generator alone on the frozen "
-                   "encoder's codes; CPU 20000, paper 100000 (0: no stage 2)")
-    g.add_argument("--ng-batch", type=int, default=None, help="stage 2 batch size; default 512 for l2, 128 for sinkhorn "
-                   "(its cost grows with the square of the batch)")
+    g.add_argument("--l2-weight", type=float, default=10.0, help="weight of the l2 matching term")
+    g.add_argument("--diameter", type=float, default=1e-2, help="Sinkhorn eps-scaling starts at eps = diameter^2")
+    g.add_argument("--blur", type=float, default=1e-5, help="... and ends at eps = blur^2, where S is taken")
+    g.add_argument("--scaling", type=float, default=None, help="eps shrinks by scaling^2 per Sinkhorn update")
+    g.add_argument("--betas", type=float, nargs=2, default=None, help="AdamW betas")
+    g.add_argument("--adam-eps", type=float, default=None, help="AdamW epsilon")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    g.add_argument("--onecycle", type=float, nargs=3, default=None, metavar=("WARMUP", "DIV", "FINAL_DIV"),
+                   help="one-cycle cosine LR: warm-up fraction, start at lr/DIV, end at lr/(DIV*FINAL_DIV)")
+    g.add_argument("--clip", type=float, default=None, help="clip the gradient norm at this value (0: no clipping)")
+    g.add_argument("--ng-steps", type=int, default=None, help="optional stage 2: steps of the noise generator alone "
+                   "on the frozen encoder's codes (default 0)")
+    g.add_argument("--ng-batch", type=int, default=None, help="stage 2 batch size; default 512 for l2, 256 for sinkhorn")
     g.add_argument("--ng-lr", type=float, default=2e-3, help="stage 2 learning rate (Adam, cosine decay to 0)")
     g.add_argument("--val-every", type=int, default=500, help="validate (losses, Wasserstein) every N steps")
-    g.add_argument("--paper", action="store_true", help="reference size and schedule")
+    g.add_argument("--paper", action="store_true", help="the thesis' setting (PAPER; docs/fidelity/sae_ng.md)")
     args = p.parse_args(argv)
     data.check_args(p, args)
-    if not (args.beta >= 0 and args.l2_weight >= 0 and args.eps_start > 0 and args.eps_end > 0):
-        p.error("--beta and --l2-weight must be >= 0, --eps-start and --eps-end positive")
+    if not (args.beta >= 0 and args.l2_weight >= 0):
+        p.error("--beta and --l2-weight must be >= 0")
+    if not (0 < args.blur < args.diameter) or args.scaling is not None and not 0 < args.scaling < 1:
+        p.error("need 0 < --blur < --diameter and 0 < --scaling < 1")
     if args.ng_steps is not None and args.ng_steps < 0 or not args.ng_lr > 0:
         p.error("--ng-steps must be >= 0 and --ng-lr positive")
-    for k in ("width", "hidden", "ng_hidden", "ng_batch", "sinkhorn_iters", "val_every"):
+    if (args.weight_decay or 0) < 0 or (args.clip or 0) < 0 or (args.adam_eps is not None and args.adam_eps <= 0):
+        p.error("--weight-decay and --clip must be >= 0, --adam-eps positive")
+    if args.betas is not None and not all(0 <= b < 1 for b in args.betas):
+        p.error("--betas must lie in [0, 1)")
+    if args.onecycle is not None and not (0 <= args.onecycle[0] < 1 and min(args.onecycle[1:]) >= 1):
+        p.error("--onecycle: warm-up fraction in [0, 1), DIV and FINAL_DIV >= 1")
+    for k in ("width", "hidden", "ng_hidden", "ng_batch", "val_every"):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive (got {getattr(args, k)})")
     for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
-        if getattr(args, k) is None:   # flags given on the command line win
+        if getattr(args, k) is None:   # precedence: flag given on the command line > --paper > CPU default
             setattr(args, k, v)
-    args.ng_batch = args.ng_batch or (512 if args.matching == "l2" else 128)
-    if args.smoke:   # stage 1 is one epoch of 4 batches, stage 2 three steps
-        args.limit, args.width, args.hidden, args.ng_hidden, args.batch_size = args.limit or 1500, 4, 16, 16, 256
-        args.ng_steps, args.ng_batch = 3, 64
+    args.ng_batch = args.ng_batch or (512 if args.matching == "l2" else 256)
+    if args.smoke:   # stage 1 is one epoch of 5 batches; stage 2 (if asked for) three steps
+        args.limit, args.width, args.hidden, args.ng_hidden, args.batch_size = args.limit or 1500, 4, 16, 8, 256
+        args.epochs = 1
+        args.ng_steps, args.ng_batch = min(args.ng_steps, 3), 64
         args.max_test, args.reps, args.ckpt_every = min(args.max_test or 200, 200), min(args.reps, 2), 3
     args.out = args.out or f"runs/{NAME}"
     return args
@@ -142,87 +160,144 @@ def conv(ci, co, stride=1):
     return nn.Sequential(nn.Conv2d(ci, co, 3, stride, padding=1), nn.LeakyReLU(0.1))
 
 
-class SAE(nn.Module):
-    """Autoencoder (image <-> 20-d ReLU code) and noise generator (noise, condition) -> code."""
+class Encoder(nn.Module):
+    """log1p image (n, 1, H, W) -> 20-d ReLU code."""
 
-    def __init__(self, shape, width=8, hidden=64, ng_hidden=128, n_cond=9):
+    def __init__(self, shape, width, hidden):
+        super().__init__()
+        self.shape = tuple(shape)
+        flat = 2 * width * math.ceil(shape[0] / 4) * math.ceil(shape[1] / 4)
+        self.net = nn.Sequential(conv(1, width), conv(width, 2 * width, 2), conv(2 * width, 2 * width, 2), nn.Flatten(),
+                                 nn.Linear(flat, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, CODE), nn.ReLU())
+
+    def forward(self, x):
+        H, W = self.shape
+        return self.net(F.pad(x, (0, -W % 4, 0, -H % 4)))
+
+
+class Decoder(nn.Module):
+    """20-d code -> log1p(counts) image (n, 1, H, W) >= 0."""
+
+    def __init__(self, shape, width, hidden):
         super().__init__()
         self.shape, self.w = tuple(shape), width
         self.h0, self.w0 = math.ceil(shape[0] / 4), math.ceil(shape[1] / 4)
         flat = 2 * width * self.h0 * self.w0
-        self.enc = nn.Sequential(conv(1, width), conv(width, 2 * width, 2), conv(2 * width, 2 * width, 2), nn.Flatten(),
-                                 nn.Linear(flat, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, CODE), nn.ReLU())
-        self.dec_head = nn.Sequential(nn.Linear(CODE, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, flat), nn.LeakyReLU(0.1))
-        self.dec = nn.Sequential(nn.Upsample(scale_factor=2), conv(2 * width, width), nn.Upsample(scale_factor=2),
+        self.head = nn.Sequential(nn.Linear(CODE, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, flat), nn.LeakyReLU(0.1))
+        self.net = nn.Sequential(nn.Upsample(scale_factor=2), conv(2 * width, width), nn.Upsample(scale_factor=2),
                                  conv(width, width), nn.Conv2d(width, 1, 3, padding=1))
-        self.ng = nn.Sequential(nn.Linear(NOISE + n_cond, ng_hidden), nn.LeakyReLU(0.1), nn.Linear(ng_hidden, ng_hidden),
-                                nn.LeakyReLU(0.1), nn.Linear(ng_hidden, CODE))
+
+    def forward(self, code):
+        h = self.head(code).view(-1, 2 * self.w, self.h0, self.w0)
+        return F.relu(self.net(h))[..., :self.shape[0], :self.shape[1]]
+
+
+class NoiseGenerator(nn.Module):
+    """(noise z, condition c) -> code, as the authors' code: z -> 2h and c -> h, concatenated, 4h, 4h, 20."""
+
+    def __init__(self, hidden, n_cond=9):
+        super().__init__()
+        act = nn.LeakyReLU(0.2)
+        self.z = nn.Sequential(nn.Linear(NOISE, 2 * hidden), act)
+        self.c = nn.Sequential(nn.Linear(n_cond, hidden), act)
+        self.out = nn.Sequential(nn.Linear(3 * hidden, 4 * hidden), act, nn.Linear(4 * hidden, 4 * hidden), act,
+                                 nn.Linear(4 * hidden, CODE))
+
+    def forward(self, z, cond):
+        """ReLU codes like the encoder's; straight-through gradient, so an output that is 0 everywhere can recover."""
+        h = self.out(torch.cat([self.z(z), self.c(cond)], 1))
+        return h + (F.relu(h) - h).detach()
+
+
+class SAE(nn.Module):
+    """Autoencoder (image <-> 20-d ReLU code) and noise generator (noise, condition) -> code."""
+
+    def __init__(self, shape, width=8, hidden=64, ng_hidden=32):
+        super().__init__()
+        self.enc, self.dec, self.ng = Encoder(shape, width, hidden), Decoder(shape, width, hidden), NoiseGenerator(ng_hidden)
 
     def encode(self, x):
-        H, W = self.shape
-        return self.enc(F.pad(x, (0, -W % 4, 0, -H % 4)))
+        return self.enc(x)
 
     def decode(self, code):
-        """log1p(counts) images (n, 1, H, W) >= 0."""
-        h = self.dec_head(code).view(-1, 2 * self.w, self.h0, self.w0)
-        return F.relu(self.dec(h))[..., :self.shape[0], :self.shape[1]]
+        return self.dec(code)
 
     def generate_code(self, z, cond):
-        """ReLU codes like the encoder's; straight-through gradient, so an output that is 0 everywhere can recover."""
-        h = self.ng(torch.cat([z, cond], 1))
-        return h + (F.relu(h) - h).detach()
+        return self.ng(z, cond)
 
 
 def build_model(cfg):
     """The network described by a checkpoint's args."""
-    return SAE(data.SHAPES[cfg["detector"]], cfg["width"], cfg["hidden"], cfg["ng_hidden"])
+    return SAE(data.SHAPES[cfg["detector"] or "neutron"], cfg["width"], cfg["hidden"], cfg["ng_hidden"])
+
+
+def build_networks(cfg):
+    """Every trained network by name (parameter counts: tests/test_fidelity.py against PUBLISHED)."""
+    m = build_model(cfg)
+    return {"encoder": m.enc, "decoder": m.dec, "noise_generator": m.ng}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Method: Sinkhorn divergence, loss and sampler
 # ----------------------------------------------------------------------------------------------------------
-def entropic_ot(x, y, eps, iters):
-    """OT_eps between uniform clouds x (n, d) and y (m, d), cost |x - y|^2. Potentials by log-domain Sinkhorn
-    (no gradient), then the dual objective at them: its gradient w.r.t. x and y is the transport plan's."""
-    C = (x[:, None] - y[None]).pow(2).sum(-1)
-    log_a, log_b = -math.log(len(x)), -math.log(len(y))
-    with torch.no_grad():
-        Cd = C.detach()
-        f, g = torch.zeros(len(x), device=x.device), torch.zeros(len(y), device=x.device)
-        for _ in range(iters):
-            f = -eps * torch.logsumexp(log_b + (g[None] - Cd) / eps, 1)
-            g = -eps * torch.logsumexp(log_a + (f[:, None] - Cd) / eps, 0)
-    plan = torch.exp(log_a + log_b + (f[:, None] + g[None] - C) / eps)
-    return f.mean() + g.mean() - eps * (plan.sum() - 1)
+@functools.lru_cache(maxsize=8)
+def eps_schedule(diameter, blur, scaling):
+    """The eps values of one Sinkhorn call, as the authors' code: diameter^2, then diameter^2 * scaling^(2k)
+    (k = 0, 1, ... while above blur^2; so diameter^2 appears twice), then blur^2."""
+    n = math.ceil(math.log(blur / diameter) / math.log(scaling) - 1e-9)
+    return (diameter ** 2,) + tuple(diameter ** 2 * scaling ** (2 * k) for k in range(n)) + (blur ** 2,)
 
 
-def sinkhorn_divergence(x, y, eps, iters=50):
-    """Debiased Sinkhorn divergence S_eps(x, y) = OT(x, y) - (OT(x, x) + OT(y, y)) / 2, >= 0, 0 iff x = y."""
-    return entropic_ot(x, y, eps, iters) - 0.5 * (entropic_ot(x, x, eps, iters) + entropic_ot(y, y, eps, iters))
+def sinkhorn_divergence(x, y, eps_list):
+    """Debiased Sinkhorn divergence between uniform clouds x, y (n, d), cost |x - y|^2 / 2, eps-scaling through
+    eps_list; the value at eps_list[-1], with the transport plan's gradient w.r.t. x and y."""
+    if len(x) != len(y):
+        raise ValueError(f"clouds of {len(x)} and {len(y)} points: this solver pairs equal batches")
+    with torch.autocast(x.device.type, enabled=False):
+        x, y = x.float(), y.float()
+        # C[k] for (rows, columns) = (x, x), (x, y), (y, x), (y, y); gradient through the rows' points only
+        C = torch.stack([(a[:, None] - b.detach()[None]).pow(2).sum(-1) / 2 for a, b in ((x, x), (x, y), (y, x), (y, y))])
+        log_w, cols = -math.log(len(x)), [0, 2, 1, 3]   # potentials on the columns' side: f_xx, g_yx, f_xy, g_yy
+
+        def softmin(eps, C, pot):   # pot: (4, n) potentials [f_xx, f_xy, g_yx, g_yy], all updated at once
+            return -eps * torch.logsumexp((log_w + pot[cols] / eps)[:, None] - C / eps, 2)
+
+        with torch.no_grad():
+            Cd = C.detach()
+            pot = -eps_list[0] * torch.logsumexp(log_w - Cd / eps_list[0], 2)
+            for eps in eps_list:
+                pot = (pot + softmin(eps, Cd, pot)) / 2
+        f_xx, f_xy, g_yx, g_yy = softmin(eps_list[-1], C, pot)
+        return (f_xy - f_xx).mean() + (g_yx - g_yy).mean()
 
 
-def matching(target, fake, cond, args, eps):
-    """The code matching term: ||target - fake||^2 (l2), or the Sinkhorn divergence between the (code, condition)
-    clouds with the codes in units of the target codes' batch spread."""
+def matching(target, fake, cond, args):
+    """The code matching term: ||target - fake||^2 (l2, eq. 3.7), or the Sinkhorn divergence between the
+    (code, condition) clouds (eq. 3.6)."""
     if args.matching == "l2":
         return (target - fake).pow(2).sum(1).mean()
-    scale = target.detach().std(0).clamp_min(1e-3)
-    return sinkhorn_divergence(torch.cat([target / scale, cond], 1), torch.cat([fake / scale, cond], 1), eps,
-                               args.sinkhorn_iters)
+    return sinkhorn_divergence(torch.cat([target, cond], 1), torch.cat([fake, cond], 1),
+                               eps_schedule(args.diameter, args.blur, args.scaling))
 
 
-def sae_loss(model, x, cond, generator, args, eps):
-    """(loss, reconstruction, matching term) of a batch (stage 1)."""
+def sae_loss(model, x, cond, generator, args):
+    """(loss, reconstruction, matching term, codes) of a batch (stage 1: everything trains on everything)."""
     code = model.encode(x)
     rec = (model.decode(code) - x).pow(2).flatten(1).sum(1).mean()
     fake = model.generate_code(data.noise((len(x), NOISE), generator, x.device), cond)
-    match = matching(code if args.end_to_end else code.detach(), fake, cond, args, eps)
-    return rec + (args.l2_weight if args.matching == "l2" else args.beta) * match, rec, match
+    match = matching(code, fake, cond, args)
+    return rec + (args.l2_weight if args.matching == "l2" else args.beta) * match, rec, match, (code, fake)
 
 
-def annealed_eps(args, step, planned):
-    """Geometric schedule from --eps-start to --eps-end over the planned steps."""
-    return args.eps_start * (args.eps_end / args.eps_start) ** min(step / max(planned - 1, 1), 1.0)
+def one_cycle(step, total, warmup, div, final_div):
+    """LR factor of the cosine one-cycle schedule (optax.cosine_onecycle_schedule, torch's OneCycleLR): cosine
+    from 1/div up to 1 over the first `warmup` fraction of `total` steps, then cosine down to 1/(div*final_div)."""
+    w = warmup * total
+    if step < w:
+        t, start, end = step / w, 1 / div, 1.0
+    else:
+        t, start, end = min((step - w) / max(total - w, 1), 1.0), 1.0, 1 / (div * final_div)
+    return end + (start - end) * (1 + math.cos(math.pi * t)) / 2
 
 
 @torch.no_grad()
@@ -259,21 +334,22 @@ def train(args):
     if ckpt_path.exists() and not args.resume:
         raise data.DataError(f"{ckpt_path} exists: pass --resume to continue it, or --out a new folder")
     if args.resume and ckpt_path.exists():
-        ck = data.load_checkpoint(ckpt_path, NAME)
-        args = data.resume_args(args, ck)
+        ck = check_version(data.load_checkpoint(ckpt_path, NAME), ckpt_path)
+        ng_steps = max(args.ng_steps, ck["args"]["ng_steps"])   # a length like --epochs: --ng-steps N adds stage 2
+        args = data.resume_args(args, {**ck, "args": {**ck["args"], "ng_steps": ng_steps}})
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     split = data.load_split(vars(args))
     x_tr, c_tr = split.x("train"), split.cond("train")
     x_va, c_va = split.x("val")[:2000], split.cond("val")[:2000]
     model = build_model(vars(args)).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.betas), eps=args.adam_eps,
+                            weight_decay=args.weight_decay)
     opt_ng = torch.optim.Adam(model.ng.parameters(), lr=args.ng_lr)
     steps_per_epoch = math.ceil(len(x_tr) / args.batch_size)
-    planned = args.epochs * steps_per_epoch               # stage 1; the LR and eps schedules span --epochs
+    planned = args.epochs * steps_per_epoch               # stage 1; its LR schedule spans --epochs
     total = min(planned + args.ng_steps, args.max_steps or planned + args.ng_steps)   # both stages; one step counter
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / planned, 1.0))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: one_cycle(s, planned, *args.onecycle))
     sched_ng = torch.optim.lr_scheduler.LambdaLR(
         opt_ng, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(args.ng_steps, 1), 1.0))))
     scaler = torch.amp.GradScaler(enabled=args.amp and dev.type == "cuda" and not torch.cuda.is_bf16_supported())
@@ -284,14 +360,13 @@ def train(args):
         model.load_state_dict(ck["weights"]), opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"]), scaler.load_state_dict(ck["scaler"])
         noise.set_state(ck["rng"]["noise"]), torch.set_rng_state(ck["rng"]["torch"])
-        if "opt_ng" in ck:        # checkpoints from before stage 2 existed start it fresh
-            opt_ng.load_state_dict(ck["opt_ng"]), sched_ng.load_state_dict(ck["sched_ng"]), pick.set_state(ck["rng"]["pick"])
+        opt_ng.load_state_dict(ck["opt_ng"]), sched_ng.load_state_dict(ck["sched_ng"]), pick.set_state(ck["rng"]["pick"])
         step, epoch = ck["step"], ck["epoch"]
         print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
     n_par = sum(p.numel() for p in model.parameters())
-    print(f"{NAME} ({args.matching} matching): {n_par:,} parameters, {len(x_tr):,} training responses; stage 1 "
-          f"(autoencoder + noise generator): {planned} steps ({steps_per_epoch} per epoch), stage 2 (noise generator "
-          f"alone): {args.ng_steps} steps; {total} steps in total, device {dev}")
+    print(f"{NAME} ({args.matching} matching, end to end): {n_par:,} parameters, {len(x_tr):,} training responses; "
+          f"stage 1: {planned} steps ({steps_per_epoch} per epoch), stage 2 (noise generator alone): {args.ng_steps} "
+          f"steps; {total} steps in total, device {dev}")
 
     def save():
         data.save_checkpoint(dict(model=NAME, args=vars(args), data=split.state(), weights=model.state_dict(),
@@ -305,8 +380,7 @@ def train(args):
         with torch.no_grad():
             k = min(1000, len(x_va))
             x, c = x_va[:500].to(dev), c_va[:500].to(dev)
-            _, rec, match = sae_loss(model, x, c, torch.Generator(dev).manual_seed(1234), args, args.eps_end)
-            code_std = float(model.encode(x).std(0).mean())
+            _, rec, match, (code, fake) = sae_loss(model, x, c, torch.Generator(dev).manual_seed(1234), args)
             gen = sample(model, c_va[:k].to(dev), torch.Generator().manual_seed(0))
             recon = reconstruct(model, x_va[:k].to(dev))
             true = split.counts("val")[:k]
@@ -314,13 +388,13 @@ def train(args):
         model.train()
         row = dict(stage=1 if step <= planned else 2, step=step, epoch=min(step, planned) / steps_per_epoch,
                    train_loss=float(np.mean(losses)) if losses else None,
-                   train_match=float(np.mean(matches)) if matches else None, eps=annealed_eps(args, step, planned),
-                   val_rec=rec.item(), val_match=match.item(), code_std=code_std, val_W=val_w, rec_W=rec_w,
-                   minutes=(time.time() - t_start) / 60)
+                   train_match=float(np.mean(matches)) if matches else None, lr=opt.param_groups[0]["lr"],
+                   val_rec=rec.item(), val_match=match.item(), code_std=float(code.std(0).mean()),
+                   ng_std=float(fake.std(0).mean()), val_W=val_w, rec_W=rec_w, minutes=(time.time() - t_start) / 60)
         data.log_jsonl(out / "metrics.jsonl", **row)
         print(f"stage {row['stage']} step {step:6d}  train loss {row['train_loss'] or float('nan'):.3f}  "
-              f"match {row['train_match'] or float('nan'):.4f} (eps {row['eps']:.2f})  val rec {rec.item():.3f}  "
-              f"val match {match.item():.4f}  code std {code_std:.3f}  val W {val_w:.3f}  rec W {rec_w:.3f}  "
+              f"match {row['train_match'] or float('nan'):.4f}  val rec {rec.item():.3f}  val match {match.item():.4f}  "
+              f"code std {row['code_std']:.3f} (NG {row['ng_std']:.3f})  val W {val_w:.3f}  rec W {rec_w:.3f}  "
               f"{row['minutes']:.1f} min")
 
     def optimise(loss, optimiser, scheduler, params):
@@ -328,13 +402,14 @@ def train(args):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}: training diverged (lower --lr?)")
         optimiser.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.unscale_(optimiser)
-        nn.utils.clip_grad_norm_(params, 10.0)
+        if args.clip > 0:
+            scaler.unscale_(optimiser)
+            nn.utils.clip_grad_norm_(params, args.clip)
         scaler.step(optimiser), scaler.update(), scheduler.step()
 
     t_start = time.time()
     end1 = min(planned, total)
-    while step < end1:            # stage 1: autoencoder and noise generator together
+    while step < end1:            # stage 1: autoencoder and noise generator together, end to end
         order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)   # batch order of this epoch
         skip = step - epoch * steps_per_epoch                                # batches already done (resume)
         bar = tqdm(data.batches((x_tr, c_tr), args.batch_size, order, start=skip), total=steps_per_epoch,
@@ -343,7 +418,7 @@ def train(args):
         for x, c in bar:
             x, c = x.to(dev), c.to(dev)
             with data.autocast(dev, args.amp):
-                loss, _, match = sae_loss(model, x, c, noise, args, annealed_eps(args, step, planned))
+                loss, _, match, _ = sae_loss(model, x, c, noise, args)
             optimise(loss, opt, sched, model.parameters())
             step += 1
             losses.append(loss.item()), matches.append(match.item())
@@ -361,7 +436,7 @@ def train(args):
             epoch += 1
         save()
 
-    if step < total:              # stage 2: the noise generator alone on the frozen encoder's codes
+    if step < total:              # stage 2 (optional): the noise generator alone on the frozen encoder's codes
         with torch.no_grad():
             codes = torch.cat([model.encode(b.to(dev)) for b in torch.split(x_tr, 4096)])
         conds, every = c_tr.to(dev), max(args.val_every, args.ng_steps // 8)
@@ -373,7 +448,7 @@ def train(args):
             i = torch.randint(len(codes), (args.ng_batch,), generator=pick).to(dev)
             with data.autocast(dev, args.amp):
                 fake = model.generate_code(data.noise((len(i), NOISE), noise, dev), conds[i])
-                loss = matching(codes[i], fake, conds[i], args, args.eps_end)
+                loss = matching(codes[i], fake, conds[i], args)
             optimise(loss, opt_ng, sched_ng, model.ng.parameters())
             step += 1
             losses.append(loss.item())
@@ -388,8 +463,16 @@ def train(args):
     return ckpt_path
 
 
+def check_version(ck, path):
+    if "scaling" not in ck["args"]:
+        raise data.DataError(f"{path}: written by an older sae_ng.py (encoder detached in the matching term, another "
+                             "noise generator): train a new run")
+    return ck
+
+
 def load_model(args):
-    ck = data.load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", NAME, args.detector)
+    path = args.ckpt or Path(args.out) / "ckpt.pt"
+    ck = check_version(data.load_checkpoint(path, NAME, args.detector), path)
     dev = data.pick_device(args.device)
     model = build_model(ck["args"]).to(dev)
     model.load_state_dict(ck["weights"])

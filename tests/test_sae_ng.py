@@ -1,5 +1,6 @@
-"""sae_ng.py through its command line, its Sinkhorn divergence against known answers, and its pieces."""
+"""sae_ng.py through its command line, its Sinkhorn divergence and schedules against known answers, and its pieces."""
 import json
+import math
 
 import pytest
 import torch
@@ -21,11 +22,10 @@ def run(request, tmp_path_factory):
 def test_smoke_train_sample_eval(run):
     det, out = run
     ck = torch.load(out / "ckpt.pt", weights_only=True)               # loadable without pickle
-    assert ck["model"] == "sae_ng" and ck["data"]["detector"] == det and ck["step"] == 5 + 3   # stage 1 + stage 2
+    assert ck["model"] == "sae_ng" and ck["data"]["detector"] == det and ck["step"] == 5   # end to end only
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["val_match"] >= -1e-4 and r["rec_W"] >= 0 and r["val_W"] >= 0 for r in rows)
-    assert [r["stage"] for r in rows] == [1, 2] and [r["step"] for r in rows] == [5, 8]
-    assert rows[0]["rec_W"] == rows[1]["rec_W"]                  # stage 2 leaves the autoencoder alone
+    assert [(r["stage"], r["step"]) for r in rows] == [(1, 5)]
+    assert all(r["val_match"] >= -1e-4 and r["rec_W"] >= 0 and r["val_W"] >= 0 and r["code_std"] >= 0 for r in rows)
     cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--n", 50, "--out", out / "s.npz")   # no other flags
     resp = check_samples(out / "s.npz", data.SHAPES[det], 50)
     assert data.load(det, out / "s.npz").images.shape == resp.shape    # sample files load like data
@@ -46,46 +46,49 @@ def test_wrong_checkpoints_give_clear_errors(run, tmp_path):
     ck["model"] = "vae"
     torch.save(ck, tmp_path / "other.pt")
     assert "a checkpoint of vae.py, not of sae_ng.py" in cli(S, "--sample", "--ckpt", tmp_path / "other.pt", ok=False).stderr
+    ck["model"] = "sae_ng"                                     # a run of the detached, two-stage version
+    del ck["args"]["scaling"]
+    (tmp_path / "old").mkdir()
+    torch.save(ck, tmp_path / "old" / "ckpt.pt")
+    assert "written by an older sae_ng.py" in cli(S, "--eval", "--ckpt", tmp_path / "old" / "ckpt.pt", ok=False).stderr
+    assert "older sae_ng.py" in cli(S, "--train", "--smoke", "--out", tmp_path / "old", "--resume", ok=False).stderr
     assert "checkpoint not found" in cli(S, "--sample", "--ckpt", tmp_path / "none.pt", ok=False).stderr
     (tmp_path / "junk.pt").write_text("junk")
     assert "not a readable checkpoint" in cli(S, "--eval", "--ckpt", tmp_path / "junk.pt", ok=False).stderr
     assert "exists: pass --resume" in cli(S, "--train", "--smoke", "--out", out, ok=False).stderr
 
 
-def test_same_seed_same_losses_resume_in_both_stages_and_l2_variant(tmp_path):
+def test_same_seed_same_losses_resume_in_both_stages_stage_2_added_later_and_l2_variant(tmp_path):
     a, b, d, e = (tmp_path / k for k in "abde")
-    cli(S, "--train", "--smoke", "--out", a, "--val-every", 2)
-    cli(S, "--train", "--smoke", "--out", b, "--val-every", 2)
+    two = ("--val-every", 2, "--ng-steps", 3)
+    cli(S, "--train", "--smoke", "--out", a, *two)
+    cli(S, "--train", "--smoke", "--out", b, *two)
     assert losses(a) == losses(b) and len(losses(a)) == 5                 # steps 2, 4, 5 of stage 1; 7, 8 of stage 2
     for kill in (3, 6):                                                    # "killed" in stage 1, then in stage 2
         out = tmp_path / f"kill{kill}"
-        cli(S, "--train", "--smoke", "--out", out, "--val-every", 2, "--max-steps", kill)
+        cli(S, "--train", "--smoke", "--out", out, *two, "--max-steps", kill)
         assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == kill
-        if kill == 6:                                                      # stage 2 trains the noise generator only
-            moved = {k for k, v in weights(out).items() if not torch.equal(v, weights(a)[k])}
-            assert moved and all(k.startswith("ng.") for k in moved)
-        cli(S, "--train", "--smoke", "--out", out, "--val-every", 2, "--resume")     # continues to step 8
+        cli(S, "--train", "--smoke", "--out", out, *two, "--resume")      # continues to step 8
         assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 8
         assert_same_weights(weights(a), weights(out))
     assert losses(tmp_path / "kill3")[-1] == pytest.approx(losses(a)[-1], rel=1e-5)
+    cli(S, "--train", "--smoke", "--out", e, "--val-every", 2)             # the default: no stage 2, 5 steps
+    stage1 = weights(e)
+    cli(S, "--train", "--smoke", "--out", e, "--resume", "--ng-steps", 3)  # stage 2 added to the finished run
+    assert torch.load(e / "ckpt.pt", weights_only=True)["step"] == 8
+    moved = {k for k, v in weights(e).items() if not torch.equal(v, stage1[k])}
+    assert moved and all(k.startswith("ng.") for k in moved)               # stage 2 trains the noise generator only
+    assert_same_weights(weights(a), weights(e))                            # = stage 2 planned from the start
     cli(S, "--train", "--smoke", "--out", d, "--val-every", 2, "--matching", "l2")
     assert torch.load(d / "ckpt.pt", weights_only=True)["args"]["matching"] == "l2"
-    assert losses(d) != losses(a) and all(l > 0 for l in losses(d))
-    cli(S, "--train", "--smoke", "--out", e, "--max-steps", 5)
-    ck = torch.load(e / "ckpt.pt", weights_only=True)                      # a checkpoint from before stage 2
-    for k in ("opt_ng", "sched_ng"):                                       # existed resumes into it
-        del ck[k]
-    del ck["rng"]["pick"]
-    for k in ("ng_steps", "ng_batch", "ng_lr"):
-        del ck["args"][k]
-    torch.save(ck, e / "ckpt.pt")
-    cli(S, "--train", "--smoke", "--out", e, "--resume")
-    assert torch.load(e / "ckpt.pt", weights_only=True)["step"] == 8
+    assert losses(d) != losses(e)[:len(losses(d))] and all(l > 0 for l in losses(d))
 
 
-@pytest.mark.parametrize("flags, message", [(["--eps-end", "0"], "--eps-start and --eps-end positive"),
+@pytest.mark.parametrize("flags, message", [(["--blur", "0.1"], "need 0 < --blur < --diameter"),
+                                            (["--scaling", "1"], "0 < --scaling < 1"),
                                             (["--matching", "l1"], "invalid choice"),
-                                            (["--sinkhorn-iters", "0"], "--sinkhorn-iters must be positive"),
+                                            (["--onecycle", "0.5", "0.5", "10"], "DIV and FINAL_DIV >= 1"),
+                                            (["--betas", "1", "0.9"], "--betas must lie in [0, 1)"),
                                             (["--ng-steps", "-1"], "--ng-steps must be >= 0"),
                                             (["--ng-batch", "0"], "--ng-batch must be positive")])
 def test_bad_flags_give_clear_errors(flags, message, capsys):
@@ -94,30 +97,68 @@ def test_bad_flags_give_clear_errors(flags, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_sinkhorn_divergence_known_answers():
+def test_precedence_flag_over_paper_over_default_and_paper_size():
+    a = sae_ng.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--scaling", "0.5"])
+    assert (a.batch_size, a.lr, a.scaling) == (7, 0.123, 0.5)                            # explicit flags win
+    assert (a.epochs, a.betas, a.weight_decay, a.onecycle) == (100, [0.64, 0.73], 0.068, [0.32, 35, 770])  # Table A.1
+    d = sae_ng.get_args(["--train"])
+    assert (d.batch_size, d.lr, d.scaling, d.clip) == (256, 1e-3, 0.5, 10.0)             # CPU default
+    p = sae_ng.get_args(["--train", "--paper"])
+    assert (p.scaling, p.blur, p.diameter, p.beta, p.clip, p.ng_steps) == (0.95, 1e-5, 1e-2, 20.0, 0.0, 0)
+    n = sum(q.numel() for m in sae_ng.build_networks(vars(p)).values() for q in m.parameters())
+    assert 0.95e6 < n < 1.05e6                                     # "approximately one million" (Section 4.4)
+
+
+def test_eps_schedule_and_one_cycle_known_values():
+    e = sae_ng.eps_schedule(1e-2, 1e-5, 0.95)                 # the authors' code: 1e-4 (twice), x 0.9025, ..., 1e-10
+    assert len(e) == 137 and e[0] == e[1] == pytest.approx(1e-4) and e[2] == pytest.approx(1e-4 * 0.9025)
+    assert e[-1] == pytest.approx(1e-10) and e[-2] > 1e-10 and all(u > v for u, v in zip(e[1:], e[2:]))
+    assert len(sae_ng.eps_schedule(1e-2, 1e-5, 0.5)) == 12
+    f = [sae_ng.one_cycle(s, 100, 0.32, 35, 770) for s in (0, 16, 32, 66, 100, 200)]
+    assert f == pytest.approx([1 / 35, (1 + 1 / 35) / 2, 1, (1 + 1 / 26950) / 2, 1 / 26950, 1 / 26950])
+
+
+@pytest.mark.parametrize("scaling", [0.95, 0.5])
+def test_sinkhorn_divergence_known_answers(scaling):
+    eps = sae_ng.eps_schedule(1e-2, 1e-5, scaling)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 5, generator=g)
     shift = torch.tensor([0.3, -0.2, 0.1, 0.0, 0.5], requires_grad=True)
     y = x[torch.randperm(64, generator=g)] + shift            # same cloud, reordered and shifted
-    for eps in (0.01, 0.5, 10.0):                              # cost |x - y|^2 (no 1/2): S = |d|^2 = 0.39
-        assert abs(sae_ng.sinkhorn_divergence(x, x, eps).item()) < 1e-5
-        assert sae_ng.sinkhorn_divergence(x, y, eps, iters=200).item() == pytest.approx(0.39, rel=5e-3)
-    s = sae_ng.sinkhorn_divergence(x, y, 0.05, iters=200)
-    s.backward()                                               # d|d|^2 / dd = 2d through the dual objective
-    torch.testing.assert_close(shift.grad, 2 * shift.detach(), rtol=1e-2, atol=1e-3)
-    far = sae_ng.sinkhorn_divergence(x, torch.randn(64, 5, generator=g) * 3, 0.5)
-    assert far.item() > 1.0                                    # a different cloud is far
+    assert abs(sae_ng.sinkhorn_divergence(x, x, eps).item()) < 1e-6
+    s = sae_ng.sinkhorn_divergence(x, y, eps)                 # cost |x - y|^2 / 2: S = |d|^2 / 2 = 0.195
+    assert s.item() == pytest.approx(0.195, rel=1e-4)
+    s.backward()                                              # d(|d|^2 / 2) / dd = d
+    torch.testing.assert_close(shift.grad, shift.detach(), rtol=1e-3, atol=1e-4)
+    big = sae_ng.sinkhorn_divergence(30 * x, 30 * y.detach(), eps)    # raw codes of size ~30: costs ~1e3 at eps 1e-10
+    assert big.item() == pytest.approx(900 * 0.195, rel=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):         # runs in float32 under autocast
+        assert sae_ng.sinkhorn_divergence(x, y.detach(), eps).item() == pytest.approx(0.195, rel=1e-4)
+    far = sae_ng.sinkhorn_divergence(x, torch.randn(64, 5, generator=g) * 3, eps)
+    assert far.item() > 1.0                                   # a different cloud is far
 
 
-def test_eps_schedule_is_geometric():
-    a = sae_ng.get_args(["--train", "--eps-start", "8", "--eps-end", "0.5"])
-    assert [sae_ng.annealed_eps(a, s, 5) for s in (0, 2, 4, 9)] == pytest.approx([8, 2, 0.5, 0.5])
+def test_matching_trains_the_encoder_and_is_half_the_l2_term_when_conditions_pair_the_points():
+    torch.manual_seed(0)
+    args = sae_ng.get_args(["--train", "--paper"])
+    model = sae_ng.SAE((44, 44), width=4, hidden=16, ng_hidden=8)
+    x, cond = torch.rand(32, 1, 44, 44), 3 * torch.randn(32, 9)    # distinct particles, ~13 apart
+    loss, rec, match, (code, fake) = sae_ng.sae_loss(model, x, cond, torch.Generator().manual_seed(1), args)
+    assert loss.item() == pytest.approx(rec.item() + 20 * match.item(), rel=1e-5)
+    half_l2 = (code - fake).pow(2).sum(1).mean() / 2                # the optimal plan pairs i with i
+    assert match.item() == pytest.approx(half_l2.item(), rel=1e-4)
+    g_code, g_fake = torch.autograd.grad(match, (code, fake), retain_graph=True)
+    torch.testing.assert_close(g_code, (code - fake).detach() / 32)   # gradient into the encoder's code
+    torch.testing.assert_close(g_fake, (fake - code).detach() / 32)
+    grads = torch.autograd.grad(match, list(model.enc.parameters()), allow_unused=True)
+    assert any(gr is not None and gr.abs().sum() > 0 for gr in grads)   # end to end: the encoder learns from it
+    assert all(gr is None for gr in torch.autograd.grad(match, list(model.dec.parameters()), allow_unused=True))
 
 
 @pytest.mark.parametrize("shape", [(44, 44), (56, 30)])
 def test_shapes_seeds_and_non_negativity(shape):
     torch.manual_seed(0)
-    model = sae_ng.SAE(shape, width=4, hidden=16, ng_hidden=16).eval()
+    model = sae_ng.SAE(shape, width=4, hidden=16, ng_hidden=8).eval()
     x, cond = torch.rand(5, 1, *shape), torch.randn(5, 9)
     code = model.encode(x)
     assert code.shape == (5, sae_ng.CODE) and (code >= 0).all()

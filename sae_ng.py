@@ -34,7 +34,8 @@ near-ties make the hard plan depend on the path).
 
 Stage 2 (ours, optional: `--ng-steps N`, default 0): then N steps of the noise generator alone on the frozen
 encoder's codes of the training set (same matching term; `--ng-batch`, Adam at `--ng-lr`, cosine decay);
-`--resume --ng-steps N` adds it to a finished run. RESULT_STAGE2
+`--resume --ng-steps N` adds it to a finished run. Not yet measured on top of the end-to-end run (CPU
+budget); in the earlier, detached version it took W from ~50 to 20.9.
 
 Encoder: 3x3 convs (w, 2w, 2w channels, the last two with stride 2: ZN 44x44 -> 11x11; ZP padded to 56x32 ->
 14x8), dense `--hidden` -> 20, ReLU. Decoder: dense 20 -> `--hidden` -> (2w, H/4, W/4), two nearest x2

@@ -215,7 +215,7 @@ class Predictor(nn.Module):
         """(n_prop, w_dim) binary mask: a straight-through Gumbel sample (generator given) or the mode, plus
         each property's most likely dimension."""
         if generator is None:
-            return ((self.logits > 0) | (self.logits == self.logits.max(1, keepdim=True).values)).float()
+            return torch.maximum((self.logits > 0).float(), F.one_hot(self.logits.argmax(1), self.logits.shape[1]).float())
         u = torch.rand(self.logits.shape, generator=generator, device=generator.device).to(self.logits.device)
         soft = torch.sigmoid((self.logits + torch.log(u) - torch.log1p(-u)) / tau)
         return (soft > 0.5).float() + soft - soft.detach()

@@ -23,7 +23,7 @@ u_j and the prior draw w0 moves by the least change that gives them, w = w0 + pi
 (closed form; only masked dimensions move).
 
 Usage:
-    python corrvae.py --train                        # ZN, CPU default (2 epochs, ~12 min on 2 cores), runs/corrvae
+    python corrvae.py --train                        # ZN, CPU default: 2 epochs (3,064 steps), runs/corrvae
     python corrvae.py --train --detector proton --out runs/corrvae_proton
     python corrvae.py --train --paper                # the authors' optimiser, batch and schedule (250 epochs)
     python corrvae.py --sample --ckpt runs/corrvae/ckpt.pt --n 1000 --out samples.npz
@@ -41,6 +41,9 @@ Deviations (docs/fidelity/corrvae.md): the decoder does not see c, and w has a c
 N(0, I): a decoder that reads c can place the shower from the impact point and ignore w, and w ~ N(0, I) would put
 unsteered showers anywhere (design reasons, not ablated). Linear pooling (authors: an 8-16-1 MLP) makes the w of a
 request closed form. Loss weights are set for this scale (the authors' are in the fidelity table).
+
+Measured: nothing beyond --smoke yet. The default run (estimated ~12 min on 2 cores from vae.py's ~250 steps/min
+at the same width; not timed) and its control table are still to be run: see issue 18.
 """
 import argparse
 import math

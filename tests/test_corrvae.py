@@ -111,13 +111,11 @@ def test_mask_pooling_shapes_and_a_hard_mask_selects_its_dimensions():
             w2[:, k] += 3.0
             moved = not torch.allclose(p.pool(w2, m)[:, j], u[:, j])
             assert moved == bool(m[j, k]), (j, k)
-    g = torch.Generator().manual_seed(0)               # confident logits: every Gumbel sample is the mode ...
-    with torch.no_grad():
+    p(w, p.mask(torch.Generator().manual_seed(0), tau=0.5)).sum().backward()
+    assert p.logits.grad is not None and p.logits.grad.abs().sum() > 0   # straight-through gradient reaches L
+    with torch.no_grad():                              # confident logits: every Gumbel sample is the mode
         p.logits.mul_(10)
-    soft = p.mask(g, tau=0.5)
-    assert torch.equal(soft.detach(), (p.logits > 0).float())
-    p(w, soft).sum().backward()                        # ... and the straight-through gradient reaches the logits
-    assert p.logits.grad is not None and p.logits.grad.abs().sum() > 0
+    assert torch.equal(p.mask(torch.Generator().manual_seed(0), tau=0.5).detach(), (p.logits > 0).float())
 
 
 def test_the_predictor_inverts_a_hand_made_linear_case():

@@ -7,7 +7,9 @@ import bench
 import flow_matching as fm
 from helpers import cli
 
-MODELS = bench.MODELS
+# the end-to-end table times a single-pass, an adversarial and an iterative model: all eight took ~8 min on 2 busy
+# cores (VQ-GAN's 121 autoregressive steps alone ~3.7 min), too slow for the suite; bench.MODELS are all importable
+MODELS = ["vae", "gan", "flow_matching"]
 
 
 def test_cpu_table_end_to_end(tmp_path):
@@ -31,7 +33,7 @@ def test_cpu_table_end_to_end(tmp_path):
     fm_rows = [x for x in rows if x["model"] == "flow_matching"]
     assert all(x["weights"].endswith("flow_matching/ckpt.pt") for x in fm_rows)   # the checkpoint was used
     assert fm_rows[0]["params"] == sum(p.numel() for p in fm.build_model(dict(width=2, attn_levels=1)).parameters())
-    assert all(x["weights"] == "fresh weights" for x in rows if x["model"] == "latent_fm")
+    assert all(x["weights"] == "fresh weights" for x in rows if x["model"] == "vae")
     toy = [x for x in r["rows"] if x["model"].startswith("toy MC")]
     assert len(toy) == 1 and toy[0]["ms_per_sample"] > 0
     for x in rows:                     # every non-eager CPU row drew the same noise as fp32 eager: same output

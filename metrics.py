@@ -613,6 +613,13 @@ def results_markdown(folder):
             params = f"{r['n_params']:,}" if isinstance(r.get("n_params"), int) else ""
             row(r.get("name", name[:-5]), r["model"], params, f"[{name}]({folder.rstrip('/')}/{name})")
         lines += ["", "Commands:", ""] + [f"- `{name}`: `{r['command']}`" for name, r in group] + [""]
+        for name, r in group:                   # property control (corrvae.py): requested vs achieved
+            if r.get("control"):
+                lines += [f"Control accuracy of {r.get('name', name[:-5])} ({r.get('n_control', '?')} test particles, "
+                          "each property requested alone; unsteered = the same particles sampled without a request):",
+                          "", "| property | Spearman | MAE | unsteered Spearman | unsteered MAE |", "|---|---|---|---|---|"]
+                lines += [f"| {k} | {c['rho']:.3f} | {c['mae']:.2f} | {c['rho_free']:.3f} | {c['mae_free']:.2f} |"
+                          for k, c in r["control"].items()] + [""]
     if not runs:
         lines.append("(no eval.json files yet)")
     return "\n".join(lines) + "\n"

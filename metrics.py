@@ -594,11 +594,11 @@ def results_markdown(folder):
              "(0.5 = indistinguishable). Rows compare only within one table (same test events).", ""]
     groups = {}
     for name, r in runs:
-        groups.setdefault((r["detector"], r["split"], r["n_test"]), []).append((name, r))
-    for (det, split, n), group in sorted(groups.items()):
+        groups.setdefault((r["detector"], r["split"], r["n_test"], r.get("data", "")), []).append((name, r))
+    for (det, split, n, src), group in sorted(groups.items()):
         ref = group[0][1]
         fw = ref["floor"]["W"][0] if ref["floor"] else None
-        lines += [f"## {det}, {split} split, {n:,} test events", "",
+        lines += [f"## {det}, {split} split, {n:,} test events" + (f", data {src}" if src != "toy(seed=0)" else ""), "",
                   "| row | W | W / floor | MAE | empty | separation | FPD | KPD | AUC | parameters | file |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
 

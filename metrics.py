@@ -310,11 +310,13 @@ def shower_scores(true, gen, cond=None, seed=0):
 # ----------------------------------------------------------------------------------------------------------
 # Protocol: model, floor and lookup rows
 # ----------------------------------------------------------------------------------------------------------
-def test_part(split, max_test=None, part="test"):
+def test_part(split, max_test=None, part="test", typed=False):
     """(indices into the data set, true counts, standardised conditions) of the evaluated test events:
-    the first `max_test` of the (already shuffled) test split, a fixed subset."""
+    the first `max_test` of the (already shuffled) test split, a fixed subset. typed: the conditions carry the
+    particle-type index as a 10th column (data.with_type), for models with a type embedding."""
     idx = split.idx[part][:max_test]
-    return idx, split.ds.images[idx], data.standardize(split.ds.features[idx], split.mean, split.std)
+    cond = data.standardize(split.ds.features[idx], split.mean, split.std)
+    return idx, split.ds.images[idx], data.with_type(cond, split.ds.particles[idx]) if typed else cond
 
 
 @torch.no_grad()
@@ -324,7 +326,7 @@ def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=1024, pa
     conditions, `reps` times with generator seeds seed, seed+1, ... Returns summarize() of the scores, and
     with keep=True also the generated responses of the first repetition (float32). shower=False skips the
     shower metrics (sweeps, where only W and time are compared)."""
-    idx, true, cond = test_part(split, max_test, part)
+    idx, true, cond = test_part(split, max_test, part, getattr(generate, "typed", False))
     cid, pdg = split.ds.cond_id[idx], split.ds.particles[idx, 9]
     scores, kept = [], None
     bar = tqdm(total=reps * len(idx), desc="evaluate", unit="sample", disable=not progress, leave=False)
@@ -336,7 +338,7 @@ def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=1024, pa
             bar.update(len(out[-1]))
         gen = np.concatenate(out)
         kept = gen.astype(np.float32) if keep and kept is None else kept
-        scores.append(score(true, gen, cid, pdg, cond.numpy(), shower, seed=r))
+        scores.append(score(true, gen, cid, pdg, cond[:, :9].numpy(), shower, seed=r))
         bar.set_postfix(W=f"{scores[-1]['W']:.3f}")
     bar.close()
     return (summarize(scores), kept) if keep else summarize(scores)

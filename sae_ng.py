@@ -441,7 +441,7 @@ def train(args):
     if args.resume and ckpt_path.exists():
         ck = check_version(data.load_checkpoint(ckpt_path, NAME), ckpt_path)
         ng_steps = max(args.ng_steps, ck["args"]["ng_steps"])   # a length like --epochs: --ng-steps N adds stage 2
-        args = data.resume_args(args, {**ck, "args": {**ck["args"], "ng_steps": ng_steps}})
+        args = data.resume_args(args, {**ck, "args": {**ck["args"], "ng_steps": ng_steps}}, older=dict(arch="cnn"))
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     split = data.load_split(vars(args))

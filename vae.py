@@ -402,7 +402,7 @@ def train(args):
         raise data.DataError(f"{ckpt_path} exists: pass --resume to continue it, or --out a new folder")
     if args.resume and ckpt_path.exists():
         ck = data.load_checkpoint(ckpt_path, NAME)
-        args = data.resume_args(args, ck)
+        args = data.resume_args(args, ck, older=dict(arch="cnn"))
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     split = data.load_split(vars(args))

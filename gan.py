@@ -31,7 +31,8 @@ but applies it in log space; here both are raw counts). `--no-postprocess` sets 
 Usage:
     python gan.py --train                            # ZN, CPU default (~9 min on 2 cores), runs/gan
     python gan.py --train --detector proton --out runs/gan_proton
-    python gan.py --train --paper                    # the thesis setting (G 0.89M, D 1.41M), 100 epochs: a GPU job
+    python gan.py --train --paper                    # the thesis setting, ViT (G 0.92M, D 1.42M), 100 epochs: a GPU job
+    python gan.py --train --paper --arch cnn         # the same with the conv GAN (G 0.89M, D 1.41M)
     python gan.py --sample --ckpt runs/gan/ckpt.pt --n 1000 --out samples.npz
     python gan.py --eval --ckpt runs/gan/ckpt.pt [--no-postprocess] [--plot]
     python gan.py --train --smoke                    # seconds: tiny data, tiny model
@@ -41,8 +42,13 @@ Logged every --val-every steps (means since the previous row): d_loss, g_loss (=
 d_fake (mean sigmoid(D) on real and fake images: ~0.5 both at equilibrium; d_real -> 1 and d_fake -> 0 means
 D is winning), and the validation Wasserstein of 1000 generated samples (without postprocessing).
 
-Deviations from the paper (docs/fidelity/gan.md): the thesis' final GAN (Section 4.9) is built from its ViT
-encoder/decoder (~1M parameters; the ViT backbone is a separate issue); this is the conditional conv GAN of the
+Backbones (`--arch`): vit, the thesis' final GAN (Section 4.9, built from its ViT pair; the default under
+--paper), as the authors' code: G = dense (z, c) -> 36 tokens of 128, the ViT decoder (projection, learned
+positional embedding, the condition as first token, 4 pre-LayerNorm blocks of 4 heads, MLP 4x GELU, dropout 0.1,
+transposed conv 8x8 stride 8, ReLU(. + 0.5), crop of the 48x48 frame; ZP: 56x32, 7x4 tokens), 915,841
+parameters; D = the ViT encoder of width 128 with the condition token, a dense 128 per token, flatten, dense 128
+-> 64 -> logit (GELU), 1,422,337. --dropout and --d-norm act on the CNN only. cnn: the conv GAN below (CPU
+default). Deviations from the paper (docs/fidelity/gan.md): `--arch cnn` is the conditional conv GAN of the
 authors' earlier code, whose generator starts from a 13x13 dense layer with "valid" convs (5.6M parameters);
 here the start is H/4 x W/4 with padded convs, so one network serves both detectors, and widths are chosen to
 land near the reference sizes with --paper (ZN: G 0.89M, D 1.41M). torch's NAdam (Dozat's momentum schedule)

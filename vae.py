@@ -19,11 +19,29 @@ Options kept from the condition-use study below: `--cond every` (an MLP embeddin
 dense layer), `--enc-cond shared|image` (the encoder sees that embedding, or the decoder's picture D(0, c) as a
 second input channel), `--kl-anneal N` (KL weight 70 -> 0.7 over N steps), `--reduction mean` (the old
 default: averages the error over the 1,936 pixels, so the KL weighs ~1,355x more and the posterior collapses).
+Backbones (`--arch`): cnn, the convolutions above (CPU default); vit, the thesis' ViT pair (Sec. 4.4; the
+default under --paper): the image zero-padded to 48x48 (ZP 56x30 to 56x32), 8x8 patches (36 tokens; ZP 28),
+linear projection to width 96 + learned positional embedding, the condition projected linearly and prepended as
+the first token, 4 pre-LayerNorm blocks (4 heads, MLP 4x with GELU, dropout 0.1), the condition token dropped,
+LayerNorm; then a dense 96 -> 64 per token, flatten, dense -> (mu, logvar). Decoder: dense (z, c) -> 36 tokens
+of 64, projection to 96 + positional embedding + the condition token, 4 blocks, a transposed convolution
+(kernel = stride = 8) to one channel, ReLU(. + 0.5), crop. 1,020,757 parameters (the authors' variational.py with
+architectures/vit.py: 1,020,217; ours also gives the decoder the condition token, as the thesis' text says, and
+has one 20-output layer for (mu, logvar) where theirs has a ReLU and two 10-output heads).
+Variants (`--variant`, Table 4.3's rows): embedding, a learned 16-d embedding of the particle type (the PDG id,
+10th column of the particles file; 22 classes: the toy's 21 types and "other") joined to the condition wherever
+the VAE reads it (a clear error when the data has 9 columns); supervised, the supervised autoencoder (thesis eq.
+3.5): E(x) predicts the 9 features (no condition in the encoder), loss = reconstruction + --beta x ||E(x) - c||^2
+summed over the features (no KL), generation decodes the particle's own features: deterministic, one response
+per particle (the thesis' equation has no noise; the authors' supervised.py feeds 36 x 4 Gaussian tokens to the
+decoder, which this does not).
 
 Usage:
     python vae.py --train                        # ZN, CPU default (2 epochs, ~8 min on 2 cores), runs/vae
     python vae.py --train --detector proton --out runs/vae_proton
-    python vae.py --train --paper                # thesis batch 256, 100 epochs, optimiser; ~1.0M parameters
+    python vae.py --train --paper                # thesis batch 256, 100 epochs, the ViT (1.02M parameters)
+    python vae.py --train --arch vit             # the ViT at the CPU default schedule
+    python vae.py --train --variant embedding    # or supervised: Table 4.3's other rows (either --arch)
     python vae.py --sample --ckpt runs/vae/ckpt.pt --n 1000 --out samples.npz
     python vae.py --eval --ckpt runs/vae/ckpt.pt [--plot]
     python vae.py --train --smoke                # seconds: tiny data, tiny model
@@ -32,9 +50,11 @@ Logged every --val-every steps: train loss (reconstruction + kl x KL), train KL,
 nats), val_W (Wasserstein of 1000 generated samples) and rec_W (encode -> decode of the same 1000 responses:
 the best the decoder can do). --eval also stores reconstruction_W in eval.json.
 
-Deviations: the thesis' CNN/ViT networks are not reproduced (a separate issue); the size class is matched
-(--paper: width 16, hidden 128, 1.02M parameters on ZN; the thesis gives no exact count). CPU default: width 8,
-hidden 64 (0.26M), batch 128, 2 epochs instead of 256 and 100.
+Deviations: `--arch cnn` is this repository's conv pair, not the thesis' VDVAE-style CNN (bottleneck blocks,
+BatchNorm, average pooling); `--paper --arch cnn` builds it at the same size class (width 16, hidden 128, 1.02M).
+The optimiser is Table A.1's CNN column under either backbone (the ViT column, AdamW with a one-cycle cosine
+schedule, is not wired in yet). CPU default: the CNN, width 8, hidden 64 (0.26M), batch 128, 2 epochs instead of
+256 and 100.
 
 Does the faithful cVAE use its condition? Measured on ZN (500-1,000 steps, 2,000 validation events; decoding
 the posterior mean, prior draws, posterior draws of other events, and prior draws with shuffled conditions).

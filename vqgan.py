@@ -32,7 +32,16 @@ uniforms drawn up front from a CPU generator, so the KV-cached decoder and `--no
 tokens; then decode, ReLU, expm1. Both stages use the reference's one-cycle cosine schedule: from lr/25 up to
 lr over the first 20 % (stage 2: 33 %) of the steps, then down to lr/25,000.
 
+--arch vit: the thesis' VQ models (Sec. 4.10; Table 4.5, 1M: 4 blocks, 4 heads, token width 96, embedding 256;
+codebook 256: VQ-VAE W 9.61, VQ-GAN 4.58) as the authors' vq_vae.py: the ViT encoder (image padded to 48x48, 8x8
+patches, 36 tokens; ZP 56x32, 28), a dense to the 256-d code space, the quantiser above (l2-normalised, EMA
+codebook), a dense 256 -> 256, the ViT decoder (transposed conv 8x8 stride 8, ReLU(. + 0.5)); 1,029,505
+parameters; the GPT then models 36 tokens. Differences: the thesis' VQ-VAE learns its codebook by gradient with
+a 32-d lookup projection (here: EMA, cosine lookup in 256-d, as the thesis' VQ-GAN's EMA update); `--adv 0`
+drops the adversarial term for the VQ-VAE row. --paper stays the flow-matching paper's tokenizer above.
+
 Usage:
+    python vqgan.py --train --arch vit           # the thesis' ViT VQ-GAN (36 tokens, codebook 256 x 256)
     python vqgan.py --train                      # both stages, ZN, CPU default (stage 1 ~0.9 s per step on 2 shared
                                                  # cores: ~23 min per epoch; 1.4x the old plain tokenizer)
     python vqgan.py --train --stage 1            # only the tokenizer (--stage 2 then reuses it)

@@ -1,6 +1,7 @@
 """Issue 15: the thesis' ViT pair (--arch vit) in vae.py, sae_ng.py, gan.py and vqgan.py, and vae.py's two
 missing Table 4.3 rows (--variant embedding | supervised)."""
 import inspect
+import json
 
 import numpy as np
 import pytest
@@ -151,3 +152,23 @@ def test_vit_embedding_vae_trains_samples_and_evaluates_from_its_checkpoint(tmp_
     check_samples(out / "s.npz", (56, 30), 20)
     cli("vae.py", "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 100, "--reps", 1)
     assert (out / "eval.json").exists()
+
+
+def test_table43_layout_marks_missing_cells_and_answers_the_thesis_questions(tmp_path):
+    import metrics
+
+    def write(stem, w, std=0.1):
+        r = {"W": [w, std], "MAE": [1.0, 0.0], "separation": [0.2, 0.01], "auc": [0.9, 0.01]}
+        (tmp_path / f"{stem}_neutron_random.json").write_text(json.dumps(dict(
+            model=r, floor={"W": [2.0, 0.1]}, lookup=r, detector="neutron", split="random", n_test=2000, reps=5)))
+    md = metrics.table43(tmp_path)                                       # nothing measured: the layout, all missing
+    assert md.count("| missing | missing | missing | missing | missing | missing | missing | missing |") == 5
+    assert "ViT vs CNN (thesis: CNN): not yet measured" in md             # VAE: 11.52 CNN < 11.90 ViT
+    write("vae", 8.0), write("vae_vit", 6.0), write("sae_ng_vit", 5.0), write("sae_ng_l2_vit", 5.1)
+    md = metrics.table43(tmp_path)
+    vae_row = next(s for s in md.splitlines() if s.startswith("| VAE |"))
+    assert "| 11.52 / 11.90 | 4.00 | 3.00 | 8.00 ± 0.10 | 6.00 ± 0.10 |" in vae_row
+    assert "- VAE, ViT vs CNN (thesis: CNN): ViT (6.00 vs 8.00)" in md
+    assert "- ViT, l2 vs Sinkhorn noise generator (thesis: l2): within noise (5.10 vs 5.00)" in md
+    assert "- CNN, l2 vs Sinkhorn noise generator (thesis: Sinkhorn): not yet measured" in md
+    assert "vae_vit" not in metrics.results_summary(str(tmp_path))        # variant files are no script rows

@@ -98,6 +98,8 @@ def test_shapes_seeds_and_loss(det, cond, enc):
 
 class Fixed(torch.nn.Module):
     """q(z | x, c) and the decoder's output set by hand."""
+    supervised = False
+
     def __init__(self, mu, logvar, out):
         super().__init__()
         self.mu, self.logvar, self.out = mu, logvar, out

@@ -68,7 +68,8 @@ decoder = dense 20 -> 36 tokens of 64, ViT decoder, transposed conv 8x8 stride 8
 million" per autoencoder, Sec. 4.4). ZP 56x30 is padded to 56x32 (7x4 tokens). `--paper --arch cnn`: the conv
 pair, width 16, hidden 64, NG 128 (997,465). CPU default: the CNN, 4 epochs, AdamW 1e-3, default betas, no
 weight decay, one-cycle 5 % / 100 / 100, gradient norm clipped at 10, --scaling 0.5, width 8, hidden 64, NG 32
-(290,369). Deviation: `--arch cnn` is this repository's conv pair, not the thesis' VDVAE-style CNN.
+(290,369); the ViT took 5.3x longer per training step on 2 cores (0.91 s vs 0.17 s at batch 256;
+`tools/time_arch.py`). Deviation: `--arch cnn` is this repository's conv pair, not the thesis' VDVAE-style CNN.
 Measured (ZN toy, first 2,000 test events, 5 repetitions; results/sae_ng_neutron_*.json): random split W
 27.38 +- 0.07, 13.3x the floor, 54 % empty responses, diversity error 0.89, reconstruction W 7.38 (14.8 min);
 condition-disjoint 31.29 +- 0.03, 18.6x, 58 % empty (13.5 min). The earlier version (encoder detached in the

@@ -54,7 +54,8 @@ Deviations: `--arch cnn` is this repository's conv pair, not the thesis' VDVAE-s
 BatchNorm, average pooling); `--paper --arch cnn` builds it at the same size class (width 16, hidden 128, 1.02M).
 The optimiser is Table A.1's CNN column under either backbone (the ViT column, AdamW with a one-cycle cosine
 schedule, is not wired in yet). CPU default: the CNN, width 8, hidden 64 (0.26M), batch 128, 2 epochs instead of
-256 and 100.
+256 and 100; the ViT took 4.2x longer per training step on 2 cores (0.41 s vs 0.10 s at batch 128; 0.43 vs 0.19
+ms per sample at batch 256; `OMP_NUM_THREADS=2 python tools/time_arch.py`), so it stays the --paper backbone.
 
 Does the faithful cVAE use its condition? Measured on ZN (500-1,000 steps, 2,000 validation events; decoding
 the posterior mean, prior draws, posterior draws of other events, and prior draws with shuffled conditions).

@@ -172,3 +172,13 @@ def test_table43_layout_marks_missing_cells_and_answers_the_thesis_questions(tmp
     assert "- ViT, l2 vs Sinkhorn noise generator (thesis: l2): within noise (5.10 vs 5.00)" in md
     assert "- CNN, l2 vs Sinkhorn noise generator (thesis: Sinkhorn): not yet measured" in md
     assert "vae_vit" not in metrics.results_summary(str(tmp_path))        # variant files are no script rows
+
+
+def test_vqgan_vit_tokenizer_trains_both_stages_and_samples(tmp_path):
+    out = tmp_path / "q"
+    cli("vqgan.py", "--train", "--smoke", "--arch", "vit", "--out", out)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["args"]["arch"] == "vit" and ck["state"]["stage2"]["step"] == 4
+    assert ck["gpt"]["pos"].shape[0] == ck["args"]["prefix"] + 36                  # 36 tokens: the 6x6 grid
+    cli("vqgan.py", "--sample", "--ckpt", out / "ckpt.pt", "--n", 10, "--out", out / "s.npz")
+    check_samples(out / "s.npz", (44, 44), 10)

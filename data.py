@@ -413,6 +413,7 @@ class ZDCData:
     `cut`: the minimum photon sum of the set (the toy re-simulates with it for the noise floor)."""
 
     def __init__(self, images, particles, detector, source, cut=None, toy=False):
+        self.has_pdg = particles.ndim == 2 and particles.shape[1] == 10   # the file gave the PDG id (else inferred)
         self.images, self.particles = validate(images, particles, detector, source)
         self.detector, self.source, self.is_toy = detector, source, toy
         self.cut = TOY[detector]["cut"] if cut is None else cut
@@ -587,8 +588,13 @@ class Split:
         self.mean, self.std = f.mean(0), f.std(0)
         self.std = np.where(self.std > 0, self.std, 1.0)
 
-    def cond(self, part):
-        return standardize(self.ds.features[self.idx[part]], self.mean, self.std)
+    def cond(self, part, typed=False):
+        """Standardised features (n, 9); typed: with the particle-type index (type_ids) as a 10th column."""
+        c = standardize(self.ds.features[self.idx[part]], self.mean, self.std)
+        if typed and not self.ds.has_pdg:
+            raise DataError(f"{self.ds.source}: the particles have 9 columns, no PDG id: the particle-type embedding "
+                            "needs the 10th column (pdg)")
+        return with_type(c, self.ds.particles[self.idx[part]]) if typed else c
 
     def x(self, part):
         return to_log(self.ds.images[self.idx[part]])
@@ -635,6 +641,19 @@ def standardize(features, mean, std):
     """Raw 9 feature columns (N, >= 9) -> standardised float32 tensor (N, 9)."""
     f = np.asarray(features, dtype=np.float64)[:, :9]
     return torch.as_tensor((f - np.asarray(mean)) / np.asarray(std), dtype=torch.float32)
+
+
+def type_ids(particles):
+    """Particle-type index per row for a learned type embedding: the position of the PDG id (10th column) among
+    the 21 types of PARTICLES, len(PARTICLES) for any other id."""
+    pdg = np.asarray(particles, float)[:, 9]
+    hit = pdg[:, None] == _PDG[None]
+    return np.where(hit.any(1), hit.argmax(1), len(PARTICLES))
+
+
+def with_type(cond, particles):
+    """Standardised conditions (n, 9) with the type index of `particles` appended as a 10th column (float)."""
+    return torch.cat([cond, torch.as_tensor(type_ids(particles), dtype=cond.dtype)[:, None]], 1)
 
 
 def batches(tensors, batch_size, generator=None, shuffle=True, device="cpu", start=0):
@@ -820,6 +839,10 @@ def sample_to_file(ckpt, generate, args):
     --particles), seeded by --seed, and write them as a sample file to --out."""
     particles = sampling_conditions(ckpt, args.n, args.particles)
     cond = standardize(particles, ckpt["data"]["mean"], ckpt["data"]["std"])
+    if getattr(generate, "typed", False):            # a model that reads the particle type (PDG id, 10th column)
+        if not particles[:, 9].any():
+            raise DataError("this model reads the particle type: give --particles with the PDG id as a 10th column")
+        cond = with_type(cond, particles)
     g = torch.Generator().manual_seed(args.seed)
     counts = torch.cat([generate(c, g).cpu() for c in torch.split(cond, 1024)])
     out = args.out if args.out.endswith(".npz") else str(Path(args.out) / "samples.npz")

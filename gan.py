@@ -31,7 +31,8 @@ but applies it in log space; here both are raw counts). `--no-postprocess` sets 
 Usage:
     python gan.py --train                            # ZN, CPU default (~9 min on 2 cores), runs/gan
     python gan.py --train --detector proton --out runs/gan_proton
-    python gan.py --train --paper                    # the thesis setting (G 0.89M, D 1.41M), 100 epochs: a GPU job
+    python gan.py --train --paper                    # the thesis setting, ViT (G 0.92M, D 1.42M), 100 epochs: a GPU job
+    python gan.py --train --paper --arch cnn         # the same with the conv GAN (G 0.89M, D 1.41M)
     python gan.py --sample --ckpt runs/gan/ckpt.pt --n 1000 --out samples.npz
     python gan.py --eval --ckpt runs/gan/ckpt.pt [--no-postprocess] [--plot]
     python gan.py --train --smoke                    # seconds: tiny data, tiny model
@@ -41,8 +42,13 @@ Logged every --val-every steps (means since the previous row): d_loss, g_loss (=
 d_fake (mean sigmoid(D) on real and fake images: ~0.5 both at equilibrium; d_real -> 1 and d_fake -> 0 means
 D is winning), and the validation Wasserstein of 1000 generated samples (without postprocessing).
 
-Deviations from the paper (docs/fidelity/gan.md): the thesis' final GAN (Section 4.9) is built from its ViT
-encoder/decoder (~1M parameters; the ViT backbone is a separate issue); this is the conditional conv GAN of the
+Backbones (`--arch`): vit, the thesis' final GAN (Section 4.9, built from its ViT pair; the default under
+--paper), as the authors' code: G = dense (z, c) -> 36 tokens of 128, the ViT decoder (projection, learned
+positional embedding, the condition as first token, 4 pre-LayerNorm blocks of 4 heads, MLP 4x GELU, dropout 0.1,
+transposed conv 8x8 stride 8, ReLU(. + 0.5), crop of the 48x48 frame; ZP: 56x32, 7x4 tokens), 915,841
+parameters; D = the ViT encoder of width 128 with the condition token, a dense 128 per token, flatten, dense 128
+-> 64 -> logit (GELU), 1,422,337. --dropout and --d-norm act on the CNN only. cnn: the conv GAN below (CPU
+default; the ViT pair took 6x longer per D + G step on 2 cores: 1.28 s vs 0.21 s at batch 128, tools/time_arch.py). Deviations from the paper (docs/fidelity/gan.md): `--arch cnn` is the conditional conv GAN of the
 authors' earlier code, whose generator starts from a 13x13 dense layer with "valid" convs (5.6M parameters);
 here the start is H/4 x W/4 with padded convs, so one network serves both detectors, and widths are chosen to
 land near the reference sizes with --paper (ZN: G 0.89M, D 1.41M). torch's NAdam (Dozat's momentum schedule)
@@ -72,15 +78,17 @@ NOISE = 10
 # CPU default: ~9 min on 2 cores (ZN). The published optimiser settings (PAPER) barely move D in a CPU budget.
 # Keys without a flag (Adam eps, Nesterov, schedule) are fixed per setting; every other key is a flag that beats
 # both dicts when given. Schedule: (warm-up fraction, initial div, final div) of the one-cycle cosine, or None.
-DEFAULTS = dict(epochs=1, batch_size=128, lr=2e-4, d_lr=2e-4, g_betas=[0.5, 0.9], d_betas=[0.5, 0.9], width=14,
-                d_width=8, dropout=0.0, d_norm="none", g_eps=1e-8, d_eps=1e-8, g_nesterov=False, g_sched=None,
+DEFAULTS = dict(epochs=1, batch_size=128, lr=2e-4, d_lr=2e-4, g_betas=[0.5, 0.9], d_betas=[0.5, 0.9], dropout=0.0, d_norm="none", g_eps=1e-8, d_eps=1e-8, g_nesterov=False, g_sched=None,
                 d_sched=None)
 # thesis Table 4.2 (100 epochs, batch 256) and Table A.4 (both optimisers)
-PAPER = dict(epochs=100, batch_size=256, lr=1e-4, d_lr=1.4e-5, g_betas=[0.76, 0.54], d_betas=[0.97, 0.96], width=14,
-             d_width=44, dropout=0.2, d_norm="batch", g_eps=1.8e-2, d_eps=3.7e-5, g_nesterov=True,
+PAPER = dict(epochs=100, batch_size=256, lr=1e-4, d_lr=1.4e-5, g_betas=[0.76, 0.54], d_betas=[0.97, 0.96], dropout=0.2, d_norm="batch", g_eps=1.8e-2, d_eps=3.7e-5, g_nesterov=True,
              g_sched=[0.34, 260.0, 9500.0], d_sched=[0.43, 41.0, 1700.0])
-PUBLISHED = {"generator": (900_000, "MODELS.md reference size G ~0.9M (thesis Sec. 4.9: ~1M-parameter GANs)"),
-             "discriminator": (1_400_000, "MODELS.md reference size D ~1.4M")}
+# sizes per backbone: (CPU default, --paper). --paper builds the thesis' ViT GAN (Sec. 4.9: ~1M-parameter ViT
+# models; token width 128 in G and D in the authors' code); --paper --arch cnn the conv GAN (G 0.89M, D 1.41M)
+ARCH = {"cnn": (dict(width=14, d_width=8), dict(width=14, d_width=44)),
+        "vit": (dict(width=128, d_width=128, blocks=4), dict(width=128, d_width=128, blocks=4))}
+_SRC = "our count of the authors' ViT GAN (m-wojnar/zdc gan.py + architectures/vit.py; thesis Sec. 4.9: ~1M)"
+PUBLISHED = {"generator": (915_841, _SRC), "discriminator": (1_422_337, _SRC)}   # MODELS.md: G ~0.9M, D ~1.4M
 
 
 def get_args(argv=None):
@@ -88,9 +96,14 @@ def get_args(argv=None):
                                 epilog=__doc__[__doc__.index("Usage:"):])
     data.add_common_args(p, NAME)
     g = p.add_argument_group("GAN (--lr is the generator's learning rate)")
+    g.add_argument("--arch", default=None, choices=["cnn", "vit"],
+                   help="backbone: cnn (CPU default) or vit (the thesis' ViT pair; the default under --paper)")
     g.add_argument("--width", "--g-width", dest="width", type=int, default=None,
-                   help="generator channels w (dense to 2w, convs 2w, w); 14 (--g-width: its old name)")
-    g.add_argument("--d-width", type=int, default=None, help="discriminator conv channels w (convs w, 2w); CPU 8, paper size 44")
+                   help="cnn: generator channels w (dense to 2w, convs 2w, w), 14 (--g-width: its old name); vit: "
+                        "generator token width (128)")
+    g.add_argument("--d-width", type=int, default=None, help="cnn: discriminator conv channels w (convs w, 2w), CPU 8, "
+                   "paper size 44; vit: discriminator token width (128)")
+    g.add_argument("--blocks", type=int, default=None, help="vit: transformer blocks in G and D (4)")
     g.add_argument("--d-lr", type=float, default=None, help="discriminator learning rate (CPU 2e-4; published 1.4e-5)")
     g.add_argument("--g-betas", type=float, nargs=2, default=None, help="generator Adam betas (CPU .5 .9; published .76 .54)")
     g.add_argument("--d-betas", type=float, nargs=2, default=None, help="discriminator Adam betas (CPU .5 .9; published .97 .96)")
@@ -107,14 +120,19 @@ def get_args(argv=None):
         p.error("--d-lr must be positive and Adam betas in [0, 1)")
     if args.dropout is not None and not 0 <= args.dropout < 1 or args.pp_samples <= 0 or args.val_every <= 0:
         p.error("--dropout must be in [0, 1), --pp-samples and --val-every positive")
-    for k in ("width", "d_width"):
+    for k in ("width", "d_width", "blocks"):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive (got {getattr(args, k)})")
-    for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
+    args.arch = args.arch or ("vit" if args.paper else "cnn")   # explicit > --paper > CPU default
+    sizes, paper_sizes = ARCH[args.arch]
+    for k, v in {**DEFAULTS, **sizes, **(PAPER if args.paper else {}), **(paper_sizes if args.paper else {})}.items():
         if getattr(args, k, None) is None:   # flags given on the command line win
             setattr(args, k, v)
+    if args.arch == "vit" and (args.width % 4 or args.d_width % 4):
+        p.error(f"--width {args.width}, --d-width {args.d_width}: the ViT's 4 attention heads need multiples of 4")
     if args.smoke:
-        args.limit, args.width, args.d_width, args.batch_size = args.limit or 1500, 4, 4, 32
+        args.limit, args.batch_size = args.limit or 1500, 32
+        args.width, args.d_width, args.blocks = (16, 16, 1) if args.arch == "vit" else (4, 4, args.blocks)
         args.max_steps, args.pp_samples = args.max_steps or 6, min(args.pp_samples, 300)
         args.max_test, args.reps, args.ckpt_every = min(args.max_test or 200, 200), min(args.reps, 2), 3
     args.out = args.out or f"runs/{NAME}"
@@ -128,6 +146,84 @@ def act(n, dropout, dim=2, norm=True):
     """BatchNorm (unless norm=False), dropout, LeakyReLU(0.1): the thesis' block tail."""
     bn = (nn.BatchNorm2d(n) if dim == 2 else nn.BatchNorm1d(n)) if norm else nn.Identity()
     return [bn, nn.Dropout(dropout), nn.LeakyReLU(0.1)]
+
+
+# The thesis' ViT pair (Sec. 4.4; --arch vit), written out in the same words in vae.py, sae_ng.py, gan.py, vqgan.py
+PATCH = 8
+
+
+def vit_grid(shape):
+    """Token grid of an image padded to a multiple of 8: ZN 44x44 -> 48x48 -> 6x6 (36 tokens); ZP 56x30 -> 56x32
+    -> 7x4 (28 tokens)."""
+    return math.ceil(shape[0] / PATCH), math.ceil(shape[1] / PATCH)
+
+
+class ViTBlock(nn.Module):
+    """Pre-LayerNorm transformer block: 4-head self-attention, then an MLP 4x wide with GELU and dropout."""
+
+    def __init__(self, dim, heads=4, dropout=0.1):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+                                 nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class ViTEncoder(nn.Module):
+    """log1p image (n, 1, H, W) [and condition (n, c)] -> tokens (n, T, dim): zero-pad (centred) to a multiple of
+    8, cut 8x8 patches, project them linearly and add a learned positional embedding; the condition, projected
+    linearly, is prepended as the first token; transformer blocks; the condition token dropped; LayerNorm."""
+
+    def __init__(self, shape, dim, blocks=4, n_cond=0, heads=4, dropout=0.1):
+        super().__init__()
+        self.shape, self.grid = tuple(shape), vit_grid(shape)
+        self.patch = nn.Linear(PATCH * PATCH, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(self.grid[0] * self.grid[1], dim))
+        self.cond = nn.Linear(n_cond, dim) if n_cond else None
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, dropout) for _ in range(blocks)])
+        self.ln = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x, cond=None):
+        (H, W), (gh, gw) = self.shape, self.grid
+        ph, pw = gh * PATCH - H, gw * PATCH - W
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        x = x.reshape(len(x), gh, PATCH, gw, PATCH).transpose(2, 3).reshape(len(x), gh * gw, PATCH * PATCH)
+        h = self.patch(x) + self.pos
+        if self.cond is not None:
+            h = torch.cat([self.cond(cond)[:, None], h], 1)
+        h = self.blocks(h)
+        return self.ln(h[:, 1:] if self.cond is not None else h)
+
+
+class ViTDecoder(nn.Module):
+    """Tokens (n, T, d_in) [and condition (n, c)] -> log1p image (n, 1, H, W) >= 0: linear projection, learned
+    positional embedding, the condition token prepended, transformer blocks, the condition token dropped, a
+    transposed convolution (kernel = stride = 8) to one channel, ReLU(. + offset) (exact zeros), centre crop."""
+
+    def __init__(self, shape, d_in, dim, blocks=4, n_cond=0, offset=0.0, heads=4, dropout=0.1):
+        super().__init__()
+        self.shape, self.grid, self.offset = tuple(shape), vit_grid(shape), offset
+        self.proj = nn.Linear(d_in, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(self.grid[0] * self.grid[1], dim))
+        self.cond = nn.Linear(n_cond, dim) if n_cond else None
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, dropout) for _ in range(blocks)])
+        self.unpatch = nn.ConvTranspose2d(dim, 1, PATCH, PATCH)
+
+    def forward(self, z, cond=None):
+        (H, W), (gh, gw) = self.shape, self.grid
+        h = self.proj(z) + self.pos
+        if self.cond is not None:
+            h = torch.cat([self.cond(cond)[:, None], h], 1)
+        h = self.blocks(h)
+        h = h[:, 1:] if self.cond is not None else h
+        img = F.relu(self.unpatch(h.transpose(1, 2).reshape(len(h), -1, gh, gw)) + self.offset)
+        top, left = (gh * PATCH - H) // 2, (gw * PATCH - W) // 2
+        return img[..., top:top + H, left:left + W]
 
 
 class Generator(nn.Module):
@@ -161,13 +257,46 @@ class Discriminator(nn.Module):
         return self.head(torch.cat([self.conv(x), cond], 1))[:, 0]
 
 
+class ViTGenerator(nn.Module):
+    """--arch vit, as the authors' code: dense (z, c) -> 36 tokens of `width`, the ViT decoder with the condition
+    token (dropout 0.1 in its blocks, as the thesis' ViT; --dropout is the CNN's)."""
+
+    def __init__(self, shape, width, blocks, n_cond=9):
+        super().__init__()
+        T = vit_grid(shape)[0] * vit_grid(shape)[1]
+        self.dense = nn.Sequential(nn.Linear(NOISE + n_cond, T * width), nn.Unflatten(1, (T, width)))
+        self.dec = ViTDecoder(shape, width, width, blocks, n_cond, offset=0.5)
+
+    def forward(self, z, cond):
+        return self.dec(self.dense(torch.cat([z, cond], 1)), cond)
+
+
+class ViTDiscriminator(nn.Module):
+    """--arch vit, as the authors' code: the ViT encoder with the condition token, a dense 128 per token, flatten,
+    dense 128 -> 64 -> logit with GELU (the per-token dense is as wide as the tokens: 128)."""
+
+    def __init__(self, shape, width, blocks, n_cond=9):
+        super().__init__()
+        T = vit_grid(shape)[0] * vit_grid(shape)[1]
+        self.enc = ViTEncoder(shape, width, blocks, n_cond)
+        self.head = nn.Sequential(nn.Linear(width, width), nn.Flatten(), nn.Linear(T * width, 128), nn.GELU(approximate="tanh"),
+                                  nn.Linear(128, 64), nn.GELU(approximate="tanh"), nn.Linear(64, 1))
+
+    def forward(self, x, cond):
+        return self.head(self.enc(x, cond))[:, 0]
+
+
 def build_model(cfg):
     """The generator described by a checkpoint's args (the network that samples); checkpoints from before
-    --width call its width g_width."""
+    --width call its width g_width, from before --arch are the CNN."""
+    if cfg.get("arch", "cnn") == "vit":
+        return ViTGenerator(data.SHAPES[cfg["detector"]], cfg["width"], cfg["blocks"])
     return Generator(data.SHAPES[cfg["detector"]], cfg["width"] if "width" in cfg else cfg["g_width"], cfg["dropout"])
 
 
 def build_discriminator(cfg):
+    if cfg.get("arch", "cnn") == "vit":
+        return ViTDiscriminator(data.SHAPES[cfg["detector"]], cfg["d_width"], cfg["blocks"])
     return Discriminator(data.SHAPES[cfg["detector"]], cfg["d_width"], cfg["dropout"], cfg.get("d_norm", "batch") == "batch")
 
 
@@ -282,7 +411,7 @@ def train(args):
     if args.resume and ckpt_path.exists():
         ck = data.load_checkpoint(ckpt_path, NAME)
         # before --d-norm, D had BatchNorm; before --width, the generator's width was g_width
-        args = data.resume_args(args, ck, older=dict(d_norm="batch", width=ck["args"].get("g_width")))
+        args = data.resume_args(args, ck, older=dict(d_norm="batch", width=ck["args"].get("g_width"), arch="cnn"))
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     split = data.load_split(vars(args))

@@ -310,11 +310,13 @@ def shower_scores(true, gen, cond=None, seed=0):
 # ----------------------------------------------------------------------------------------------------------
 # Protocol: model, floor and lookup rows
 # ----------------------------------------------------------------------------------------------------------
-def test_part(split, max_test=None, part="test"):
+def test_part(split, max_test=None, part="test", typed=False):
     """(indices into the data set, true counts, standardised conditions) of the evaluated test events:
-    the first `max_test` of the (already shuffled) test split, a fixed subset."""
+    the first `max_test` of the (already shuffled) test split, a fixed subset. typed: the conditions carry the
+    particle-type index as a 10th column (data.with_type), for models with a type embedding."""
     idx = split.idx[part][:max_test]
-    return idx, split.ds.images[idx], data.standardize(split.ds.features[idx], split.mean, split.std)
+    cond = data.standardize(split.ds.features[idx], split.mean, split.std)
+    return idx, split.ds.images[idx], data.with_type(cond, split.ds.particles[idx]) if typed else cond
 
 
 @torch.no_grad()
@@ -324,7 +326,7 @@ def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=1024, pa
     conditions, `reps` times with generator seeds seed, seed+1, ... Returns summarize() of the scores, and
     with keep=True also the generated responses of the first repetition (float32). shower=False skips the
     shower metrics (sweeps, where only W and time are compared)."""
-    idx, true, cond = test_part(split, max_test, part)
+    idx, true, cond = test_part(split, max_test, part, getattr(generate, "typed", False))
     cid, pdg = split.ds.cond_id[idx], split.ds.particles[idx, 9]
     scores, kept = [], None
     bar = tqdm(total=reps * len(idx), desc="evaluate", unit="sample", disable=not progress, leave=False)
@@ -336,7 +338,7 @@ def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=1024, pa
             bar.update(len(out[-1]))
         gen = np.concatenate(out)
         kept = gen.astype(np.float32) if keep and kept is None else kept
-        scores.append(score(true, gen, cid, pdg, cond.numpy(), shower, seed=r))
+        scores.append(score(true, gen, cid, pdg, cond[:, :9].numpy(), shower, seed=r))
         bar.set_postfix(W=f"{scores[-1]['W']:.3f}")
     bar.close()
     return (summarize(scores), kept) if keep else summarize(scores)
@@ -642,7 +644,8 @@ def results_summary(folder):
         for r in json.loads(bench.read_text())["rows"]:
             if r.get("mode") == "inference" and r.get("ms_per_sample"):
                 ms.setdefault(r["model"], (r["ms_per_sample"], r["batch"]))
-    scripts = sorted({k.rsplit("_neutron_", 1)[0] for k in evals})
+    scripts = sorted(k for k in {k.rsplit("_neutron_", 1)[0] for k in evals}     # scripts only, not the variants
+                     if (Path(__file__).parent / f"{k}.py").exists())
     lines = ["| model | W / floor, random | W / floor, disjoint | classifier AUC, random | ms / sample, CPU | results |",
              "|---|---|---|---|---|---|"]
 
@@ -661,6 +664,74 @@ def results_summary(folder):
         auc = _pm(lookup["random"]["model"], "auc", ".2f") if "random" in lookup else "-"
         lines.append(f"| lookup (nearest training particle) | {ratio(lookup.get('random'))} | "
                      f"{ratio(lookup.get('disjoint'))} | {auc} | - | |")
+    return "\n".join(lines) + "\n"
+
+
+# The thesis' Table 4.3 (arXiv 2407.16704: Wasserstein on the real neutron set, CNN / ViT), its five autoencoders:
+# (row, thesis W CNN, thesis W ViT, the result files' stem: <stem>_neutron_random.json with the CNN, the same with
+# _vit before _neutron for the ViT), and the command that writes each (the same flags with --arch vit for the ViT).
+TABLE43 = [("VAE", 11.52, 11.90, "vae", "vae.py"),
+           ("VAE + particle-type embedding", 15.93, 11.61, "vae_embedding", "vae.py --variant embedding"),
+           ("supervised autoencoder", 23.71, 20.43, "vae_supervised", "vae.py --variant supervised"),
+           ("AE + Sinkhorn noise generator", 26.53, 11.34, "sae_ng", "sae_ng.py"),
+           ("AE + l2 noise generator", 37.56, 11.19, "sae_ng_l2", "sae_ng.py --matching l2")]
+
+
+def table43(folder):
+    """The thesis' Table 4.3 layout on the toy data (markdown) from the eval.json files in `folder` named as in
+    TABLE43 (ZN, random split); a missing file leaves its cells as "missing". Cells: W / floor and the shower
+    metrics (separation, classifier AUC); then the thesis' two comparisons, answered where both files exist."""
+    folder = Path(folder)
+    runs = {}
+    for _, _, _, stem, _ in TABLE43:
+        for arch, name in (("CNN", f"{stem}_neutron_random.json"), ("ViT", f"{stem}_vit_neutron_random.json")):
+            if (folder / name).exists():
+                r = json.loads((folder / name).read_text())
+                runs[stem, arch] = r if {"model", "floor"} <= set(r) else None
+    tests = {(r["n_test"], r["reps"]) for r in runs.values() if r}
+    lines = ["# The thesis' Table 4.3 on the toy data", "",
+             f"Generated by `python metrics.py --results {folder.as_posix()} --table43` from the files named below "
+             "(ZN, random split); thesis W on the real set for reference (the MLP-Mixer column of Tables 4.3-4.4, a "
+             "third backbone, is left out). W / floor: the model's Wasserstein over that of an independent "
+             "re-simulation; separation (0: same shower-feature histograms) and classifier AUC (0.5: "
+             "indistinguishable) on the first 2,000 test events. 'missing': no result file yet.",
+             f"Test events, repetitions: {', '.join(f'{n:,}, {k}' for n, k in sorted(tests)) or '-'}"
+             + (" (MIXED: cells are not comparable)" if len(tests) > 1 else ""), "",
+             "| model | thesis W, CNN / ViT | W / floor, CNN | W / floor, ViT | W, CNN | W, ViT | separation, CNN | "
+             "separation, ViT | AUC, CNN | AUC, ViT |", "|---" * 10 + "|"]
+
+    def cell(r, key, fmt=".3f"):
+        if r is None:
+            return "missing"
+        if key == "ratio":
+            return f"{r['model']['W'][0] / r['floor']['W'][0]:.2f}" if r.get("floor") else "-"
+        return _pm(r["model"], key, fmt)
+    for label, w_cnn, w_vit, stem, _ in TABLE43:
+        c, v = runs.get((stem, "CNN")), runs.get((stem, "ViT"))
+        lines.append(f"| {label} | {w_cnn:.2f} / {w_vit:.2f} | {cell(c, 'ratio')} | {cell(v, 'ratio')} | {cell(c, 'W', '.2f')} | "
+                     f"{cell(v, 'W', '.2f')} | {cell(c, 'separation')} | {cell(v, 'separation')} | {cell(c, 'auc')} | "
+                     f"{cell(v, 'auc')} |")
+
+    def better(a, b, name_a, name_b):
+        """Which of two result rows has the lower W, or 'within noise' when the means are within 2 std."""
+        if not (a and b):
+            return "not yet measured"
+        (wa, sa), (wb, sb) = a["model"]["W"], b["model"]["W"]
+        if abs(wa - wb) <= 2 * np.hypot(sa, sb):
+            return f"within noise ({wa:.2f} vs {wb:.2f})"
+        return f"{name_a if wa < wb else name_b} ({wa:.2f} vs {wb:.2f})"
+    lines += ["", "The thesis' conclusions, here (lower W wins; 'within noise': the means lie within 2 std):", ""]
+    for label, w_cnn, w_vit, stem, _ in TABLE43:
+        lines.append(f"- {label}, ViT vs CNN (thesis: {'ViT' if w_vit < w_cnn else 'CNN'}): "
+                     + better(runs.get((stem, "ViT")), runs.get((stem, "CNN")), "ViT", "CNN"))
+    for arch, thesis in (("CNN", "Sinkhorn"), ("ViT", "l2")):
+        lines.append(f"- {arch}, l2 vs Sinkhorn noise generator (thesis: {thesis}): "
+                     + better(runs.get(("sae_ng_l2", arch)), runs.get(("sae_ng", arch)), "l2", "Sinkhorn"))
+    lines += ["", "Files and the commands that write them (train, then `--eval --ckpt RUN/ckpt.pt --max-test 2000`, "
+              "and copy RUN/eval.json to the file):", ""]
+    for label, _, _, stem, cmd in TABLE43:
+        lines.append(f"- {label}: `{stem}_neutron_random.json` (`python {cmd} --train`), "
+                     f"`{stem}_vit_neutron_random.json` (`python {cmd} --arch vit --train`)")
     return "\n".join(lines) + "\n"
 
 
@@ -739,6 +810,8 @@ def main(argv=None):
     p.add_argument("--results", default=None, metavar="DIR", help="print the results tables (markdown) of the "
                    "eval.json files in DIR and exit: `python metrics.py --results results/ > RESULTS.md`")
     p.add_argument("--summary", action="store_true", help="with --results: the README's one-row-per-model table")
+    p.add_argument("--table43", action="store_true", help="with --results: the thesis' Table 4.3 layout (its five "
+                   "autoencoders, CNN and ViT) from the files named in metrics.TABLE43; missing cells marked")
     p.add_argument("--update-readme", default=None, metavar="README", help="with --results: also rewrite the summary "
                    "table between README's markers: `python metrics.py --results results/ --update-readme README.md "
                    "> RESULTS.md` regenerates both")
@@ -752,7 +825,7 @@ def main(argv=None):
             end = text.index("<!-- end of summary -->")
             Path(args.update_readme).write_text(text[:start] + results_summary(args.results) + text[end:])
             print(f"updated the summary table in {args.update_readme}", file=sys.stderr)
-        sys.stdout.write((results_summary if args.summary else results_markdown)(args.results))
+        sys.stdout.write((table43 if args.table43 else results_summary if args.summary else results_markdown)(args.results))
         return
     dets = ["neutron", "proton"] if args.detector == "both" else [args.detector]
     modes = list(data.SPLIT_MODES) if args.split == "both" else [args.split]

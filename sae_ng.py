@@ -47,7 +47,8 @@ Usage:
     python sae_ng.py --train                       # ZN, CPU default (end to end, 15 min on 2 cores)
     python sae_ng.py --train --matching l2         # eq. 3.7
     python sae_ng.py --train --detector proton --out runs/sae_ng_proton
-    python sae_ng.py --train --paper               # the thesis' setting, 100 epochs: a GPU job
+    python sae_ng.py --train --paper               # the thesis' setting and ViT, 100 epochs: a GPU job
+    python sae_ng.py --train --arch vit            # the ViT pair at the CPU default schedule
     python sae_ng.py --train --resume --ng-steps 20000   # add stage 2 to a finished run
     python sae_ng.py --sample --ckpt runs/sae_ng/ckpt.pt --n 1000 --out samples.npz
     python sae_ng.py --eval --ckpt runs/sae_ng/ckpt.pt [--plot]
@@ -59,10 +60,16 @@ the decoder can do). --eval adds the reconstruction W (eval.json: reconstruction
 
 --paper: 100 epochs, batch 256 (Table 4.2); AdamW lr 3.5e-3, betas (0.64, 0.73), eps 1.5e-7, weight decay
 0.068, one-cycle cosine (warm-up 32 %, div 35, final div 770; Table A.1, ViT column); beta 20 and eps
-1e-2 -> 1e-5 at 0.95 (authors' code); no clipping; 997,465 parameters ("approximately one million", Sec. 4.4:
-width 16, hidden 64, NG 128). CPU default: 4 epochs, AdamW 1e-3, default betas, no weight decay, one-cycle
-5 % / 100 / 100, gradient norm clipped at 10, --scaling 0.5, width 8, hidden 64, NG 32 (290,369). Deviation:
-the published encoder/decoder are a ViT (or VDVAE-style CNN) pair, not built here (the thesis-backbone issue).
+1e-2 -> 1e-5 at 0.95 (authors' code); no clipping; the thesis' ViT pair (`--arch vit`, Sec. 4.4: 8x8 patches of
+the image padded to 48x48, 36 tokens of width 96, 4 pre-LayerNorm blocks of 4 heads, MLP 4x GELU, dropout 0.1;
+no condition token: E(x) is unconditional): encoder = ViT encoder, flatten, dense to 20, ReLU (526,388);
+decoder = dense 20 -> 36 tokens of 64, ViT decoder, transposed conv 8x8 stride 8, ReLU(. + 0.5) (511,585); NG
+128 (474,132): 1,512,105 in all, layer for layer the authors' noise_generator_mse.py ("approximately one
+million" per autoencoder, Sec. 4.4). ZP 56x30 is padded to 56x32 (7x4 tokens). `--paper --arch cnn`: the conv
+pair, width 16, hidden 64, NG 128 (997,465). CPU default: the CNN, 4 epochs, AdamW 1e-3, default betas, no
+weight decay, one-cycle 5 % / 100 / 100, gradient norm clipped at 10, --scaling 0.5, width 8, hidden 64, NG 32
+(290,369); the ViT took 5.3x longer per training step on 2 cores (0.91 s vs 0.17 s at batch 256;
+`tools/time_arch.py`). Deviation: `--arch cnn` is this repository's conv pair, not the thesis' VDVAE-style CNN.
 Measured (ZN toy, first 2,000 test events, 5 repetitions; results/sae_ng_neutron_*.json): random split W
 27.38 +- 0.07, 13.3x the floor, 54 % empty responses, diversity error 0.89, reconstruction W 7.38 (14.8 min);
 condition-disjoint 31.29 +- 0.03, 18.6x, 58 % empty (13.5 min). The earlier version (encoder detached in the
@@ -90,11 +97,17 @@ import metrics
 NAME = "sae_ng"
 CODE, NOISE = 20, 10
 DEFAULTS = dict(epochs=4, batch_size=256, lr=1e-3, betas=[0.9, 0.999], adam_eps=1e-8, weight_decay=0.0,
-                onecycle=[0.05, 100.0, 100.0], clip=10.0, scaling=0.5, width=8, hidden=64, ng_hidden=32,
-                ng_steps=0)                                                              # CPU, ZN: MINUTES
+                onecycle=[0.05, 100.0, 100.0], clip=10.0, scaling=0.5, ng_hidden=32, ng_steps=0)   # CPU, ZN: MINUTES
 PAPER = dict(epochs=100, batch_size=256, lr=3.5e-3, betas=[0.64, 0.73], adam_eps=1.5e-7, weight_decay=0.068,
-             onecycle=[0.32, 35.0, 770.0], clip=0.0, scaling=0.95, width=16, hidden=64, ng_hidden=128, ng_steps=0)
-PUBLISHED = {}   # the thesis gives "approximately one million parameters" per model (Section 4.4), no exact count
+             onecycle=[0.32, 35.0, 770.0], clip=0.0, scaling=0.95, ng_hidden=128, ng_steps=0)
+# sizes per backbone: (CPU default, --paper). --paper builds the thesis' ViT pair (Sec. 4.4: 4 blocks, 4 heads,
+# token width 96; the decoder's input 36 tokens of 64); --paper --arch cnn the conv pair (width 16, hidden 64)
+ARCH = {"cnn": (dict(width=8, hidden=64), dict(width=16, hidden=64)),
+        "vit": (dict(width=96, hidden=64, blocks=4), dict(width=96, hidden=64, blocks=4))}
+# the thesis gives "approximately one million parameters" per model (Section 4.4); these are our counts of the
+# authors' ViT autoencoder with noise generator (m-wojnar/zdc noise_generator_mse.py + architectures/vit.py)
+_SRC = "our count of the authors' ViT AE + NG (m-wojnar/zdc noise_generator_mse.py, architectures/vit.py)"
+PUBLISHED = {"encoder": (526_388, _SRC), "decoder": (511_585, _SRC), "noise_generator": (474_132, _SRC)}
 
 
 def get_args(argv=None):
@@ -102,8 +115,13 @@ def get_args(argv=None):
                                 epilog=__doc__[__doc__.index("Usage:"):])
     data.add_common_args(p, NAME)
     g = p.add_argument_group("Sinkhorn autoencoder with noise generator (unset: DEFAULTS, or PAPER with --paper)")
-    g.add_argument("--width", type=int, default=None, help="conv channels w (encoder w, 2w, 2w; decoder w)")
-    g.add_argument("--hidden", type=int, default=None, help="dense layer width of encoder and decoder")
+    g.add_argument("--arch", default=None, choices=["cnn", "vit"],
+                   help="backbone: cnn (CPU default) or vit (the thesis' ViT pair; the default under --paper)")
+    g.add_argument("--width", type=int, default=None, help="cnn: conv channels w (encoder w, 2w, 2w; decoder w); "
+                   "vit: token width (96)")
+    g.add_argument("--hidden", type=int, default=None, help="cnn: dense layer width of encoder and decoder; vit: "
+                   "token width of the decoder's input (64)")
+    g.add_argument("--blocks", type=int, default=None, help="vit: transformer blocks in encoder and decoder (4)")
     g.add_argument("--ng-hidden", type=int, default=None, help="noise generator width h (layers 2h|h, 4h, 4h)")
     g.add_argument("--matching", default="sinkhorn", choices=["sinkhorn", "l2"],
                    help="code matching term: debiased Sinkhorn divergence (eq. 3.6) or l2 ||E(x) - NG(z, c)||^2 (eq. 3.7)")
@@ -138,15 +156,20 @@ def get_args(argv=None):
         p.error("--betas must lie in [0, 1)")
     if args.onecycle is not None and not (0 <= args.onecycle[0] < 1 and min(args.onecycle[1:]) >= 1):
         p.error("--onecycle: warm-up fraction in [0, 1), DIV and FINAL_DIV >= 1")
-    for k in ("width", "hidden", "ng_hidden", "ng_batch", "val_every"):
+    for k in ("width", "hidden", "blocks", "ng_hidden", "ng_batch", "val_every"):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive (got {getattr(args, k)})")
-    for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
+    args.arch = args.arch or ("vit" if args.paper else "cnn")   # explicit > --paper > CPU default
+    sizes, paper_sizes = ARCH[args.arch]
+    for k, v in {**DEFAULTS, **sizes, **(PAPER if args.paper else {}), **(paper_sizes if args.paper else {})}.items():
         if getattr(args, k) is None:   # precedence: flag given on the command line > --paper > CPU default
             setattr(args, k, v)
+    if args.arch == "vit" and args.width % 4:
+        p.error(f"--width {args.width}: the ViT's 4 attention heads need a multiple of 4")
     args.ng_batch = args.ng_batch or (512 if args.matching == "l2" else 256)
     if args.smoke:   # stage 1 is one epoch of 5 batches; stage 2 (if asked for) three steps
-        args.limit, args.width, args.hidden, args.ng_hidden, args.batch_size = args.limit or 1500, 4, 16, 8, 256
+        args.limit, args.ng_hidden, args.batch_size = args.limit or 1500, 8, 256
+        args.width, args.hidden, args.blocks = (16, 8, 1) if args.arch == "vit" else (4, 16, args.blocks)
         args.epochs = 1
         args.ng_steps, args.ng_batch = min(args.ng_steps, 3), 64
         args.max_test, args.reps, args.ckpt_every = min(args.max_test or 200, 200), min(args.reps, 2), 3
@@ -210,12 +233,99 @@ class NoiseGenerator(nn.Module):
         return h + (F.relu(h) - h).detach()
 
 
-class SAE(nn.Module):
-    """Autoencoder (image <-> 20-d ReLU code) and noise generator (noise, condition) -> code."""
+# The thesis' ViT pair (Sec. 4.4; --arch vit), written out in the same words in vae.py, sae_ng.py, gan.py, vqgan.py
+PATCH = 8
 
-    def __init__(self, shape, width=8, hidden=64, ng_hidden=32):
+
+def vit_grid(shape):
+    """Token grid of an image padded to a multiple of 8: ZN 44x44 -> 48x48 -> 6x6 (36 tokens); ZP 56x30 -> 56x32
+    -> 7x4 (28 tokens)."""
+    return math.ceil(shape[0] / PATCH), math.ceil(shape[1] / PATCH)
+
+
+class ViTBlock(nn.Module):
+    """Pre-LayerNorm transformer block: 4-head self-attention, then an MLP 4x wide with GELU and dropout."""
+
+    def __init__(self, dim, heads=4, dropout=0.1):
         super().__init__()
-        self.enc, self.dec, self.ng = Encoder(shape, width, hidden), Decoder(shape, width, hidden), NoiseGenerator(ng_hidden)
+        self.ln1, self.ln2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+                                 nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class ViTEncoder(nn.Module):
+    """log1p image (n, 1, H, W) [and condition (n, c)] -> tokens (n, T, dim): zero-pad (centred) to a multiple of
+    8, cut 8x8 patches, project them linearly and add a learned positional embedding; the condition, projected
+    linearly, is prepended as the first token; transformer blocks; the condition token dropped; LayerNorm."""
+
+    def __init__(self, shape, dim, blocks=4, n_cond=0, heads=4, dropout=0.1):
+        super().__init__()
+        self.shape, self.grid = tuple(shape), vit_grid(shape)
+        self.patch = nn.Linear(PATCH * PATCH, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(self.grid[0] * self.grid[1], dim))
+        self.cond = nn.Linear(n_cond, dim) if n_cond else None
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, dropout) for _ in range(blocks)])
+        self.ln = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x, cond=None):
+        (H, W), (gh, gw) = self.shape, self.grid
+        ph, pw = gh * PATCH - H, gw * PATCH - W
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        x = x.reshape(len(x), gh, PATCH, gw, PATCH).transpose(2, 3).reshape(len(x), gh * gw, PATCH * PATCH)
+        h = self.patch(x) + self.pos
+        if self.cond is not None:
+            h = torch.cat([self.cond(cond)[:, None], h], 1)
+        h = self.blocks(h)
+        return self.ln(h[:, 1:] if self.cond is not None else h)
+
+
+class ViTDecoder(nn.Module):
+    """Tokens (n, T, d_in) [and condition (n, c)] -> log1p image (n, 1, H, W) >= 0: linear projection, learned
+    positional embedding, the condition token prepended, transformer blocks, the condition token dropped, a
+    transposed convolution (kernel = stride = 8) to one channel, ReLU(. + offset) (exact zeros), centre crop."""
+
+    def __init__(self, shape, d_in, dim, blocks=4, n_cond=0, offset=0.0, heads=4, dropout=0.1):
+        super().__init__()
+        self.shape, self.grid, self.offset = tuple(shape), vit_grid(shape), offset
+        self.proj = nn.Linear(d_in, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(self.grid[0] * self.grid[1], dim))
+        self.cond = nn.Linear(n_cond, dim) if n_cond else None
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, dropout) for _ in range(blocks)])
+        self.unpatch = nn.ConvTranspose2d(dim, 1, PATCH, PATCH)
+
+    def forward(self, z, cond=None):
+        (H, W), (gh, gw) = self.shape, self.grid
+        h = self.proj(z) + self.pos
+        if self.cond is not None:
+            h = torch.cat([self.cond(cond)[:, None], h], 1)
+        h = self.blocks(h)
+        h = h[:, 1:] if self.cond is not None else h
+        img = F.relu(self.unpatch(h.transpose(1, 2).reshape(len(h), -1, gh, gw)) + self.offset)
+        top, left = (gh * PATCH - H) // 2, (gw * PATCH - W) // 2
+        return img[..., top:top + H, left:left + W]
+
+
+class SAE(nn.Module):
+    """Autoencoder (image <-> 20-d ReLU code) and noise generator (noise, condition) -> code. --arch vit: the
+    encoder is the ViT encoder (no condition token), its 36 x 96 tokens flattened, dense to 20, ReLU; the decoder
+    a dense 20 -> 36 x 64 tokens and the ViT decoder (no condition token), as the authors' code."""
+
+    def __init__(self, shape, width=8, hidden=64, ng_hidden=32, arch="cnn", blocks=4):
+        super().__init__()
+        self.ng = NoiseGenerator(ng_hidden)
+        if arch == "cnn":
+            self.enc, self.dec = Encoder(shape, width, hidden), Decoder(shape, width, hidden)
+            return
+        T = vit_grid(shape)[0] * vit_grid(shape)[1]
+        self.enc = nn.Sequential(ViTEncoder(shape, width, blocks), nn.Flatten(), nn.Linear(T * width, CODE), nn.ReLU())
+        self.dec = nn.Sequential(nn.Linear(CODE, T * hidden), nn.Unflatten(1, (T, hidden)),
+                                 ViTDecoder(shape, hidden, width, blocks, offset=0.5))
 
     def encode(self, x):
         return self.enc(x)
@@ -229,7 +339,8 @@ class SAE(nn.Module):
 
 def build_model(cfg):
     """The network described by a checkpoint's args."""
-    return SAE(data.SHAPES[cfg["detector"] or "neutron"], cfg["width"], cfg["hidden"], cfg["ng_hidden"])
+    return SAE(data.SHAPES[cfg["detector"] or "neutron"], cfg["width"], cfg["hidden"], cfg["ng_hidden"],
+               cfg.get("arch", "cnn"), cfg.get("blocks") or 4)
 
 
 def build_networks(cfg):
@@ -337,7 +448,7 @@ def train(args):
     if args.resume and ckpt_path.exists():
         ck = check_version(data.load_checkpoint(ckpt_path, NAME), ckpt_path)
         ng_steps = max(args.ng_steps, ck["args"]["ng_steps"])   # a length like --epochs: --ng-steps N adds stage 2
-        args = data.resume_args(args, {**ck, "args": {**ck["args"], "ng_steps": ng_steps}})
+        args = data.resume_args(args, {**ck, "args": {**ck["args"], "ng_steps": ng_steps}}, older=dict(arch="cnn"))
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     split = data.load_split(vars(args))

@@ -19,11 +19,29 @@ Options kept from the condition-use study below: `--cond every` (an MLP embeddin
 dense layer), `--enc-cond shared|image` (the encoder sees that embedding, or the decoder's picture D(0, c) as a
 second input channel), `--kl-anneal N` (KL weight 70 -> 0.7 over N steps), `--reduction mean` (the old
 default: averages the error over the 1,936 pixels, so the KL weighs ~1,355x more and the posterior collapses).
+Backbones (`--arch`): cnn, the convolutions above (CPU default); vit, the thesis' ViT pair (Sec. 4.4; the
+default under --paper): the image zero-padded to 48x48 (ZP 56x30 to 56x32), 8x8 patches (36 tokens; ZP 28),
+linear projection to width 96 + learned positional embedding, the condition projected linearly and prepended as
+the first token, 4 pre-LayerNorm blocks (4 heads, MLP 4x with GELU, dropout 0.1), the condition token dropped,
+LayerNorm; then a dense 96 -> 64 per token, flatten, dense -> (mu, logvar). Decoder: dense (z, c) -> 36 tokens
+of 64, projection to 96 + positional embedding + the condition token, 4 blocks, a transposed convolution
+(kernel = stride = 8) to one channel, ReLU(. + 0.5), crop. 1,020,757 parameters (the authors' variational.py with
+architectures/vit.py: 1,020,217; ours also gives the decoder the condition token, as the thesis' text says, and
+has one 20-output layer for (mu, logvar) where theirs has a ReLU and two 10-output heads).
+Variants (`--variant`, Table 4.3's rows): embedding, a learned 16-d embedding of the particle type (the PDG id,
+10th column of the particles file; 22 classes: the toy's 21 types and "other") joined to the condition wherever
+the VAE reads it (a clear error when the data has 9 columns); supervised, the supervised autoencoder (thesis eq.
+3.5): E(x) predicts the 9 features (no condition in the encoder), loss = reconstruction + --beta x ||E(x) - c||^2
+summed over the features (no KL), generation decodes the particle's own features: deterministic, one response
+per particle (the thesis' equation has no noise; the authors' supervised.py feeds 36 x 4 Gaussian tokens to the
+decoder, which this does not).
 
 Usage:
     python vae.py --train                        # ZN, CPU default (2 epochs, ~8 min on 2 cores), runs/vae
     python vae.py --train --detector proton --out runs/vae_proton
-    python vae.py --train --paper                # thesis batch 256, 100 epochs, optimiser; ~1.0M parameters
+    python vae.py --train --paper                # thesis batch 256, 100 epochs, the ViT (1.02M parameters)
+    python vae.py --train --arch vit             # the ViT at the CPU default schedule
+    python vae.py --train --variant embedding    # or supervised: Table 4.3's other rows (either --arch)
     python vae.py --sample --ckpt runs/vae/ckpt.pt --n 1000 --out samples.npz
     python vae.py --eval --ckpt runs/vae/ckpt.pt [--plot]
     python vae.py --train --smoke                # seconds: tiny data, tiny model
@@ -32,9 +50,12 @@ Logged every --val-every steps: train loss (reconstruction + kl x KL), train KL,
 nats), val_W (Wasserstein of 1000 generated samples) and rec_W (encode -> decode of the same 1000 responses:
 the best the decoder can do). --eval also stores reconstruction_W in eval.json.
 
-Deviations: the thesis' CNN/ViT networks are not reproduced (a separate issue); the size class is matched
-(--paper: width 16, hidden 128, 1.02M parameters on ZN; the thesis gives no exact count). CPU default: width 8,
-hidden 64 (0.26M), batch 128, 2 epochs instead of 256 and 100.
+Deviations: `--arch cnn` is this repository's conv pair, not the thesis' VDVAE-style CNN (bottleneck blocks,
+BatchNorm, average pooling); `--paper --arch cnn` builds it at the same size class (width 16, hidden 128, 1.02M).
+The optimiser is Table A.1's CNN column under either backbone (the ViT column, AdamW with a one-cycle cosine
+schedule, is not wired in yet). CPU default: the CNN, width 8, hidden 64 (0.26M), batch 128, 2 epochs instead of
+256 and 100; the ViT took 4.2x longer per training step on 2 cores (0.41 s vs 0.10 s at batch 128; 0.43 vs 0.19
+ms per sample at batch 256; `OMP_NUM_THREADS=2 python tools/time_arch.py`), so it stays the --paper backbone.
 
 Does the faithful cVAE use its condition? Measured on ZN (500-1,000 steps, 2,000 validation events; decoding
 the posterior mean, prior draws, posterior draws of other events, and prior draws with shuffled conditions).
@@ -84,9 +105,15 @@ LATENT = 10
 # Optimiser of the thesis' CNN autoencoders (Table A.1; the reference code's conv.py has the same numbers):
 # Adam with Nesterov momentum (optax.adam(nesterov=True), Dozat's NAdam), no weight decay, constant rate.
 BETAS, EPS = (0.76, 0.88), 6.1e-8
-DEFAULTS = dict(epochs=2, batch_size=128, lr=1.4e-3, width=8, hidden=64)   # CPU default: ~8 minutes on 2 cores (ZN)
-PAPER = dict(epochs=100, batch_size=256, lr=1.4e-3, width=16, hidden=128)  # Table 4.2 and A.1; size ~1M (Section 4.4)
-PUBLISHED = {}   # the thesis gives "approximately one million parameters" (Section 4.4), no exact count
+DEFAULTS = dict(epochs=2, batch_size=128, lr=1.4e-3)   # CPU default: ~8 minutes on 2 cores (ZN, CNN)
+PAPER = dict(epochs=100, batch_size=256, lr=1.4e-3)    # Table 4.2 and A.1
+# sizes per backbone: (CPU default, --paper). --paper builds the thesis' ViT (Sec. 4.4: 4 blocks, 4 heads, token
+# width 96, per-token dense 64); --paper --arch cnn the conv pair at the same size class (width 16, hidden 128)
+ARCH = {"cnn": (dict(width=8, hidden=64), dict(width=16, hidden=128)),
+        "vit": (dict(width=96, hidden=64, blocks=4), dict(width=96, hidden=64, blocks=4))}
+TYPE_DIM = 16    # --variant embedding: width of the learned particle-type embedding (the authors' embedding.py)
+PUBLISHED = {"vae": (1_020_217, "thesis Sec. 4.4 'approximately one million'; 1,020,217 is our count of the "
+                                "authors' ViT VAE (m-wojnar/zdc variational.py + architectures/vit.py)")}
 
 
 def get_args(argv=None):
@@ -94,8 +121,19 @@ def get_args(argv=None):
                                 epilog=__doc__[__doc__.index("Usage:"):])
     data.add_common_args(p, NAME)
     g = p.add_argument_group("VAE")
-    g.add_argument("--width", type=int, default=None, help="conv channels w (encoder w, 2w, 2w; decoder w); CPU 8, paper 16")
-    g.add_argument("--hidden", type=int, default=None, help="dense layer width of encoder and decoder; CPU 64, paper 128")
+    g.add_argument("--arch", default=None, choices=["cnn", "vit"],
+                   help="backbone: cnn (CPU default) or vit (the thesis' ViT pair; the default under --paper)")
+    g.add_argument("--variant", default="vae", choices=["vae", "embedding", "supervised"],
+                   help="vae; embedding (VAE + a learned embedding of the particle type, the PDG id of the 10th "
+                        "particles column, joined to the condition); supervised (autoencoder whose latent is the "
+                        "predicted particle features, thesis eq. 3.5; deterministic)")
+    g.add_argument("--width", type=int, default=None, help="cnn: conv channels w (encoder w, 2w, 2w; decoder w), CPU 8, "
+                   "paper 16; vit: token width (96)")
+    g.add_argument("--hidden", type=int, default=None, help="cnn: dense layer width, CPU 64, paper 128; vit: the "
+                   "per-token width at the latent (64)")
+    g.add_argument("--blocks", type=int, default=None, help="vit: transformer blocks in encoder and decoder (4)")
+    g.add_argument("--beta", type=float, default=200.0, help="--variant supervised: weight of ||E(x) - c||^2 summed over "
+                   "the 9 features (the authors' weight 1 on means is 1936 / 9 = 215 on sums)")
     g.add_argument("--kl", type=float, default=0.7, help="weight of the KL term (published: 0.7)")
     g.add_argument("--reduction", default="sum", choices=["sum", "mean"],
                    help="reconstruction error over pixels: sum (published, default) or mean (deviation: the "
@@ -117,14 +155,23 @@ def get_args(argv=None):
         p.error("--enc-cond shared uses the decoder's condition embedding: it needs --cond every")
     if not args.kl >= 0 or args.val_every <= 0 or args.kl_anneal < 0:
         p.error("--kl and --kl-anneal must be >= 0 and --val-every positive")
-    for k in ("width", "hidden"):
+    for k in ("width", "hidden", "blocks"):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
             p.error(f"--{k} must be positive (got {getattr(args, k)})")
-    for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
+    args.arch = args.arch or ("vit" if args.paper else "cnn")   # explicit > --paper > CPU default
+    if (args.arch == "vit" or args.variant != "vae") and (args.cond, args.enc_cond) != ("input", "dense"):
+        p.error("--cond every and --enc-cond are options of the CNN VAE (--arch cnn --variant vae)")
+    if not args.beta >= 0:
+        p.error("--beta must be >= 0")
+    sizes, paper_sizes = ARCH[args.arch]
+    for k, v in {**DEFAULTS, **sizes, **(PAPER if args.paper else {}), **(paper_sizes if args.paper else {})}.items():
         if getattr(args, k) is None:   # flags given on the command line win
             setattr(args, k, v)
+    if args.arch == "vit" and args.width % 4:
+        p.error(f"--width {args.width}: the ViT's 4 attention heads need a multiple of 4")
     if args.smoke:
-        args.limit, args.width, args.hidden, args.batch_size = args.limit or 1500, 4, 16, 32
+        args.limit, args.batch_size = args.limit or 1500, 32
+        args.width, args.hidden, args.blocks = (16, 8, 1) if args.arch == "vit" else (4, 16, args.blocks)
         args.max_steps = args.max_steps or 6
         args.max_test, args.reps, args.ckpt_every = min(args.max_test or 200, 200), min(args.reps, 2), 3
     args.out = args.out or f"runs/{NAME}"
@@ -138,58 +185,173 @@ def conv(ci, co, stride=1):
     return nn.Sequential(nn.Conv2d(ci, co, 3, stride, padding=1), nn.LeakyReLU(0.1))
 
 
+# The thesis' ViT pair (Sec. 4.4; --arch vit), written out in the same words in vae.py, sae_ng.py, gan.py, vqgan.py
+PATCH = 8
+
+
+def vit_grid(shape):
+    """Token grid of an image padded to a multiple of 8: ZN 44x44 -> 48x48 -> 6x6 (36 tokens); ZP 56x30 -> 56x32
+    -> 7x4 (28 tokens)."""
+    return math.ceil(shape[0] / PATCH), math.ceil(shape[1] / PATCH)
+
+
+class ViTBlock(nn.Module):
+    """Pre-LayerNorm transformer block: 4-head self-attention, then an MLP 4x wide with GELU and dropout."""
+
+    def __init__(self, dim, heads=4, dropout=0.1):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+                                 nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class ViTEncoder(nn.Module):
+    """log1p image (n, 1, H, W) [and condition (n, c)] -> tokens (n, T, dim): zero-pad (centred) to a multiple of
+    8, cut 8x8 patches, project them linearly and add a learned positional embedding; the condition, projected
+    linearly, is prepended as the first token; transformer blocks; the condition token dropped; LayerNorm."""
+
+    def __init__(self, shape, dim, blocks=4, n_cond=0, heads=4, dropout=0.1):
+        super().__init__()
+        self.shape, self.grid = tuple(shape), vit_grid(shape)
+        self.patch = nn.Linear(PATCH * PATCH, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(self.grid[0] * self.grid[1], dim))
+        self.cond = nn.Linear(n_cond, dim) if n_cond else None
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, dropout) for _ in range(blocks)])
+        self.ln = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x, cond=None):
+        (H, W), (gh, gw) = self.shape, self.grid
+        ph, pw = gh * PATCH - H, gw * PATCH - W
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        x = x.reshape(len(x), gh, PATCH, gw, PATCH).transpose(2, 3).reshape(len(x), gh * gw, PATCH * PATCH)
+        h = self.patch(x) + self.pos
+        if self.cond is not None:
+            h = torch.cat([self.cond(cond)[:, None], h], 1)
+        h = self.blocks(h)
+        return self.ln(h[:, 1:] if self.cond is not None else h)
+
+
+class ViTDecoder(nn.Module):
+    """Tokens (n, T, d_in) [and condition (n, c)] -> log1p image (n, 1, H, W) >= 0: linear projection, learned
+    positional embedding, the condition token prepended, transformer blocks, the condition token dropped, a
+    transposed convolution (kernel = stride = 8) to one channel, ReLU(. + offset) (exact zeros), centre crop."""
+
+    def __init__(self, shape, d_in, dim, blocks=4, n_cond=0, offset=0.0, heads=4, dropout=0.1):
+        super().__init__()
+        self.shape, self.grid, self.offset = tuple(shape), vit_grid(shape), offset
+        self.proj = nn.Linear(d_in, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(self.grid[0] * self.grid[1], dim))
+        self.cond = nn.Linear(n_cond, dim) if n_cond else None
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, dropout) for _ in range(blocks)])
+        self.unpatch = nn.ConvTranspose2d(dim, 1, PATCH, PATCH)
+
+    def forward(self, z, cond=None):
+        (H, W), (gh, gw) = self.shape, self.grid
+        h = self.proj(z) + self.pos
+        if self.cond is not None:
+            h = torch.cat([self.cond(cond)[:, None], h], 1)
+        h = self.blocks(h)
+        h = h[:, 1:] if self.cond is not None else h
+        img = F.relu(self.unpatch(h.transpose(1, 2).reshape(len(h), -1, gh, gw)) + self.offset)
+        top, left = (gh * PATCH - H) // 2, (gw * PATCH - W) // 2
+        return img[..., top:top + H, left:left + W]
+
+
 class VAE(nn.Module):
-    def __init__(self, shape, width=8, hidden=64, n_cond=9, latent=LATENT, cond="input", enc_cond="dense", offset=0.5):
+    """Encoder q(z | x, c) and decoder D(z, c) on either backbone. variant "embedding": c is joined by a learned
+    embedding of the particle type (cond carries the type index as a 10th column); "supervised": the latent is
+    the predicted features E(x) (9-d, no condition in the encoder, no noise) and the decoder reads only it."""
+
+    def __init__(self, shape, width=8, hidden=64, n_cond=9, latent=LATENT, cond="input", enc_cond="dense", offset=0.5,
+                 arch="cnn", variant="vae", blocks=4):
         super().__init__()
         self.shape, self.w, self.cond, self.enc_cond, self.offset = tuple(shape), width, cond, enc_cond, offset
+        self.arch, self.supervised = arch, variant == "supervised"
+        self.latent = 0 if self.supervised else latent                    # the noise a sample draws
+        self.type_embed = nn.Embedding(len(data.PARTICLES) + 1, TYPE_DIM) if variant == "embedding" else None
+        c_dim = n_cond + (TYPE_DIM if variant == "embedding" else 0)
+        enc_c, enc_out = (0, n_cond) if self.supervised else (c_dim, 2 * latent)
+        if arch == "vit":
+            T = vit_grid(shape)[0] * vit_grid(shape)[1]
+            self.enc = ViTEncoder(shape, width, blocks, enc_c)
+            self.enc_head = nn.Sequential(nn.Linear(width, hidden), nn.Flatten(), nn.Linear(T * hidden, enc_out))
+            self.dec_head = nn.Sequential(nn.Linear(self.latent + c_dim, T * hidden), nn.Unflatten(1, (T, hidden)))
+            self.dec = ViTDecoder(shape, hidden, width, blocks, c_dim, offset)
+            return
         self.h0, self.w0 = math.ceil(shape[0] / 4), math.ceil(shape[1] / 4)
         flat = 2 * width * self.h0 * self.w0
         e = hidden if cond == "every" else 0       # width of the condition embedding joining each decoder dense layer
         ce = e if enc_cond == "shared" else 0      # the same embedding at each encoder dense layer
         self.enc = nn.Sequential(conv(1 + (enc_cond == "image"), width), conv(width, 2 * width, 2),
                                  conv(2 * width, 2 * width, 2), nn.Flatten())
-        self.enc_head = nn.Sequential(nn.Linear(flat + (ce or n_cond), hidden), nn.LeakyReLU(0.1),
-                                      nn.Linear(hidden + ce, 2 * latent))
+        self.enc_head = nn.Sequential(nn.Linear(flat + (ce or enc_c), hidden), nn.LeakyReLU(0.1),
+                                      nn.Linear(hidden + ce, enc_out))
         if e:
             self.embed = nn.Sequential(nn.Linear(n_cond, e), nn.LeakyReLU(0.1), nn.Linear(e, e), nn.LeakyReLU(0.1))
-        self.dec_head = nn.Sequential(nn.Linear(latent + (e or n_cond), hidden), nn.LeakyReLU(0.1),
+        self.dec_head = nn.Sequential(nn.Linear(self.latent + (e or c_dim), hidden), nn.LeakyReLU(0.1),
                                       nn.Linear(hidden + e, flat), nn.LeakyReLU(0.1))
         self.dec = nn.Sequential(nn.Upsample(scale_factor=2), conv(2 * width, width), nn.Upsample(scale_factor=2),
                                  conv(width, width), nn.Conv2d(width, 1, 3, padding=1))
 
+    def condition(self, cond):
+        """The condition the networks read: the 9 features, joined by the type embedding (--variant embedding)."""
+        if self.type_embed is None:
+            return cond
+        return torch.cat([cond[:, :9], self.type_embed(cond[:, 9].long())], 1)
+
     def encode(self, x, cond):
-        """(mu, logvar), each (n, latent), of q(z | x, c)."""
+        """(mu, logvar), each (n, latent), of q(z | x, c); the supervised autoencoder: (E(x) (n, 9), None)."""
         H, W = self.shape
-        if self.enc_cond == "image":        # what the decoder draws from the condition alone, as a fixed input
-            with torch.no_grad():
-                x = torch.cat([x, self.decode(torch.zeros(len(x), self.enc_head[-1].out_features // 2,
-                                                          device=x.device), cond)], 1)
-        h = self.enc(F.pad(x, (0, -W % 4, 0, -H % 4)))
-        if self.enc_cond == "shared":
-            e = self.embed(cond)
-            h = self.enc_head[1](self.enc_head[0](torch.cat([h, e], 1)))
-            mu, logvar = self.enc_head[2](torch.cat([h, e], 1)).chunk(2, 1)
+        c = self.condition(cond)
+        if self.arch == "vit":
+            out = self.enc_head(self.enc(x, None if self.supervised else c))
         else:
-            mu, logvar = self.enc_head(torch.cat([h, cond], 1)).chunk(2, 1)
+            if self.enc_cond == "image":        # what the decoder draws from the condition alone, as a fixed input
+                with torch.no_grad():
+                    x = torch.cat([x, self.decode(torch.zeros(len(x), self.latent, device=x.device), cond)], 1)
+            h = self.enc(F.pad(x, (0, -W % 4, 0, -H % 4)))
+            if self.enc_cond == "shared":
+                e = self.embed(c)
+                h = self.enc_head[1](self.enc_head[0](torch.cat([h, e], 1)))
+                out = self.enc_head[2](torch.cat([h, e], 1))
+            else:
+                out = self.enc_head(h if self.supervised else torch.cat([h, c], 1))
+        if self.supervised:
+            return out, None
+        mu, logvar = out.chunk(2, 1)
         return mu, logvar.clamp(-20, 10)
 
     def decode(self, z, cond):
         """log1p(counts) images (n, 1, H, W) >= 0."""
+        c = self.condition(cond)
+        if self.arch == "vit":
+            return self.dec(self.dec_head(torch.cat([z, c], 1)), c)
         if self.cond == "every":
-            e = self.embed(cond)
+            e = self.embed(c)
             h = self.dec_head[1](self.dec_head[0](torch.cat([z, e], 1)))
             h = self.dec_head[3](self.dec_head[2](torch.cat([h, e], 1)))
         else:
-            h = self.dec_head(torch.cat([z, cond], 1))
+            h = self.dec_head(torch.cat([z, c], 1))
         h = h.view(-1, 2 * self.w, self.h0, self.w0)
         return F.relu(self.dec(h) + self.offset)[..., :self.shape[0], :self.shape[1]]   # +0.5 as the reference
+
+    def code(self, mu, cond):
+        """The decoder's (z, c) for a posterior mean: the supervised autoencoder decodes its predicted features."""
+        return (mu[:, :0], mu) if self.supervised else (mu, cond)
 
 
 def build_model(cfg):
     """The network described by a checkpoint's args (checkpoints from before --cond: input conditioning, no
-    output offset)."""
+    output offset; from before --arch: the CNN VAE)."""
     return VAE(data.SHAPES[cfg["detector"]], cfg["width"], cfg["hidden"], cond=cfg.get("cond", "input"),
-               enc_cond=cfg.get("enc_cond", "dense"), offset=0.5 if "cond" in cfg else 0.0)
+               enc_cond=cfg.get("enc_cond", "dense"), offset=0.5 if "cond" in cfg else 0.0,
+               arch=cfg.get("arch", "cnn"), variant=cfg.get("variant", "vae"), blocks=cfg.get("blocks") or 4)
 
 
 def build_networks(cfg):
@@ -203,27 +365,32 @@ def build_networks(cfg):
 def vae_loss(model, x, cond, generator, kl_weight, reduction="sum"):
     """(loss, reconstruction, KL per latent dimension (latent,)) of a batch: the squared error summed over pixels
     (thesis eq. 3.3; reduction="mean" averages it instead), the KL to N(0, I) summed over latent dimensions, both
-    averaged over the batch. generator=None: z = posterior mean."""
+    averaged over the batch. generator=None: z = posterior mean. The supervised autoencoder (eq. 3.5): the
+    reconstruction D(E(x)) + kl_weight (there: --beta) x ||E(x) - c||^2, its third output per feature (9,)."""
     mu, logvar = model.encode(x, cond)
-    z = mu if generator is None else mu + data.noise(mu.shape, generator, x.device) * (0.5 * logvar).exp()
-    err = (model.decode(z, cond) - x).pow(2).flatten(1)
+    if model.supervised:
+        z, reg = model.code(mu, cond), (mu - cond).pow(2).mean(0)
+    else:
+        z = mu if generator is None else mu + data.noise(mu.shape, generator, x.device) * (0.5 * logvar).exp()
+        z, reg = (z, cond), 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(0)
+    err = (model.decode(*z) - x).pow(2).flatten(1)
     rec = (err.mean(1) if reduction == "mean" else err.sum(1)).mean()
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(0)
-    return rec + kl_weight * kl.sum(), rec, kl
+    return rec + kl_weight * reg.sum(), rec, reg
 
 
 @torch.no_grad()
 def sample(model, cond, generator=None):
-    """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9). Noise is drawn on the CPU from
-    `generator` and moved to the model's device, so a seed gives the same samples on any device."""
-    z = data.noise((len(cond), LATENT), generator, cond.device)
+    """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9; --variant embedding: n, 10 with the
+    type index last). Noise is drawn on the CPU from `generator` and moved to the model's device, so a seed gives
+    the same samples on any device. The supervised autoencoder draws no noise: D(c) is deterministic."""
+    z = data.noise((len(cond), model.latent), generator, cond.device)
     return data.to_counts(model.decode(z, cond))
 
 
 @torch.no_grad()
 def reconstruct(model, x, cond):
     """Encode -> decode (posterior mean) of log1p images: raw counts (n, H, W)."""
-    return data.to_counts(model.decode(model.encode(x, cond)[0], cond))
+    return data.to_counts(model.decode(*model.code(model.encode(x, cond)[0], cond)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,12 +401,16 @@ def generator_fn(model, device, amp=False):
     def generate(cond, g):
         with data.autocast(device, amp):
             return sample(model, cond.to(device), g).float()
+    generate.typed = model.type_embed is not None      # metrics / data pass the particle type as a 10th column
     return generate
 
 
-def kl_weight(args, step):
-    """The KL weight at a step: --kl, or with --kl-anneal N falling geometrically from 100 x --kl to --kl."""
-    return args.kl * 100 ** max(0.0, 1 - step / args.kl_anneal) if args.kl_anneal else args.kl
+def kl_weight(args, step=None):
+    """The KL weight at a step: --kl, or with --kl-anneal N falling geometrically from 100 x --kl to --kl (step
+    None: the final weight); the supervised autoencoder's --beta."""
+    if getattr(args, "variant", "vae") == "supervised":
+        return args.beta
+    return args.kl * 100 ** max(0.0, 1 - step / args.kl_anneal) if args.kl_anneal and step is not None else args.kl
 
 
 def train(args):
@@ -252,12 +423,13 @@ def train(args):
         raise data.DataError(f"{ckpt_path} exists: pass --resume to continue it, or --out a new folder")
     if args.resume and ckpt_path.exists():
         ck = data.load_checkpoint(ckpt_path, NAME)
-        args = data.resume_args(args, ck)
+        args = data.resume_args(args, ck, older=dict(arch="cnn"))
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     split = data.load_split(vars(args))
-    x_tr, c_tr = split.x("train"), split.cond("train")
-    x_va, c_va = split.x("val")[:2000], split.cond("val")[:2000]
+    typed = args.variant == "embedding"                                   # the type index as a 10th column
+    x_tr, c_tr = split.x("train"), split.cond("train", typed)
+    x_va, c_va = split.x("val")[:2000], split.cond("val", typed)[:2000]
     model = build_model(vars(args)).to(dev)
     # Adam with Nesterov momentum: torch's NAdam with its momentum schedule switched off (momentum_decay -> inf
     # keeps mu_t = beta1) is optax.adam(nesterov=True) of the reference code, step for step (a test checks it)
@@ -287,7 +459,7 @@ def train(args):
     def validate(losses, kls):
         model.eval()
         with torch.no_grad():
-            parts = [vae_loss(model, x.to(dev), c.to(dev), None, args.kl, args.reduction)
+            parts = [vae_loss(model, x.to(dev), c.to(dev), None, kl_weight(args), args.reduction)
                      for x, c in data.batches((x_va, c_va), 500, shuffle=False)]
             val, rec = (float(np.mean([p[i].item() for p in parts])) for i in (0, 1))
             kl_dim = torch.stack([p[2] for p in parts]).mean(0)
@@ -356,7 +528,7 @@ def sample_cmd(args):
 def evaluate(args):
     ck, model, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
-    idx, true, cond = metrics.test_part(split, args.max_test or None)
+    idx, true, cond = metrics.test_part(split, args.max_test or None, typed=ck["args"].get("variant") == "embedding")
     rec = torch.cat([reconstruct(model, x.to(dev), c.to(dev)).cpu()        # encode -> decode the test responses
                      for x, c in zip(torch.split(data.to_log(true), 1024), torch.split(cond, 1024))])
     rec_w = metrics.wasserstein(true, rec)[0]

@@ -32,7 +32,16 @@ uniforms drawn up front from a CPU generator, so the KV-cached decoder and `--no
 tokens; then decode, ReLU, expm1. Both stages use the reference's one-cycle cosine schedule: from lr/25 up to
 lr over the first 20 % (stage 2: 33 %) of the steps, then down to lr/25,000.
 
+--arch vit: the thesis' VQ models (Sec. 4.10; Table 4.5, 1M: 4 blocks, 4 heads, token width 96, embedding 256;
+codebook 256: VQ-VAE W 9.61, VQ-GAN 4.58) as the authors' vq_vae.py: the ViT encoder (image padded to 48x48, 8x8
+patches, 36 tokens; ZP 56x32, 28), a dense to the 256-d code space, the quantiser above (l2-normalised, EMA
+codebook), a dense 256 -> 256, the ViT decoder (transposed conv 8x8 stride 8, ReLU(. + 0.5)); 1,029,505
+parameters; the GPT then models 36 tokens. Differences: the thesis' VQ-VAE learns its codebook by gradient with
+a 32-d lookup projection (here: EMA, cosine lookup in 256-d, as the thesis' VQ-GAN's EMA update); `--adv 0`
+drops the adversarial term for the VQ-VAE row. --paper stays the flow-matching paper's tokenizer above.
+
 Usage:
+    python vqgan.py --train --arch vit           # the thesis' ViT VQ-GAN (36 tokens, codebook 256 x 256)
     python vqgan.py --train                      # both stages, ZN, CPU default (stage 1 ~0.9 s per step on 2 shared
                                                  # cores: ~23 min per epoch; 1.4x the old plain tokenizer)
     python vqgan.py --train --stage 1            # only the tokenizer (--stage 2 then reuses it)
@@ -83,6 +92,9 @@ PAPER = dict(epochs=50, epochs2=50, batch_size=256, lr=2.2e-4, d_lr=1.3e-6, lr2=
              embed=128, heads=4, layers=6, mlp=256, dropout=0.1, prefix=2, adv=1.0, adv_start=0, dead_below=0.0,
              clip=0.0, betas=[0.67, 0.9], d_betas=[0.6, 0.55], betas2=[0.87, 0.998], eps2=1e-5, wd2=0.14,
              warmup=0.2, warmup2=0.33)
+# --arch vit: the thesis' VQ tokenizer at its 1M size (Table 4.5: 4 blocks, 4 heads, token width 96, embedding
+# 256; Sec. 4.10: codebook 256); explicit flags beat it
+ARCH = {"cnn": dict(codes=512, code_dim=8), "vit": dict(codes=256, code_dim=256, ae_width=96, blocks=4)}
 PUBLISHED = {"tokenizer": (59_924, "arXiv 2507.18811 improved VQ-GAN; faster_zdc vq_gan.py VQVAE (channels 4, "
                                    "multipliers 2/3/4, 2 res blocks, 2 heads, 8-d codes)")}
 
@@ -96,10 +108,16 @@ def get_args(argv=None):
     g.add_argument("--epochs2", type=int, default=None, help="epochs of stage 2 (CPU 1, paper 50)")
     g.add_argument("--lr2", type=float, default=None, help="GPT peak learning rate (CPU 2e-3, paper 5.2e-3)")
     g.add_argument("--d-lr", type=float, default=None, help="discriminator peak learning rate (CPU 2e-3, paper 1.3e-6)")
-    g.add_argument("--ae-width", type=int, default=None, help="tokenizer base channels w (levels 2w, 3w, 4w); paper 4")
+    g.add_argument("--arch", default="cnn", choices=["cnn", "vit"],
+                   help="tokenizer: cnn (the flow-matching paper's, also under --paper) or vit (the thesis' VQ models: "
+                        "ViT pair, 36 tokens, codebook 256 x 256)")
+    g.add_argument("--ae-width", type=int, default=None, help="cnn: tokenizer base channels w (levels 2w, 3w, 4w), "
+                   "paper 4; vit: token width (96)")
+    g.add_argument("--blocks", type=int, default=None, help="vit: transformer blocks in the tokenizer's encoder and "
+                   "decoder (4)")
     g.add_argument("--d-width", type=int, default=None, help="patch discriminator channels (w, 2w); 16")
-    g.add_argument("--codes", type=int, default=512, help="codebook size")
-    g.add_argument("--code-dim", type=int, default=8, help="codebook vector dimension")
+    g.add_argument("--codes", type=int, default=None, help="codebook size (cnn 512, vit 256)")
+    g.add_argument("--code-dim", type=int, default=None, help="codebook vector dimension (cnn 8, vit 256)")
     g.add_argument("--vq-decay", type=float, default=0.99, help="EMA decay of the codebook statistics")
     g.add_argument("--dead-below", type=float, default=None, help="restart codes whose EMA count per batch falls below "
                    "this (CPU 0.01; paper 0: no restarts)")
@@ -124,9 +142,11 @@ def get_args(argv=None):
     g.add_argument("--paper", action="store_true", help="the published setting (explicit flags still win)")
     args = p.parse_args(argv)
     data.check_args(p, args)
-    for k, v in {**DEFAULTS, **(PAPER if args.paper else {})}.items():
+    for k, v in {**DEFAULTS, **(PAPER if args.paper else {}), **ARCH[args.arch]}.items():
         if getattr(args, k, None) is None:   # flags given on the command line win
             setattr(args, k, v)
+    if args.arch == "vit" and (args.ae_width % 4 or args.blocks <= 0):
+        p.error(f"--ae-width {args.ae_width}: the ViT's 4 attention heads need a multiple of 4; --blocks positive")
     if not args.temperature > 0 or args.top_k < 0:
         p.error(f"--temperature must be positive and --top-k >= 0 (got {args.temperature}, {args.top_k})")
     if min(args.ae_width, args.d_width, args.codes, args.code_dim, args.prefix, args.mlp, args.layers, args.heads,
@@ -141,6 +161,8 @@ def get_args(argv=None):
         p.error(f"--lr2 and --d-lr must be positive (got {args.lr2}, {args.d_lr})")
     if args.smoke:
         args.limit, args.ae_width, args.d_width, args.embed, args.layers = args.limit or 1500, 2, 4, 16, 2
+        if args.arch == "vit":
+            args.ae_width, args.blocks, args.code_dim = 16, 1, min(args.code_dim, 16)
         args.mlp, args.batch_size, args.codes = 32, 32, min(args.codes, 64)
         args.max_steps, args.max_test, args.reps, args.ckpt_every = args.max_steps or 4, min(args.max_test or 200, 200), min(args.reps, 2), 2
     args.out = args.out or f"runs/{NAME}"
@@ -150,9 +172,88 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------
-def grid(shape):
-    """The token grid (h, w) of an image shape: x4 downsampling of the image padded to a multiple of 4."""
-    return math.ceil(shape[0] / 4), math.ceil(shape[1] / 4)
+# The thesis' ViT pair (Sec. 4.4; --arch vit), written out in the same words in vae.py, sae_ng.py, gan.py, vqgan.py
+PATCH = 8
+
+
+def vit_grid(shape):
+    """Token grid of an image padded to a multiple of 8: ZN 44x44 -> 48x48 -> 6x6 (36 tokens); ZP 56x30 -> 56x32
+    -> 7x4 (28 tokens)."""
+    return math.ceil(shape[0] / PATCH), math.ceil(shape[1] / PATCH)
+
+
+class ViTBlock(nn.Module):
+    """Pre-LayerNorm transformer block: 4-head self-attention, then an MLP 4x wide with GELU and dropout."""
+
+    def __init__(self, dim, heads=4, dropout=0.1):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
+                                 nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class ViTEncoder(nn.Module):
+    """log1p image (n, 1, H, W) [and condition (n, c)] -> tokens (n, T, dim): zero-pad (centred) to a multiple of
+    8, cut 8x8 patches, project them linearly and add a learned positional embedding; the condition, projected
+    linearly, is prepended as the first token; transformer blocks; the condition token dropped; LayerNorm."""
+
+    def __init__(self, shape, dim, blocks=4, n_cond=0, heads=4, dropout=0.1):
+        super().__init__()
+        self.shape, self.grid = tuple(shape), vit_grid(shape)
+        self.patch = nn.Linear(PATCH * PATCH, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(self.grid[0] * self.grid[1], dim))
+        self.cond = nn.Linear(n_cond, dim) if n_cond else None
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, dropout) for _ in range(blocks)])
+        self.ln = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x, cond=None):
+        (H, W), (gh, gw) = self.shape, self.grid
+        ph, pw = gh * PATCH - H, gw * PATCH - W
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        x = x.reshape(len(x), gh, PATCH, gw, PATCH).transpose(2, 3).reshape(len(x), gh * gw, PATCH * PATCH)
+        h = self.patch(x) + self.pos
+        if self.cond is not None:
+            h = torch.cat([self.cond(cond)[:, None], h], 1)
+        h = self.blocks(h)
+        return self.ln(h[:, 1:] if self.cond is not None else h)
+
+
+class ViTDecoder(nn.Module):
+    """Tokens (n, T, d_in) [and condition (n, c)] -> log1p image (n, 1, H, W) >= 0: linear projection, learned
+    positional embedding, the condition token prepended, transformer blocks, the condition token dropped, a
+    transposed convolution (kernel = stride = 8) to one channel, ReLU(. + offset) (exact zeros), centre crop."""
+
+    def __init__(self, shape, d_in, dim, blocks=4, n_cond=0, offset=0.0, heads=4, dropout=0.1):
+        super().__init__()
+        self.shape, self.grid, self.offset = tuple(shape), vit_grid(shape), offset
+        self.proj = nn.Linear(d_in, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(self.grid[0] * self.grid[1], dim))
+        self.cond = nn.Linear(n_cond, dim) if n_cond else None
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, dropout) for _ in range(blocks)])
+        self.unpatch = nn.ConvTranspose2d(dim, 1, PATCH, PATCH)
+
+    def forward(self, z, cond=None):
+        (H, W), (gh, gw) = self.shape, self.grid
+        h = self.proj(z) + self.pos
+        if self.cond is not None:
+            h = torch.cat([self.cond(cond)[:, None], h], 1)
+        h = self.blocks(h)
+        h = h[:, 1:] if self.cond is not None else h
+        img = F.relu(self.unpatch(h.transpose(1, 2).reshape(len(h), -1, gh, gw)) + self.offset)
+        top, left = (gh * PATCH - H) // 2, (gw * PATCH - W) // 2
+        return img[..., top:top + H, left:left + W]
+
+
+def grid(shape, arch="cnn"):
+    """The token grid (h, w) of an image shape: x4 downsampling of the image padded to a multiple of 4; --arch vit:
+    8x8 patches of the image padded to a multiple of 8 (ZN 6x6, ZP 7x4)."""
+    return vit_grid(shape) if arch == "vit" else (math.ceil(shape[0] / 4), math.ceil(shape[1] / 4))
 
 
 def ema_codebook(cluster_size, embed_sum, z, idx, decay, eps=1e-5):
@@ -264,6 +365,36 @@ class VQAE(nn.Module):
     def decode(self, zq, shape):
         return self.dec(zq)[..., :shape[0], :shape[1]]
 
+    def token_grid(self, shape):
+        return grid(shape)
+
+
+class ViTVQAE(nn.Module):
+    """--arch vit, the thesis' VQ tokenizer (as the authors' vq_vae.py): the ViT encoder (no condition token), a
+    dense to the `dim`-d code space per token, l2-normalised and quantised as VQAE's; a dense, then the ViT
+    decoder: (1, H, W) log1p image <-> a 6x6 grid of tokens (ZP: 7x4)."""
+
+    def __init__(self, shape, width=96, blocks=4, dim=256, codes=256):
+        super().__init__()
+        self.grid = vit_grid(shape)
+        self.enc = nn.Sequential(ViTEncoder(shape, width, blocks), nn.Linear(width, dim))
+        self.post = nn.Linear(dim, dim)
+        self.dec = ViTDecoder(shape, dim, width, blocks, offset=0.5)
+        self.vq = Quantizer(codes, dim)
+
+    def encode(self, x):
+        z = F.normalize(self.enc(x), dim=-1)                                     # (B, T, D)
+        return z.transpose(1, 2).reshape(len(x), -1, *self.grid)                 # (B, D, h, w) as VQAE's
+
+    def tokens(self, x):
+        return self.vq.lookup(self.encode(x))
+
+    def decode(self, zq, shape):
+        return self.dec(self.post(zq.flatten(2).transpose(1, 2)))
+
+    def token_grid(self, shape):
+        return self.grid
+
 
 def patch_disc(width=16):
     """Small patch discriminator: one logit per ~10x10 receptive field of the log1p image; the last layer starts
@@ -327,8 +458,11 @@ class GPT(nn.Module):
 
 def build_networks(cfg):
     """Every trained network described by a checkpoint's args, by name."""
-    h, w = grid(data.SHAPES[cfg["detector"]])
-    return dict(tokenizer=VQAE(cfg["ae_width"], cfg["code_dim"], cfg["codes"]), discriminator=patch_disc(cfg["d_width"]),
+    shape, arch = data.SHAPES[cfg["detector"]], cfg.get("arch", "cnn")
+    h, w = grid(shape, arch)
+    tokenizer = (ViTVQAE(shape, cfg["ae_width"], cfg["blocks"], cfg["code_dim"], cfg["codes"]) if arch == "vit"
+                 else VQAE(cfg["ae_width"], cfg["code_dim"], cfg["codes"]))
+    return dict(tokenizer=tokenizer, discriminator=patch_disc(cfg["d_width"]),
                 gpt=GPT(cfg["codes"], h * w, cfg["embed"], cfg["heads"], cfg["layers"], cfg["prefix"], cfg["mlp"],
                         cfg["dropout"]))
 
@@ -410,7 +544,7 @@ def sample_tokens(gpt, cond, generator=None, temperature=1.2, top_k=128, kv_cach
 def sample(vqae, gpt, cond, shape, generator=None, temperature=1.2, top_k=128, kv_cache=True):
     """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9); uniforms from a CPU generator."""
     tokens = sample_tokens(gpt, cond, generator, temperature, top_k, kv_cache)
-    zq = vqae.vq.embed(tokens.view(len(cond), *grid(shape)))
+    zq = vqae.vq.embed(tokens.view(len(cond), *vqae.token_grid(shape)))
     return data.to_counts(F.relu(vqae.decode(zq, shape)))
 
 

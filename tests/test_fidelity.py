@@ -8,7 +8,8 @@ SCRIPTS = ["vae", "sae_ng", "gan", "sdigan_proton", "vqgan", "ddpm", "flow_match
 # counts the publications state that PUBLISHED must carry (flow-matching paper arXiv 2507.18811)
 MUST_PUBLISH = {"flow_matching": [77_372], "latent_fm": [59_348, 127_824], "vqgan": [59_924]}
 # a model flag per script that --paper sets, and a value no preset uses
-MODEL_FLAG = {"vae": ("--width", 5, "width"), "sae_ng": ("--width", 5, "width"), "gan": ("--width", 5, "width"),
+# (vae, sae_ng, gan: a multiple of 4, which the ViT's four heads need under --paper)
+MODEL_FLAG = {"vae": ("--width", 12, "width"), "sae_ng": ("--width", 12, "width"), "gan": ("--width", 12, "width"),
               "sdigan_proton": ("--width", 6, "width"), "vqgan": ("--embed", 40, "embed"),
               "ddpm": ("--width", 12, "width"), "flow_matching": ("--width", 8, "width"),
               "latent_fm": ("--epochs", 3, "epochs"), "corrvae": ("--width", 5, "width")}

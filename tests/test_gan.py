@@ -141,8 +141,8 @@ def test_paper_is_the_thesis_setting_and_explicit_flags_win():
     assert (a.epochs, a.batch_size, a.lr, a.d_lr, a.g_betas, a.d_betas, a.g_eps, a.d_eps, a.g_nesterov) == \
         (100, 256, 1e-4, 1.4e-5, [0.76, 0.54], [0.97, 0.96], 1.8e-2, 3.7e-5, True)
     assert (a.g_sched, a.d_sched, a.d_norm, a.dropout) == ([0.34, 260.0, 9500.0], [0.43, 41.0, 1700.0], "batch", 0.2)
-    b = gan.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "5", "--d-norm", "none"])
-    assert (b.batch_size, b.lr, b.width, b.d_norm, b.d_lr) == (7, 0.123, 5, "none", 1.4e-5)   # explicit > --paper
+    b = gan.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "12", "--d-norm", "none"])
+    assert (b.batch_size, b.lr, b.width, b.d_norm, b.d_lr) == (7, 0.123, 12, "none", 1.4e-5)  # explicit > --paper
     assert gan.get_args(["--train", "--g-width", "6"]).width == 6                     # the old flag name still works
     c = gan.get_args(["--train"])
     assert (c.width, c.d_width, c.batch_size, c.d_norm, c.g_sched, c.g_nesterov) == (14, 8, 128, "none", None, False)

@@ -105,8 +105,9 @@ def test_precedence_flag_over_paper_over_default_and_paper_size():
     assert (d.batch_size, d.lr, d.scaling, d.clip) == (256, 1e-3, 0.5, 10.0)             # CPU default
     p = sae_ng.get_args(["--train", "--paper"])
     assert (p.scaling, p.blur, p.diameter, p.beta, p.clip, p.ng_steps) == (0.95, 1e-5, 1e-2, 20.0, 0.0, 0)
-    n = sum(q.numel() for m in sae_ng.build_networks(vars(p)).values() for q in m.parameters())
-    assert 0.95e6 < n < 1.05e6                                     # "approximately one million" (Section 4.4)
+    n = {k: sum(q.numel() for q in m.parameters()) for k, m in sae_ng.build_networks(vars(p)).items()}
+    assert 0.95e6 < n["encoder"] + n["decoder"] < 1.1e6            # "approximately one million" (Section 4.4)
+    assert n == {k: v for k, (v, _) in sae_ng.PUBLISHED.items()}  # the authors' ViT AE + NG, layer for layer
 
 
 def test_eps_schedule_and_one_cycle_known_values():

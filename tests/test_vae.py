@@ -98,6 +98,8 @@ def test_shapes_seeds_and_loss(det, cond, enc):
 
 class Fixed(torch.nn.Module):
     """q(z | x, c) and the decoder's output set by hand."""
+    supervised = False
+
     def __init__(self, mu, logvar, out):
         super().__init__()
         self.mu, self.logvar, self.out = mu, logvar, out
@@ -154,13 +156,13 @@ def test_kl_anneal_falls_from_100x_to_the_published_weight():
 def test_paper_preset_and_precedence():
     a = vae.get_args(["--train", "--paper"])
     assert (a.batch_size, a.epochs, a.lr, a.reduction, a.kl) == (256, 100, 1.4e-3, "sum", 0.7)   # Table 4.2, A.1
-    b = vae.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "5"])
-    assert (b.batch_size, b.lr, b.width, b.epochs) == (7, 0.123, 5, 100)                    # explicit flag wins
+    b = vae.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "12"])
+    assert (b.batch_size, b.lr, b.width, b.epochs) == (7, 0.123, 12, 100)                   # explicit flag wins
     d = vae.get_args(["--train"])
     assert (d.batch_size, d.reduction) == (vae.DEFAULTS["batch_size"], "sum")               # faithful loss by default
-    assert vae.PUBLISHED == {}                                                              # "about one million" only
     n = sum(p.numel() for p in vae.build_networks(vars(a))["vae"].parameters())
-    assert 0.9e6 < n < 1.2e6
+    assert 0.9e6 < n < 1.2e6 and a.arch == "vit"                                            # "about one million"
+    assert n == pytest.approx(vae.PUBLISHED["vae"][0], rel=1e-3)    # the authors' ViT VAE (+ decoder condition token)
 
 
 def test_checkpoints_from_before_cond_build_the_network_they_trained():

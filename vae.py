@@ -212,12 +212,25 @@ def vae_loss(model, x, cond, generator, kl_weight, reduction="sum"):
     return rec + kl_weight * kl.sum(), rec, kl
 
 
+class Sampler(data.Sampler):
+    """The sampler as one module (bench.py, --export): counts from cond (n, 9) and z (n, LATENT)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def noise_shapes(self, n):
+        return {"z": (n, LATENT)}
+
+    def forward(self, cond, z):
+        return data.to_counts(self.model.decode(z, cond))
+
+
 @torch.no_grad()
 def sample(model, cond, generator=None):
     """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9). Noise is drawn on the CPU from
     `generator` and moved to the model's device, so a seed gives the same samples on any device."""
-    z = data.noise((len(cond), LATENT), generator, cond.device)
-    return data.to_counts(model.decode(z, cond))
+    return Sampler(model).run(cond, generator)
 
 
 @torch.no_grad()
@@ -353,6 +366,11 @@ def sample_cmd(args):
     data.sample_to_file(ck, generator_fn(model, dev, args.amp), args)
 
 
+def export_cmd(args):
+    ck, model, dev = load_model(args)
+    data.export_onnx(Sampler(model), ck, args.export, NAME)
+
+
 def evaluate(args):
     ck, model, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
@@ -375,5 +393,7 @@ if __name__ == "__main__":
             sample_cmd(args)
         if args.eval:
             evaluate(args)
+        if args.export:
+            export_cmd(args)
     except (data.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

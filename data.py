@@ -863,7 +863,8 @@ def export_onnx(sampler, ckpt, path, name, batches=(3, 5), seed=0):
     tensors, outputs `counts` (N, H, W), dynamic batch; metadata: the feature mean/std (so a user can standardise
     raw particles), the detector, the model name and the sampler's settings (steps ...). Then run the file with
     ONNX Runtime and PyTorch on the same cond and noise for batch sizes other than the traced one and print the
-    largest absolute and relative difference (relative to the largest count). Returns {batch: (abs, rel)}.
+    largest absolute and relative difference (relative to the largest count). Returns {batch: (abs, rel)}
+    (batches=(): no check, nothing printed; ckpt=None: fresh weights, no feature statistics, as bench.py uses it).
     The TorchScript exporter (dynamo=False) is used: it needs only onnx, where torch.export's exporter also needs
     onnxscript, and it unrolls the samplers' python loops as they are traced."""
     try:
@@ -886,17 +887,19 @@ def export_onnx(sampler, ckpt, path, name, batches=(3, 5), seed=0):
                           output_names=list(sampler.outputs), opset_version=17, dynamo=False,
                           dynamic_axes={k: {0: "batch"} for k in names + list(sampler.outputs)})
     m = onnx.load(str(path))
-    meta = dict(model=name, detector=ckpt["data"]["detector"], shape=ckpt["data"].get("shape"),
-                features=FEATURES, feature_mean=np.asarray(ckpt["data"]["mean"]).tolist(),
-                feature_std=np.asarray(ckpt["data"]["std"]).tolist(), train_steps=ckpt.get("step"),
-                inputs={k: list(s[1:]) for k, s in sampler.noise_shapes(1).items()},
+    stats = {} if ckpt is None else dict(detector=ckpt["data"]["detector"], shape=ckpt["data"].get("shape"),
+                                         feature_mean=np.asarray(ckpt["data"]["mean"]).tolist(),
+                                         feature_std=np.asarray(ckpt["data"]["std"]).tolist(), train_steps=ckpt.get("step"))
+    meta = dict(model=name, features=FEATURES, **stats, inputs={k: list(s[1:]) for k, s in sampler.noise_shapes(1).items()},
                 uniform_inputs=list(sampler.uniform), **sampler.meta)
     for k, v in meta.items():
         m.metadata_props.add(key=k, value=v if isinstance(v, str) else json.dumps(v))
     onnx.checker.check_model(m)
     onnx.save(m, str(path))
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diffs = {}
+    if not batches:
+        return diffs
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in batches:
         cond = torch.randn(n, len(FEATURES), generator=g)
         nz = sampler.draw(n, g)

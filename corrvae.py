@@ -27,6 +27,7 @@ Usage:
     python corrvae.py --train --detector proton --out runs/corrvae_proton
     python corrvae.py --train --paper                # the authors' optimiser, batch and schedule (250 epochs)
     python corrvae.py --sample --ckpt runs/corrvae/ckpt.pt --n 1000 --out samples.npz
+    python corrvae.py --export corrvae.onnx --ckpt runs/corrvae/ckpt.pt   # the sampler as one ONNX graph
     python corrvae.py --sample --ckpt runs/corrvae/ckpt.pt --set "cog_x=10,sum=500" --out steered.npz
     python corrvae.py --eval --ckpt runs/corrvae/ckpt.pt --max-test 2000 [--plot]
     python corrvae.py --train --smoke                # seconds: tiny data, tiny model

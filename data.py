@@ -852,6 +852,7 @@ class Sampler(torch.nn.Module):
         """{name: noise tensor} for a batch of n (generator=None: drawn on `device`)."""
         return {k: noise(s, generator, device, k in self.uniform) for k, s in self.noise_shapes(n).items()}
 
+    @torch.no_grad()
     def run(self, cond, generator=None):
         if cond.dim() != 2 or cond.shape[1] != len(FEATURES):
             raise DataError(f"cond must be (N, {len(FEATURES)}) standardised features, got {tuple(cond.shape)}")

@@ -34,6 +34,7 @@ Usage:
     python ddpm.py --train --split disjoint     # test particles never seen in training
     python ddpm.py --train --paper              # the thesis: 16/32/64/128 channels (4.0M), AdamW 2.8e-5, 100 epochs
     python ddpm.py --sample --ckpt runs/ddpm/ckpt.pt --n 1000 --out samples.npz [--steps 50 --eta 0.7]
+    python ddpm.py --export ddpm.onnx --ckpt runs/ddpm/ckpt.pt [--steps 50 --eta 0.7]   # the sampler as one ONNX graph
     python ddpm.py --eval --ckpt runs/ddpm/ckpt.pt [--steps 100 --eta 1] [--plot]
     python ddpm.py --eval --ckpt runs/ddpm/ckpt.pt --sweep --max-test 500 --reps 2 --plot   # steps x eta grid
     python ddpm.py --train --smoke              # seconds: tiny data, tiny model

@@ -25,6 +25,7 @@ Usage:
     python flow_matching.py --train --split disjoint     # test particles never seen in training
     python flow_matching.py --train --paper              # the paper: published UNet, Adam 4.4e-4, 50 epochs
     python flow_matching.py --sample --ckpt runs/flow_matching/ckpt.pt --n 1000 --out samples.npz
+    python flow_matching.py --export flow_matching.onnx --ckpt runs/flow_matching/ckpt.pt [--steps 11]   # the sampler as one ONNX graph
     python flow_matching.py --eval --ckpt runs/flow_matching/ckpt.pt [--steps 20 --solver midpoint] [--plot]
     python flow_matching.py --train --smoke              # seconds: tiny data, tiny model
 Logged every --val-every steps: train loss (velocity MSE), val loss (same, fixed noise), the validation Wasserstein of

@@ -33,6 +33,7 @@ Usage:
     python gan.py --train --detector proton --out runs/gan_proton
     python gan.py --train --paper                    # the thesis setting (G 0.89M, D 1.41M), 100 epochs: a GPU job
     python gan.py --sample --ckpt runs/gan/ckpt.pt --n 1000 --out samples.npz
+    python gan.py --export gan.onnx --ckpt runs/gan/ckpt.pt   # the sampler as one ONNX graph
     python gan.py --eval --ckpt runs/gan/ckpt.pt [--no-postprocess] [--plot]
     python gan.py --train --smoke                    # seconds: tiny data, tiny model
 Explicit flags beat --paper, which beats the CPU default. --width is the generator's width (as in the other

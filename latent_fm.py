@@ -20,6 +20,7 @@ Usage:
     python latent_fm.py --train --detector proton --out runs/lfm_proton
     python latent_fm.py --train --paper             # the paper's sizes (VAE 58k, UNet 129k) and training
     python latent_fm.py --sample --ckpt runs/latent_fm/ckpt.pt --n 1000 --out samples.npz
+    python latent_fm.py --export latent_fm.onnx --ckpt runs/latent_fm/ckpt.pt [--steps 8]   # the sampler as one ONNX graph
     python latent_fm.py --eval --ckpt runs/latent_fm/ckpt.pt [--steps 8] [--plot]
     python latent_fm.py --train --smoke             # seconds
 

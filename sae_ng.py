@@ -50,6 +50,7 @@ Usage:
     python sae_ng.py --train --paper               # the thesis' setting, 100 epochs: a GPU job
     python sae_ng.py --train --resume --ng-steps 20000   # add stage 2 to a finished run
     python sae_ng.py --sample --ckpt runs/sae_ng/ckpt.pt --n 1000 --out samples.npz
+    python sae_ng.py --export sae_ng.onnx --ckpt runs/sae_ng/ckpt.pt   # the sampler as one ONNX graph
     python sae_ng.py --eval --ckpt runs/sae_ng/ckpt.pt [--plot]
     python sae_ng.py --train --smoke               # seconds: tiny data, tiny model
 Logged every --val-every steps: train loss, train match (S or the l2 distance), val rec / val match (500

@@ -36,6 +36,7 @@ Usage:
     python sdigan_joint.py --train --split disjoint --out runs/sdigan_joint_disjoint
     python sdigan_joint.py --train --paper                  # the authors' setting (200 epochs: a GPU job)
     python sdigan_joint.py --sample --ckpt runs/sdigan_joint/ckpt.pt --n 1000 --out samples.npz
+    python sdigan_joint.py --export sdigan_joint.onnx --ckpt runs/sdigan_joint/ckpt.pt   # the sampler as one ONNX graph
     python sdigan_joint.py --eval --ckpt runs/sdigan_joint/ckpt.pt [--compare-ckpt GAN_CKPT SDIGAN_PROTON_CKPT]
     python sdigan_joint.py --train --smoke                  # seconds
 --sample writes responses_neutron, responses_proton and particles (data.load_joint reads it). --eval prints the

@@ -44,6 +44,7 @@ Usage:
     python sdigan_proton.py --train --variant gan --out runs/sdigan_gan      # ablation rows: gan|sdi|sdi-int
     python sdigan_proton.py --train --paper                  # the paper's setting (350 epochs: a GPU job)
     python sdigan_proton.py --sample --ckpt runs/sdigan_proton/ckpt.pt --n 1000 --out samples.npz
+    python sdigan_proton.py --export sdigan_proton.onnx --ckpt runs/sdigan_proton/ckpt.pt   # the sampler as one ONNX graph
     python sdigan_proton.py --eval --ckpt runs/sdigan_proton/ckpt.pt [--plot]
     python sdigan_proton.py --train --smoke                  # seconds
 The eval table reports the empty-response rate and the diversity error (metrics.py) as the paper does.

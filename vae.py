@@ -25,6 +25,7 @@ Usage:
     python vae.py --train --detector proton --out runs/vae_proton
     python vae.py --train --paper                # thesis batch 256, 100 epochs, optimiser; ~1.0M parameters
     python vae.py --sample --ckpt runs/vae/ckpt.pt --n 1000 --out samples.npz
+    python vae.py --export vae.onnx --ckpt runs/vae/ckpt.pt   # the sampler as one ONNX graph
     python vae.py --eval --ckpt runs/vae/ckpt.pt [--plot]
     python vae.py --train --smoke                # seconds: tiny data, tiny model
 Logged every --val-every steps: train loss (reconstruction + kl x KL), train KL, val loss / val rec / val KL

@@ -39,6 +39,7 @@ Usage:
     python vqgan.py --train --detector proton --out runs/vqgan_proton
     python vqgan.py --train --paper              # the published setting (50 + 50 epochs: a GPU job)
     python vqgan.py --sample --ckpt runs/vqgan/ckpt.pt --n 1000 --out samples.npz
+    python vqgan.py --export vqgan.onnx --ckpt runs/vqgan/ckpt.pt   # the sampler as one ONNX graph
     python vqgan.py --eval --ckpt runs/vqgan/ckpt.pt [--temperature 1.0 --top-k 0] [--plot]
     python vqgan.py --eval --ckpt runs/vqgan/ckpt.pt --sweep     # temperature x top-k, ms with/without KV cache
     python vqgan.py --train --smoke              # seconds

@@ -49,7 +49,7 @@ def make(name):
 
 
 def fake_ckpt(detector, shape):
-    return dict(step=0, data=dict(detector=detector, shape=shape, mean=np.arange(9.0), std=np.ones(9) * 2))
+    return dict(step=0, data=dict(detector=detector, shape=shape, mean=list(range(9)), std=[2.0] * 9))
 
 
 def lifted(sampler):
@@ -110,7 +110,7 @@ def test_export_command_line_and_its_errors(tmp_path):
     mod, a, cfg = smoke("vae")
     m = vae.build_model(cfg)
     ck = dict(model="vae", args=cfg, weights=m.state_dict(), step=0, n_params=1,
-              data=dict(detector="neutron", shape=(44, 44), mean=np.zeros(9), std=np.ones(9)))
+              data=dict(detector="neutron", shape=[44, 44], mean=[0.0] * 9, std=[1.0] * 9))
     data.save_checkpoint(ck, tmp_path / "ckpt.pt")
     res = cli("vae.py", "--export", tmp_path / "v.onnx", "--ckpt", tmp_path / "ckpt.pt")
     assert "ONNX Runtime vs PyTorch" in res.stdout and (tmp_path / "v.onnx").exists()

@@ -424,7 +424,7 @@ def main(argv=None):
     args.batch = args.batch or ([256, 4096] if cuda else [256] if args.full else [32])
     args.repeats = args.repeats or (3 if cuda or args.full else 1)
     modes = (["eager", "amp", "graph"] if cuda else ["eager", "inference", "bf16"] + (["compile"] if args.compile else [])
-             + (["onnx"] if args.onnx and not cuda else []))
+             + (["onnx"] if args.onnx else []))                # on a GPU: a row that says it is CPU-only
     info = dict(device=torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})",
                 threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version())
     peak = None if cuda else cpu_peak()

@@ -1,15 +1,20 @@
 """Per-sample generation time of every model, side by side, on the device at hand.
 
-One run times every model script's own `sample` function (imported, nothing copied) from a fixed batch of
-conditions to raw photon counts: noise, every network evaluation of the sampler, decoding, ReLU/expm1. The
+One run times every model script's own `Sampler` (imported, nothing copied; the module its sample() runs:
+forward(cond, *noise) -> counts) from a fixed batch of conditions to raw photon counts: noise, every network
+evaluation of the sampler, decoding, ReLU/expm1. The
 weights come from runs/<script>/ckpt.pt when that checkpoint exists (its size and settings), otherwise the
 script's default configuration is freshly initialised (`--paper`: the reference sizes), which times the same.
 
 Modes (one row each):
   eager      torch.no_grad, fp32: the scripts' code as it is.
   inference  the same under torch.inference_mode (CPU default).
-  compile    (--compile) every network wrapped in torch.compile; compilation happens in the warm-up and takes
-             minutes on a small CPU, so it is opt-in.
+  bf16       (CPU default) bf16 autocast (this CPU generation has avx512_bf16); outputs cast back to fp32.
+  compile    (--compile) the whole Sampler module (every network call and the solver loop) in torch.compile;
+             compilation happens in the warm-up and takes minutes on a small CPU, so it is opt-in.
+  onnx       (--onnx, CPU) the Sampler exported by data.export_onnx (what --export writes) run in ONNX Runtime's
+             CPU execution provider with torch's thread count; noise drawn by torch as in the other rows. The
+             export time is in the JSON (onnx_export_s), not in the timing.
   amp        (GPU) bf16 autocast.
   graph      (GPU) bf16 autocast with the whole sampling loop (all steps) captured in one CUDA graph: static
              condition and output buffers, warm-up on a side stream, then replay. The noise is drawn on the GPU
@@ -39,7 +44,7 @@ Usage:
     python bench.py                                     # quick (~1 min on a CPU): batch 32, one measurement per row
     python bench.py --full                              # the published setting: batch 256 (CPU) / 256,4096 (GPU)
     python bench.py --models flow_matching,ddpm --steps 1,11,50 --batch 256,1024
-    python bench.py --device cpu --compile --json runs/bench_cpu.json
+    python bench.py --device cpu --compile --onnx --json runs/bench_cpu.json
     python bench.py --detector proton                   # the ZP versions (sdigan_proton.py is ZP only)
 """
 import argparse
@@ -70,31 +75,24 @@ PEAKS = {  # dense datasheet peaks, FLOP/s: (fp32 without tensor cores, bf16 ten
 
 
 # ----------------------------------------------------------------------------------------------------------
-# One sampler per model script: (nets, checkpoint or None, steps) -> fn(cond) -> counts, and its NFE
+# One sampler per model script: its Sampler module, forward(cond, *noise) -> counts, and its NFE
 # ----------------------------------------------------------------------------------------------------------
 def _shape(ck, detector):
     return tuple(ck["data"]["shape"]) if ck else data.SHAPES[detector]
 
 
 def make_sampler(name, mod, nets, ck, detector, steps):
-    """The model's own sample() with generator=None (noise on the device), as fn(cond) plus its NFE."""
+    """The script's own Sampler (data.Sampler: forward(cond, *noise) -> counts, noise_shapes(n), run(cond)) for
+    these networks, and its NFE: network evaluations per sample (the steps; one GPT call per token for VQ-GAN; 1
+    for the single-pass models). Only the constructors differ; every mode below calls the one signature."""
     shape = _shape(ck, detector)
-    if name == "flow_matching":
-        return (lambda c: mod.sample(nets[0], c, shape, None, steps)), steps
-    if name == "latent_fm":
-        scale = ck["state"]["scale"] if ck else 1.0
-        return (lambda c: mod.sample(nets[0], nets[1], c, shape, scale, None, steps)), steps
-    if name == "ddpm":
-        return (lambda c: mod.sample(nets[0], c, shape, None, steps)), steps
-    if name == "gan":
-        return (lambda c: mod.sample(nets[0], c, None, ck["scale"] if ck else 1.0)), 1
-    if name == "sdigan_proton":
-        return (lambda c: mod.sample(nets[0], c, None)), 1
-    if name == "vqgan":                                  # NFE: one GPT call per token, plus the decoder
-        return (lambda c: mod.sample(nets[0], nets[-1], c, shape, None)), nets[-1].n_tokens
-    if name in ("vae", "sae_ng"):
-        return (lambda c: mod.sample(nets[0], c, None)), 1
-    raise KeyError(name)
+    build = {"flow_matching": lambda: mod.Sampler(nets[0], shape, steps),
+             "ddpm": lambda: mod.Sampler(nets[0], shape, steps),
+             "latent_fm": lambda: mod.Sampler(nets[0], nets[1], shape, ck["state"]["scale"] if ck else 1.0, steps),
+             "gan": lambda: mod.Sampler(nets[0], ck["scale"] if ck else 1.0),
+             "vqgan": lambda: mod.Sampler(nets[0], nets[-1], shape)}
+    s = build.get(name, lambda: mod.Sampler(nets[0]))().eval()
+    return s, s.meta.get("steps", 1)
 
 
 def load_nets(name, mod, detector, runs, paper, device):
@@ -247,7 +245,8 @@ def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
           + (" at the published size" if args.paper else ""))
     rows = []
     for steps in (args.steps if name in ITERATIVE else [None]):
-        base, nfe = make_sampler(name, mod, nets, ck, detector, steps or _default_steps(mod))
+        sampler, nfe = make_sampler(name, mod, nets, ck, detector, steps or _default_steps(mod))
+        base, built = sampler.run, {}                    # built: the compiled module / ONNX session, once per sampler
         flops = flops_per_sample(torch.no_grad()(base), torch.randn(8, 9, device=device))
         for batch in args.batch:
             cond = torch.randn(batch, 9, device=device, generator=None)
@@ -263,13 +262,15 @@ def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
                     torch.cuda.reset_peak_memory_stats(device)        # before a capture: the graph's pool counts
                 try:
                     with fp32_exact(device) if mode == "eager" else contextlib.nullcontext():
-                        fn, note = _mode_fn(mode, base, nets, mod, name, ck, detector, steps, cond)
+                        fn, note = _mode_fn(mode, sampler, name, cond, built)
                         if fn is None:
                             rows.append(dict(row, ms_per_sample=None, note=note))
                             tqdm.write(f"  {name:<19} {mode:<10} {note}")
                             continue
                         t = timed(fn, cond, args.repeats, device)
                         check = {} if mode == "eager" else agreement(ref, seeded(fn, cond), mode != "graph")
+                        if mode == "onnx":
+                            check["onnx_export_s"] = built["export_s"]
                 except Exception as e:  # e.g. torch.compile without a working compiler
                     rows.append(dict(row, ms_per_sample=None, note=f"failed: {type(e).__name__}: {str(e)[:100]}"))
                     tqdm.write(f"  {name:<19} {mode:<10} failed: {type(e).__name__}: {str(e)[:100]}")
@@ -306,23 +307,52 @@ def _default_steps(mod):
     return getattr(mod.get_args(["--sample"]), "steps", None)
 
 
-def _mode_fn(mode, base, nets, mod, name, ck, detector, steps, cond):
-    """fn(cond) for one mode, or (None, why not)."""
-    dev = cond.device
+def _mode_fn(mode, sampler, name, cond, built):
+    """fn(cond) for one mode, or (None, why not). Every mode draws the noise from the device's default generator
+    (sampler.draw(n, None)), so under seeded() each one sees the noise fp32 eager saw."""
+    base = sampler.run
     if mode == "eager":
         return torch.no_grad()(base), None
     if mode == "inference":
         return torch.inference_mode()(base), None
-    if mode == "amp":
+    if mode in ("amp", "bf16"):                          # bf16 autocast (GPU: fp16 where bf16 is unsupported)
         return torch.no_grad()(lambda c: _amp(base, c)), None
-    if mode == "compile":
-        compiled = [torch.compile(m) for m in nets]
-        fn, _ = make_sampler(name, mod, compiled, ck, detector, steps or _default_steps(mod))
-        return torch.inference_mode()(fn), None
+    if mode == "compile":                                # the whole Sampler: every network call and the solver
+        if "compiled" not in built:
+            built["compiled"] = torch.compile(sampler)
+        return torch.inference_mode()(lambda c: built["compiled"](c, *sampler.draw(len(c), None, c.device).values())), None
+    if mode == "onnx":
+        return onnx_fn(sampler, name, cond, built)
     if mode == "graph":
         with torch.no_grad():
             return cuda_graph(torch.no_grad()(lambda c: _amp(base, c)), cond)
     raise ValueError(mode)
+
+
+def onnx_fn(sampler, name, cond, built):
+    """fn(cond) that runs the Sampler exported by data.export_onnx in ONNX Runtime (CPU execution provider, the
+    same number of threads as torch), noise drawn by torch as in the other rows; or (None, why not)."""
+    if cond.device.type != "cpu":
+        return None, "ONNX Runtime rows are timed on a CPU (--device cpu)"
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None, "onnxruntime is not installed (pip install onnx onnxruntime)"
+    if "session" not in built:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            data.export_onnx(sampler, None, Path(tmp) / f"{name}.onnx", name, batches=())
+            built["export_s"] = time.perf_counter() - t0
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
+            built["session"] = ort.InferenceSession(str(Path(tmp) / f"{name}.onnx"), opts, providers=["CPUExecutionProvider"])
+    sess = built["session"]
+
+    def fn(c):
+        feeds = {"cond": c.numpy(), **{k: v.numpy() for k, v in sampler.draw(len(c), None, c.device).items()}}
+        return torch.from_numpy(sess.run(None, feeds)[0])
+    return fn, None
 
 
 def _amp(fn, c):
@@ -362,7 +392,9 @@ def get_args(argv=None):
                    "CPU, 3 with --full or on a GPU)")
     p.add_argument("--full", action="store_true", help="the published setting on a CPU: batch 256, 3 repeats "
                    "(minutes: DDPM's 50 steps and VQ-GAN's 121 tokens dominate); the default answers in about a minute")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks (slow to compile)")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd Sampler (slow to compile)")
+    p.add_argument("--onnx", action="store_true", help="also time the Sampler exported to ONNX in ONNX Runtime (CPU; "
+                   "needs onnx and onnxruntime; the export takes seconds, VQ-GAN's unrolled 121 steps minutes)")
     p.add_argument("--paper", action="store_true", help="fresh weights at the reference (paper) sizes")
     p.add_argument("--runs", default="runs", help="folder with <model>/ckpt.pt checkpoints to take weights from")
     p.add_argument("--no-toy", action="store_true", help="skip the toy Monte Carlo row")
@@ -391,7 +423,8 @@ def main(argv=None):
         torch.cuda.set_device(device)                    # cuda:N: events, peaks and memory stats of device N
     args.batch = args.batch or ([256, 4096] if cuda else [256] if args.full else [32])
     args.repeats = args.repeats or (3 if cuda or args.full else 1)
-    modes = ["eager", "amp", "graph"] if cuda else ["eager", "inference"] + (["compile"] if args.compile else [])
+    modes = (["eager", "amp", "graph"] if cuda else ["eager", "inference", "bf16"] + (["compile"] if args.compile else [])
+             + (["onnx"] if args.onnx else []))                # on a GPU: a row that says it is CPU-only
     info = dict(device=torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})",
                 threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version())
     peak = None if cuda else cpu_peak()

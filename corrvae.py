@@ -27,6 +27,7 @@ Usage:
     python corrvae.py --train --detector proton --out runs/corrvae_proton
     python corrvae.py --train --paper                # the authors' optimiser, batch and schedule (250 epochs)
     python corrvae.py --sample --ckpt runs/corrvae/ckpt.pt --n 1000 --out samples.npz
+    python corrvae.py --export corrvae.onnx --ckpt runs/corrvae/ckpt.pt   # the sampler as one ONNX graph
     python corrvae.py --sample --ckpt runs/corrvae/ckpt.pt --set "cog_x=10,sum=500" --out steered.npz
     python corrvae.py --eval --ckpt runs/corrvae/ckpt.pt --max-test 2000 [--plot]
     python corrvae.py --train --smoke                # seconds: tiny data, tiny model
@@ -329,17 +330,32 @@ def steer(model, w0, target):
     return w0 + (u - p.pool(w0, m)[:, cols]) @ torch.linalg.pinv(A).T
 
 
+class Sampler(data.Sampler):
+    """The sampler as one module (bench.py, --export): counts from cond (n, 9), z (n, z_dim) and the prior's
+    standard normal eps_w (n, w_dim), w = mu(c) + eps_w sigma(c); `target` (n, 4) steers w (not in the export)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def noise_shapes(self, n):
+        return {"z": (n, self.model.z_dim), "eps_w": (n, self.model.w_dim)}
+
+    def forward(self, cond, z, eps_w, target=None):
+        mu, logvar = self.model.prior_w(cond)
+        w = mu + eps_w * (0.5 * logvar).exp()
+        if target is not None:
+            w = steer(self.model, w, target.to(cond.device))
+        return data.to_counts(self.model.decoder(torch.cat([z, w], 1)))
+
+
 @torch.no_grad()
 def sample(model, cond, generator=None, target=None):
     """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9): z ~ N(0, I), w ~ p(w | c), and with
     `target` (n, 4; standardised properties, NaN = free) w steered to them. Noise is drawn on the CPU from
     `generator` and moved to the model's device, so a seed gives the same samples on any device."""
-    mu, logvar = model.prior_w(cond)
-    z = data.noise((len(cond), model.z_dim), generator, cond.device)
-    w = mu + data.noise(mu.shape, generator, cond.device) * (0.5 * logvar).exp()
-    if target is not None:
-        w = steer(model, w, target.to(cond.device))
-    return data.to_counts(model.decoder(torch.cat([z, w], 1)))
+    s = Sampler(model)
+    return s(cond, *s.draw(len(cond), generator, cond.device).values(), target)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -549,6 +565,11 @@ def plot_traversal(model, cond, ck, path, seed=0, n=7):
     plt.close(fig)
 
 
+def export_cmd(args):
+    ck, model, dev = load_model(args)
+    data.export_onnx(Sampler(model), ck, args.export, NAME)
+
+
 def evaluate(args):
     ck, model, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
@@ -576,5 +597,7 @@ if __name__ == "__main__":
             sample_cmd(args)
         if args.eval:
             evaluate(args)
+        if args.export:
+            export_cmd(args)
     except (data.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

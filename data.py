@@ -704,13 +704,17 @@ def add_common_args(p, name, detectors=None):
     g.add_argument("--reps", type=int, default=5, help="--eval: repetitions with different seeds")
     g.add_argument("--max-test", type=int, default=10000, help="--eval: evaluate on the first N test events (0: all)")
     g.add_argument("--plot", action="store_true", help="--eval: also write sample grid and histograms (PNG)")
+    g.add_argument("--export", default=None, metavar="PATH.onnx", help="write the sampler of --ckpt as one ONNX graph "
+                   "(inputs cond and the named noise, output counts; needs onnx and onnxruntime) and check it")
     return p
 
 
 def check_args(p, args):
     """Argument errors a user can make, reported by argparse (exit 2, no traceback)."""
-    if sum([args.train, args.sample, args.eval]) == 0:
-        p.error("say what to do: --train, --sample or --eval (see --help)")
+    if sum([args.train, args.sample, args.eval, args.export is not None]) == 0:
+        p.error("say what to do: --train, --sample, --eval or --export (see --help)")
+    if args.export is not None and not args.export.endswith(".onnx"):
+        p.error(f"--export {args.export}: give a file name ending in .onnx")
     for k in ("limit", "epochs", "max_steps", "batch_size", "n", "reps", "ckpt_every"):
         v = getattr(args, k, None)
         if v is not None and v <= 0:
@@ -725,7 +729,7 @@ def check_args(p, args):
 
 # flags that may change when a run is resumed; every other one comes from the checkpoint
 RESUMABLE = {"epochs", "max_steps", "device", "ckpt_every", "resume", "train", "sample", "eval", "out", "ckpt", "n",
-             "reps", "max_test", "plot", "particles", "smoke"}
+             "reps", "max_test", "plot", "particles", "smoke", "export"}
 
 
 def resume_args(args, ckpt, older=None):
@@ -765,13 +769,14 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
 
 
-def noise(shape, generator, device):
-    """Standard normal noise for samplers. With a (CPU) `generator` it is drawn on the CPU and moved to `device`,
-    so a seed gives the same samples on any device; with generator=None it is drawn on `device` directly, which
-    is what a CUDA graph capture needs (bench.py)."""
+def noise(shape, generator, device, uniform=False):
+    """Standard normal (uniform: U(0, 1)) noise for samplers. With a (CPU) `generator` it is drawn on the CPU and
+    moved to `device`, so a seed gives the same samples on any device; with generator=None it is drawn on `device`
+    directly, which is what a CUDA graph capture needs (bench.py)."""
+    draw = torch.rand if uniform else torch.randn
     if generator is None:
-        return torch.randn(shape, device=device)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+        return draw(shape, device=device)
+    return draw(shape, generator=generator, device=generator.device).to(device)
 
 
 def save_checkpoint(ckpt, path):
@@ -848,6 +853,98 @@ def sample_to_file(ckpt, generate, args):
     out = args.out if args.out.endswith(".npz") else str(Path(args.out) / "samples.npz")
     write_samples(out, counts.numpy(), particles)
     print(f"wrote {len(counts)} responses {tuple(counts.shape[1:])} to {out}")
+
+
+class Sampler(torch.nn.Module):
+    """The one sampler signature of every model script: forward(cond, *noise) -> counts (N, H, W) float32 raw
+    photon counts from standardised conditions `cond` (N, 9) and explicit noise tensors, the whole sampler
+    (iterative ones unrolled for their steps). A script's Sampler sets `noise_shapes(n)` -> {name: shape} in the
+    order forward takes them (the order the script's sampler always drew them from a generator); names in
+    `uniform` are U(0, 1), the others N(0, 1); `outputs` names the outputs; `meta` goes into an ONNX export.
+    run(cond, generator) draws the noise and calls forward: what each script's sample() does, and bench.py times."""
+    outputs, uniform = ("counts",), ()
+
+    def __init__(self, **meta):
+        super().__init__()
+        self.meta = meta
+
+    def noise_shapes(self, n):
+        raise NotImplementedError
+
+    def cond_columns(self):
+        """Columns of cond: the 9 features (a model that also reads the particle type adds a 10th, see vae.py)."""
+        return len(FEATURES)
+
+    def example_cond(self, n, generator):
+        """A random cond of the right form (export and its ONNX check)."""
+        return torch.randn(n, len(FEATURES), generator=generator)
+
+    def draw(self, n, generator=None, device="cpu"):
+        """{name: noise tensor} for a batch of n (generator=None: drawn on `device`)."""
+        return {k: noise(s, generator, device, k in self.uniform) for k, s in self.noise_shapes(n).items()}
+
+    @torch.no_grad()
+    def run(self, cond, generator=None):
+        if cond.dim() != 2 or cond.shape[1] != self.cond_columns():
+            raise DataError(f"cond must be (N, {self.cond_columns()}) standardised features, got {tuple(cond.shape)}")
+        return self(cond, *self.draw(len(cond), generator, cond.device).values())
+
+
+def export_onnx(sampler, ckpt, path, name, batches=(3, 5), seed=0):
+    """--export: write `sampler` (a Sampler) as one ONNX graph with named inputs `cond` (N, 9) and its noise
+    tensors, outputs `counts` (N, H, W), dynamic batch; metadata: the feature mean/std (so a user can standardise
+    raw particles), the detector, the model name and the sampler's settings (steps ...). Then run the file with
+    ONNX Runtime and PyTorch on the same cond and noise for batch sizes other than the traced one and print the
+    largest absolute and relative difference (relative to the largest count). Returns {batch: (abs, rel)}
+    (batches=(): no check, nothing printed; ckpt=None: fresh weights, no feature statistics, as bench.py uses it).
+    The TorchScript exporter (dynamo=False) is used: it needs only onnx, where torch.export's exporter also needs
+    onnxscript, and it unrolls the samplers' python loops as they are traced."""
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as e:
+        raise DataError(f"--export needs onnx and onnxruntime ({e}): pip install onnx onnxruntime") from None
+    import warnings
+    torch.onnx.register_custom_op_symbolic(     # to_counts' expm1 has no ONNX op: exp(x) - 1 (1e-7 off near 0)
+        "aten::expm1", lambda g, x: g.op("Sub", g.op("Exp", x), g.op("Constant", value_t=torch.tensor(1.0))), 17)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sampler = sampler.cpu().eval().float()
+    g = torch.Generator().manual_seed(seed)
+    cond = sampler.example_cond(2, g)
+    names = ["cond", *sampler.noise_shapes(2)]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")              # deprecation of the TorchScript path; tracer notes on constants
+        torch.onnx.export(sampler, (cond, *sampler.draw(2, g).values()), str(path), input_names=names,
+                          output_names=list(sampler.outputs), opset_version=17, dynamo=False,
+                          dynamic_axes={k: {0: "batch"} for k in names + list(sampler.outputs)})
+    m = onnx.load(str(path))
+    stats = {} if ckpt is None else dict(detector=ckpt["data"]["detector"], shape=ckpt["data"].get("shape"),
+                                         feature_mean=np.asarray(ckpt["data"]["mean"]).tolist(),
+                                         feature_std=np.asarray(ckpt["data"]["std"]).tolist(), train_steps=ckpt.get("step"))
+    meta = dict(model=name, features=FEATURES, **stats, inputs={k: list(s[1:]) for k, s in sampler.noise_shapes(1).items()},
+                uniform_inputs=list(sampler.uniform), **sampler.meta)
+    for k, v in meta.items():
+        m.metadata_props.add(key=k, value=v if isinstance(v, str) else json.dumps(v))
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    diffs = {}
+    if not batches:
+        return diffs
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in batches:
+        cond = sampler.example_cond(n, g)
+        nz = sampler.draw(n, g)
+        with torch.no_grad():
+            ref = sampler(cond, *nz.values())
+        ref = [r.numpy() for r in (ref if isinstance(ref, tuple) else (ref,))]
+        out = sess.run(None, {"cond": cond.numpy(), **{k: v.numpy() for k, v in nz.items()}})
+        d = max(float(np.abs(o - r).max()) for o, r in zip(out, ref))
+        diffs[n] = (d, d / max(max(float(np.abs(r).max()) for r in ref), 1e-12))
+    print(f"wrote {path} (inputs {', '.join(names)}; outputs {', '.join(sampler.outputs)}); ONNX Runtime vs PyTorch, "
+          "same cond and noise: " + ", ".join(f"batch {n}: max abs diff {a:.3g} counts, max rel {r:.3g}"
+                                             for n, (a, r) in diffs.items()))
+    return diffs
 
 
 def write_samples(path, counts, particles):

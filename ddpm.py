@@ -34,6 +34,7 @@ Usage:
     python ddpm.py --train --split disjoint     # test particles never seen in training
     python ddpm.py --train --paper              # the thesis: 16/32/64/128 channels (4.0M), AdamW 2.8e-5, 100 epochs
     python ddpm.py --sample --ckpt runs/ddpm/ckpt.pt --n 1000 --out samples.npz [--steps 50 --eta 0.7]
+    python ddpm.py --export ddpm.onnx --ckpt runs/ddpm/ckpt.pt [--steps 50 --eta 0.7]   # the sampler as one ONNX graph
     python ddpm.py --eval --ckpt runs/ddpm/ckpt.pt [--steps 100 --eta 1] [--plot]
     python ddpm.py --eval --ckpt runs/ddpm/ckpt.pt --sweep --max-test 500 --reps 2 --plot   # steps x eta grid
     python ddpm.py --train --smoke              # seconds: tiny data, tiny model
@@ -296,7 +297,7 @@ def predict_x0(model, x, t, cond, clip):
     """The model's eps at integer step t and the x0 it implies; with clip, x0 is clipped to the data range
     [0, x_max] and eps recomputed from it, so that (x0, eps) still satisfy x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
     a = model.alphas_cumprod[t]
-    eps = model(x, torch.full((len(x),), t, device=x.device, dtype=torch.long), cond)
+    eps = model(x, torch.full_like(cond[:, 0], t, dtype=torch.long), cond)
     x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
     if clip:
         x0 = torch.minimum(x0.clamp_min(0), model.x_max)
@@ -304,25 +305,45 @@ def predict_x0(model, x, t, cond, clip):
     return x0, eps
 
 
+class Sampler(data.Sampler):
+    """DDIM as one module (bench.py, --export), unrolled for `steps`: counts from cond (n, 9), x_T (n, 1, H, W)
+    and, for eta > 0, the fresh noise of every step but the last, step_noise (n, steps - 1, H, W). The schedule
+    is indexed with python ints, so the loop has no host syncs (a CUDA graph can capture it)."""
+
+    def __init__(self, model, shape, steps=50, eta=0.7, clip=True):
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1] (got {eta})")
+        super().__init__(steps=steps, eta=eta, clip=clip)
+        self.model, self.shape, self.ts, self.eta, self.clip = model, tuple(shape), ddim_timesteps(steps), eta, clip
+        self.k = steps - 1 if eta > 0 else 0                 # fresh-noise draws
+
+    def noise_shapes(self, n):
+        return {"x_T": (n, 1) + self.shape, **({"step_noise": (n, self.k) + self.shape} if self.k else {})}
+
+    def draw(self, n, generator=None, device="cpu"):
+        """x_T, then one (n, 1, H, W) draw per step except the last: the order of the ancestral sampler."""
+        d = [data.noise((n, 1) + self.shape, generator, device) for _ in range(1 + self.k)]
+        return {"x_T": d[0], **({"step_noise": torch.cat(d[1:], 1)} if self.k else {})}
+
+    def forward(self, cond, x, step_noise=None):
+        m, ts = self.model, self.ts
+        for i, t in enumerate(ts):
+            a = m.alphas_cumprod[t]
+            a_prev = m.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(a)   # abar_{-1} = 1
+            x0, eps = predict_x0(m, x, t, cond, self.clip)
+            sigma = self.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp_min(0).sqrt() * eps
+            if self.k and i + 1 < len(ts):
+                x = x + sigma * step_noise[:, i:i + 1]
+        return data.to_counts(torch.minimum(x.clamp_min(0), m.x_max))
+
+
 @torch.no_grad()
 def sample(model, cond, shape, generator=None, steps=50, eta=0.7, clip=True):
     """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9) by DDIM. Noise is drawn on the CPU
     from `generator` and moved to the model's device, so a seed gives the same samples on any device: first x_T,
-    then (for eta > 0) one draw per step except the last, the order of the ancestral sampler. The schedule is
-    indexed with python ints, so the loop has no host syncs (a CUDA graph can capture it)."""
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1] (got {eta})")
-    ts, dev = ddim_timesteps(steps), cond.device
-    x = data.noise((len(cond), 1) + tuple(shape), generator, dev)
-    for i, t in enumerate(ts):
-        a = model.alphas_cumprod[t]
-        a_prev = model.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(a)   # abar_{-1} = 1
-        x0, eps = predict_x0(model, x, t, cond, clip)
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp_min(0).sqrt() * eps
-        if eta > 0 and i + 1 < len(ts):
-            x = x + sigma * data.noise(x.shape, generator, dev)
-    return data.to_counts(torch.minimum(x.clamp_min(0), model.x_max))
+    then (for eta > 0) one draw per step except the last, the order of the ancestral sampler."""
+    return Sampler(model, shape, steps, eta, clip).run(cond, generator)
 
 
 @torch.no_grad()
@@ -482,6 +503,11 @@ def sample_cmd(args):
     data.sample_to_file(ck, generator_fn(model, ck["data"]["shape"], dev, args.steps, args.eta, args.amp), args)
 
 
+def export_cmd(args):
+    ck, model, dev = load_model(args)
+    data.export_onnx(Sampler(model, ck["data"]["shape"], args.steps, args.eta), ck, args.export, NAME)
+
+
 def evaluate(args):
     ck, model, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
@@ -509,5 +535,7 @@ if __name__ == "__main__":
             sample_cmd(args)
         if args.eval:
             evaluate(args)
+        if args.export:
+            export_cmd(args)
     except (data.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

@@ -25,6 +25,7 @@ Usage:
     python flow_matching.py --train --split disjoint     # test particles never seen in training
     python flow_matching.py --train --paper              # the paper: published UNet, Adam 4.4e-4, 50 epochs
     python flow_matching.py --sample --ckpt runs/flow_matching/ckpt.pt --n 1000 --out samples.npz
+    python flow_matching.py --export flow_matching.onnx --ckpt runs/flow_matching/ckpt.pt [--steps 11]   # the sampler as one ONNX graph
     python flow_matching.py --eval --ckpt runs/flow_matching/ckpt.pt [--steps 20 --solver midpoint] [--plot]
     python flow_matching.py --train --smoke              # seconds: tiny data, tiny model
 Logged every --val-every steps: train loss (velocity MSE), val loss (same, fixed noise), the validation Wasserstein of
@@ -381,20 +382,33 @@ def fm_loss(model, x1, cond, generator, t_dist="uniform", t_max=1.0):
     return F.mse_loss(model(xt, t, cond), x1 - x0)
 
 
+class Sampler(data.Sampler):
+    """The ODE solver as one module (bench.py, --export), unrolled for `steps`: counts from cond (n, 9) and the
+    starting noise x0 (n, 1, H, W)."""
+
+    def __init__(self, model, shape, steps=11, solver="euler"):
+        super().__init__(steps=steps, solver=solver)
+        self.model, self.shape, self.steps, self.solver = model, tuple(shape), steps, solver
+
+    def noise_shapes(self, n):
+        return {"x0": (n, 1) + self.shape}
+
+    def forward(self, cond, x):
+        dt = 1.0 / self.steps
+        for i in range(self.steps):
+            t = torch.full_like(cond[:, 0], i * dt)
+            v = self.model(x, t, cond)
+            if self.solver == "midpoint":
+                v = self.model(x + 0.5 * dt * v, t + 0.5 * dt, cond)
+            x = x + dt * v
+        return data.to_counts(F.relu(x))
+
+
 @torch.no_grad()
 def sample(model, cond, shape, generator=None, steps=11, solver="euler"):
     """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9). Noise is drawn on the CPU from
     `generator` and moved to the model's device, so a seed gives the same samples on any device."""
-    dev = cond.device
-    x = data.noise((len(cond), 1) + tuple(shape), generator, dev)
-    dt = 1.0 / steps
-    for i in range(steps):
-        t = torch.full((len(cond),), i * dt, device=dev)
-        v = model(x, t, cond)
-        if solver == "midpoint":
-            v = model(x + 0.5 * dt * v, t + 0.5 * dt, cond)
-        x = x + dt * v
-    return data.to_counts(F.relu(x))
+    return Sampler(model, shape, steps, solver).run(cond, generator)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -536,6 +550,11 @@ def sample_cmd(args):
     data.sample_to_file(ck, generator_fn(model, ck["data"]["shape"], dev, args.steps, args.solver, args.amp), args)
 
 
+def export_cmd(args):
+    ck, model, dev = load_model(args)
+    data.export_onnx(Sampler(model, ck["data"]["shape"], args.steps, args.solver), ck, args.export, NAME)
+
+
 def evaluate(args):
     ck, model, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
@@ -559,5 +578,7 @@ if __name__ == "__main__":
             sample_cmd(args)
         if args.eval:
             evaluate(args)
+        if args.export:
+            export_cmd(args)
     except (data.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

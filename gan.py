@@ -34,6 +34,7 @@ Usage:
     python gan.py --train --paper                    # the thesis setting, ViT (G 0.92M, D 1.42M), 100 epochs: a GPU job
     python gan.py --train --paper --arch cnn         # the same with the conv GAN (G 0.89M, D 1.41M)
     python gan.py --sample --ckpt runs/gan/ckpt.pt --n 1000 --out samples.npz
+    python gan.py --export gan.onnx --ckpt runs/gan/ckpt.pt   # the sampler as one ONNX graph
     python gan.py --eval --ckpt runs/gan/ckpt.pt [--no-postprocess] [--plot]
     python gan.py --train --smoke                    # seconds: tiny data, tiny model
 Explicit flags beat --paper, which beats the CPU default. --width is the generator's width (as in the other
@@ -345,12 +346,25 @@ def gan_losses(gen, disc, opt_g, opt_d, x, cond, generator, scaler, amp):
     return d_loss.item(), g_loss.item(), torch.sigmoid(real_logit).mean().item(), torch.sigmoid(fake_logit).mean().item()
 
 
+class Sampler(data.Sampler):
+    """The sampler as one module (bench.py, --export): counts from cond (n, 9) and z (n, NOISE), times `scale`."""
+
+    def __init__(self, gen, scale=1.0):
+        super().__init__(scale=scale)
+        self.gen, self.scale = gen, scale
+
+    def noise_shapes(self, n):
+        return {"z": (n, NOISE)}
+
+    def forward(self, cond, z):
+        return self.scale * data.to_counts(self.gen(z, cond))
+
+
 @torch.no_grad()
 def sample(gen, cond, generator=None, scale=1.0):
     """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9), times the postprocessing scale.
     Noise is drawn on the CPU from `generator` and moved to the device (a seed gives the same samples anywhere)."""
-    z = data.noise((len(cond), NOISE), generator, cond.device)
-    return scale * data.to_counts(gen(z, cond))
+    return Sampler(gen, scale).run(cond, generator)
 
 
 def fit_scale(gen_counts, true_counts, lo=0.9, hi=1.1, tol=1e-4):
@@ -510,6 +524,11 @@ def sample_cmd(args):
     data.sample_to_file(ck, generator_fn(gen, dev, 1.0 if args.no_postprocess else ck["scale"], args.amp), args)
 
 
+def export_cmd(args):
+    ck, gen, dev = load_model(args)
+    data.export_onnx(Sampler(gen, 1.0 if args.no_postprocess else ck["scale"]), ck, args.export, NAME)
+
+
 def evaluate(args):
     ck, gen, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
@@ -530,5 +549,7 @@ if __name__ == "__main__":
             sample_cmd(args)
         if args.eval:
             evaluate(args)
+        if args.export:
+            export_cmd(args)
     except (data.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

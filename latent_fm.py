@@ -20,6 +20,7 @@ Usage:
     python latent_fm.py --train --detector proton --out runs/lfm_proton
     python latent_fm.py --train --paper             # the paper's sizes (VAE 58k, UNet 129k) and training
     python latent_fm.py --sample --ckpt runs/latent_fm/ckpt.pt --n 1000 --out samples.npz
+    python latent_fm.py --export latent_fm.onnx --ckpt runs/latent_fm/ckpt.pt [--steps 8]   # the sampler as one ONNX graph
     python latent_fm.py --eval --ckpt runs/latent_fm/ckpt.pt [--steps 8] [--plot]
     python latent_fm.py --train --smoke             # seconds
 
@@ -260,15 +261,28 @@ def latent_shape(shape):
     return (4, math.ceil(shape[0] / 4), math.ceil(shape[1] / 4))
 
 
+class Sampler(data.Sampler):
+    """Euler in latent space and the decoder as one module (bench.py, --export), unrolled for `steps`: counts from
+    cond (n, 9) and the starting latent noise z0 (n, 4, H/4, W/4)."""
+
+    def __init__(self, vae, unet, shape, scale, steps=8):
+        super().__init__(steps=steps, latent_scale=float(scale))
+        self.vae, self.unet, self.shape, self.scale, self.steps = vae, unet, tuple(shape), float(scale), steps
+
+    def noise_shapes(self, n):
+        return {"z0": (n,) + latent_shape(self.shape)}
+
+    def forward(self, cond, z):
+        dt = 1.0 / self.steps
+        for i in range(self.steps):
+            z = z + dt * self.unet(z, torch.full_like(cond[:, 0], i * dt), cond)
+        return data.to_counts(F.relu(self.vae.decode(z * self.scale, self.shape)))
+
+
 @torch.no_grad()
 def sample(vae, unet, cond, shape, scale, generator=None, steps=8):
     """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9); noise from a CPU generator."""
-    dev = cond.device
-    z = data.noise((len(cond),) + latent_shape(shape), generator, dev)
-    dt = 1.0 / steps
-    for i in range(steps):
-        z = z + dt * unet(z, torch.full((len(cond),), i * dt, device=dev), cond)
-    return data.to_counts(F.relu(vae.decode(z * scale, shape)))
+    return Sampler(vae, unet, shape, scale, steps).run(cond, generator)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -454,6 +468,11 @@ def sample_cmd(args):
     data.sample_to_file(ck, generator_fn(vae, unet, ck, dev, args.steps, args.amp), args)
 
 
+def export_cmd(args):
+    ck, vae, unet, dev = load_model(args)
+    data.export_onnx(Sampler(vae, unet, ck["data"]["shape"], ck["state"]["scale"], args.steps), ck, args.export, NAME)
+
+
 def evaluate(args):
     ck, vae, unet, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
@@ -482,5 +501,7 @@ if __name__ == "__main__":
             sample_cmd(args)
         if args.eval:
             evaluate(args)
+        if args.export:
+            export_cmd(args)
     except (data.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

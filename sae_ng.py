@@ -51,6 +51,7 @@ Usage:
     python sae_ng.py --train --arch vit            # the ViT pair at the CPU default schedule
     python sae_ng.py --train --resume --ng-steps 20000   # add stage 2 to a finished run
     python sae_ng.py --sample --ckpt runs/sae_ng/ckpt.pt --n 1000 --out samples.npz
+    python sae_ng.py --export sae_ng.onnx --ckpt runs/sae_ng/ckpt.pt   # the sampler as one ONNX graph
     python sae_ng.py --eval --ckpt runs/sae_ng/ckpt.pt [--plot]
     python sae_ng.py --train --smoke               # seconds: tiny data, tiny model
 Logged every --val-every steps: train loss, train match (S or the l2 distance), val rec / val match (500
@@ -412,12 +413,25 @@ def one_cycle(step, total, warmup, div, final_div):
     return end + (start - end) * (1 + math.cos(math.pi * t)) / 2
 
 
+class Sampler(data.Sampler):
+    """The sampler as one module (bench.py, --export): counts from cond (n, 9) and z (n, NOISE)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def noise_shapes(self, n):
+        return {"z": (n, NOISE)}
+
+    def forward(self, cond, z):
+        return data.to_counts(self.model.decode(self.model.generate_code(z, cond)))
+
+
 @torch.no_grad()
 def sample(model, cond, generator=None):
     """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9): noise -> NG -> decoder. Noise is
     drawn on the CPU from `generator` and moved to the model's device (a seed gives the same samples anywhere)."""
-    z = data.noise((len(cond), NOISE), generator, cond.device)
-    return data.to_counts(model.decode(model.generate_code(z, cond)))
+    return Sampler(model).run(cond, generator)
 
 
 @torch.no_grad()
@@ -596,6 +610,11 @@ def sample_cmd(args):
     data.sample_to_file(ck, generator_fn(model, dev, args.amp), args)
 
 
+def export_cmd(args):
+    ck, model, dev = load_model(args)
+    data.export_onnx(Sampler(model), ck, args.export, NAME)
+
+
 def evaluate(args):
     ck, model, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
@@ -618,5 +637,7 @@ if __name__ == "__main__":
             sample_cmd(args)
         if args.eval:
             evaluate(args)
+        if args.export:
+            export_cmd(args)
     except (data.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

@@ -36,6 +36,7 @@ Usage:
     python sdigan_joint.py --train --split disjoint --out runs/sdigan_joint_disjoint
     python sdigan_joint.py --train --paper                  # the authors' setting (200 epochs: a GPU job)
     python sdigan_joint.py --sample --ckpt runs/sdigan_joint/ckpt.pt --n 1000 --out samples.npz
+    python sdigan_joint.py --export sdigan_joint.onnx --ckpt runs/sdigan_joint/ckpt.pt   # the sampler as one ONNX graph
     python sdigan_joint.py --eval --ckpt runs/sdigan_joint/ckpt.pt [--compare-ckpt GAN_CKPT SDIGAN_PROTON_CKPT]
     python sdigan_joint.py --train --smoke                  # seconds
 --sample writes responses_neutron, responses_proton and particles (data.load_joint reads it). --eval prints the
@@ -280,12 +281,28 @@ def train_step(nets, opts, batch, generator, args):
     return log
 
 
+class Sampler(data.Sampler):
+    """The sampler as one module (bench.py, --export): (ZN counts, ZP counts) from cond (n, 9) and z (n, NOISE):
+    two outputs, counts_neutron (n, 44, 44) and counts_proton (n, 56, 30)."""
+    outputs = tuple(f"counts_{det}" for det in DETS)
+
+    def __init__(self, gen):
+        super().__init__()
+        self.gen = gen
+
+    def noise_shapes(self, n):
+        return {"z": (n, NOISE)}
+
+    def forward(self, cond, z):
+        out = self.gen(z, cond)
+        return tuple(data.to_counts(out[det]) for det in DETS)
+
+
 @torch.no_grad()
 def sample(gen, cond, generator=None):
     """{detector: raw photon counts (n, H, W)} for standardised conditions `cond` (n, 9): both responses of each
     particle from one noise vector. Noise is drawn on the CPU from `generator` (a seed gives the same samples anywhere)."""
-    z = data.noise((len(cond), NOISE), generator, cond.device)
-    return {det: data.to_counts(x) for det, x in gen(z, cond).items()}
+    return dict(zip(DETS, Sampler(gen).run(cond, generator)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -470,6 +487,11 @@ def separate_rows(args, split, idx):
     return rows
 
 
+def export_cmd(args):
+    ck, gen, dev = load_model(args)
+    data.export_onnx(Sampler(gen), ck, args.export, NAME)
+
+
 def evaluate(args):
     ck, gen, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
@@ -514,5 +536,7 @@ if __name__ == "__main__":
             sample_cmd(args)
         if args.eval:
             evaluate(args)
+        if args.export:
+            export_cmd(args)
     except (data.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

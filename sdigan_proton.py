@@ -44,6 +44,7 @@ Usage:
     python sdigan_proton.py --train --variant gan --out runs/sdigan_gan      # ablation rows: gan|sdi|sdi-int
     python sdigan_proton.py --train --paper                  # the paper's setting (350 epochs: a GPU job)
     python sdigan_proton.py --sample --ckpt runs/sdigan_proton/ckpt.pt --n 1000 --out samples.npz
+    python sdigan_proton.py --export sdigan_proton.onnx --ckpt runs/sdigan_proton/ckpt.pt   # the sampler as one ONNX graph
     python sdigan_proton.py --eval --ckpt runs/sdigan_proton/ckpt.pt [--plot]
     python sdigan_proton.py --train --smoke                  # seconds
 The eval table reports the empty-response rate and the diversity error (metrics.py) as the paper does.
@@ -329,12 +330,25 @@ def train_step(nets, opts, batch, generator, use, args):
     return log
 
 
+class Sampler(data.Sampler):
+    """The sampler as one module (bench.py, --export): counts from cond (n, 9) and z (n, NOISE)."""
+
+    def __init__(self, gen):
+        super().__init__()
+        self.gen = gen
+
+    def noise_shapes(self, n):
+        return {"z": (n, NOISE)}
+
+    def forward(self, cond, z):
+        return data.to_counts(self.gen(z, cond))
+
+
 @torch.no_grad()
 def sample(gen, cond, generator=None):
     """Raw photon counts (n, 56, 30) for standardised conditions `cond` (n, 9). Noise is drawn on the CPU from
     `generator` and moved to the device (a seed gives the same samples anywhere)."""
-    z = data.noise((len(cond), NOISE), generator, cond.device)
-    return data.to_counts(gen(z, cond))
+    return Sampler(gen).run(cond, generator)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -460,6 +474,11 @@ def sample_cmd(args):
     data.sample_to_file(ck, generator_fn(gen, dev, args.amp), args)
 
 
+def export_cmd(args):
+    ck, gen, dev = load_model(args)
+    data.export_onnx(Sampler(gen), ck, args.export, NAME)
+
+
 def evaluate(args):
     ck, gen, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
@@ -478,5 +497,7 @@ if __name__ == "__main__":
             sample_cmd(args)
         if args.eval:
             evaluate(args)
+        if args.export:
+            export_cmd(args)
     except (data.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

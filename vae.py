@@ -43,6 +43,7 @@ Usage:
     python vae.py --train --arch vit             # the ViT at the CPU default schedule
     python vae.py --train --variant embedding    # or supervised: Table 4.3's other rows (either --arch)
     python vae.py --sample --ckpt runs/vae/ckpt.pt --n 1000 --out samples.npz
+    python vae.py --export vae.onnx --ckpt runs/vae/ckpt.pt   # the sampler as one ONNX graph
     python vae.py --eval --ckpt runs/vae/ckpt.pt [--plot]
     python vae.py --train --smoke                # seconds: tiny data, tiny model
 Logged every --val-every steps: train loss (reconstruction + kl x KL), train KL, val loss / val rec / val KL
@@ -378,13 +379,36 @@ def vae_loss(model, x, cond, generator, kl_weight, reduction="sum"):
     return rec + kl_weight * reg.sum(), rec, reg
 
 
+class Sampler(data.Sampler):
+    """The sampler as one module (bench.py, --export): counts from cond (n, 9) and z (n, LATENT)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def noise_shapes(self, n):
+        return {"z": (n, self.model.latent)}            # the supervised autoencoder: (n, 0), D(c) is deterministic
+
+    def cond_columns(self):                             # --variant embedding: the type index is a 10th column
+        return 9 + (self.model.type_embed is not None)
+
+    def example_cond(self, n, generator):
+        cond = torch.randn(n, 9, generator=generator)
+        if self.model.type_embed is None:
+            return cond
+        types = torch.randint(0, self.model.type_embed.num_embeddings, (n, 1), generator=generator)
+        return torch.cat([cond, types.float()], 1)
+
+    def forward(self, cond, z):
+        return data.to_counts(self.model.decode(z, cond))
+
+
 @torch.no_grad()
 def sample(model, cond, generator=None):
     """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9; --variant embedding: n, 10 with the
     type index last). Noise is drawn on the CPU from `generator` and moved to the model's device, so a seed gives
     the same samples on any device. The supervised autoencoder draws no noise: D(c) is deterministic."""
-    z = data.noise((len(cond), model.latent), generator, cond.device)
-    return data.to_counts(model.decode(z, cond))
+    return Sampler(model).run(cond, generator)
 
 
 @torch.no_grad()
@@ -525,6 +549,11 @@ def sample_cmd(args):
     data.sample_to_file(ck, generator_fn(model, dev, args.amp), args)
 
 
+def export_cmd(args):
+    ck, model, dev = load_model(args)
+    data.export_onnx(Sampler(model), ck, args.export, NAME)
+
+
 def evaluate(args):
     ck, model, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
@@ -547,5 +576,7 @@ if __name__ == "__main__":
             sample_cmd(args)
         if args.eval:
             evaluate(args)
+        if args.export:
+            export_cmd(args)
     except (data.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

@@ -48,6 +48,7 @@ Usage:
     python vqgan.py --train --detector proton --out runs/vqgan_proton
     python vqgan.py --train --paper              # the published setting (50 + 50 epochs: a GPU job)
     python vqgan.py --sample --ckpt runs/vqgan/ckpt.pt --n 1000 --out samples.npz
+    python vqgan.py --export vqgan.onnx --ckpt runs/vqgan/ckpt.pt   # the sampler as one ONNX graph
     python vqgan.py --eval --ckpt runs/vqgan/ckpt.pt [--temperature 1.0 --top-k 0] [--plot]
     python vqgan.py --eval --ckpt runs/vqgan/ckpt.pt --sweep     # temperature x top-k, ms with/without KV cache
     python vqgan.py --train --smoke              # seconds
@@ -426,7 +427,7 @@ class Block(nn.Module):
             cache["k"][:, :, start:start + L], cache["v"][:, :, start:start + L] = k, v
             k, v = cache["k"][:, :, :start + L], cache["v"][:, :, :start + L]
         assert L == 1 or start == 0, "decode several positions only from the start"
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=bool(L > 1))   # bool: L is a tensor when traced
         x = x + self.proj(a.transpose(1, 2).reshape(B, L, E))
         return x + self.mlp(self.ln2(x))
 
@@ -449,7 +450,7 @@ class GPT(nn.Module):
         `tokens`; start > 0 (decoding with caches): `tokens` sit at positions start, start + 1, ..."""
         h = self.tok(tokens)
         if start == 0:
-            h = torch.cat([self.cond(cond).view(len(cond), self.prefix, -1), h], 1)
+            h = torch.cat([self.cond(cond).view(cond.shape[0], self.prefix, -1), h], 1)
         h = h + self.pos[start:start + h.shape[1]]
         for i, blk in enumerate(self.blocks):
             h = blk(h, None if caches is None else caches[i], start)
@@ -519,19 +520,16 @@ def pick(logits, u, temperature, top_k):
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         logits = logits.masked_fill(logits < logits.topk(top_k, -1).values[:, -1:], -float("inf"))
-    cdf = logits.softmax(-1).cumsum(-1)
-    return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1).contiguous(), right=True).squeeze(1).clamp_max(len(cdf[0]) - 1)
+    cdf = logits.softmax(-1).cumsum(-1)      # the inverse CDF: how many CDF values lie <= u (searchsorted, right)
+    return (cdf <= (u * cdf[:, -1]).unsqueeze(1)).sum(1).clamp_max(cdf.shape[1] - 1)
 
 
-@torch.no_grad()
-def sample_tokens(gpt, cond, generator=None, temperature=1.2, top_k=128, kv_cache=True):
-    """Token grids (n, n_tokens) for standardised conditions `cond` (n, 9), in raster order."""
-    dev, n, T = cond.device, len(cond), gpt.n_tokens
-    u = (torch.rand((n, T), device=dev) if generator is None
-         else torch.rand((n, T), generator=generator, device=generator.device).to(dev))
-    tokens = torch.zeros(n, 0, dtype=torch.long, device=dev)
-    caches = [dict(size=gpt.prefix + T) for _ in gpt.blocks] if kv_cache else None
-    for t in range(T):
+def tokens_from(gpt, cond, u, temperature=1.2, top_k=128, kv_cache=True):
+    """Token grids (n, n_tokens) for standardised conditions `cond` (n, 9) and uniforms u (n, n_tokens), in raster
+    order."""
+    tokens = cond.new_zeros((cond.shape[0], 0), dtype=torch.long)
+    caches = [dict(size=gpt.prefix + gpt.n_tokens) for _ in gpt.blocks] if kv_cache else None
+    for t in range(gpt.n_tokens):
         if kv_cache:
             logits = gpt(cond, tokens[:, t - 1:t] if t else tokens, caches, start=gpt.prefix + t - 1 if t else 0)
         else:
@@ -541,11 +539,36 @@ def sample_tokens(gpt, cond, generator=None, temperature=1.2, top_k=128, kv_cach
 
 
 @torch.no_grad()
+def sample_tokens(gpt, cond, generator=None, temperature=1.2, top_k=128, kv_cache=True):
+    """Token grids (n, n_tokens) for standardised conditions `cond` (n, 9), uniforms from a CPU generator."""
+    u = data.noise((len(cond), gpt.n_tokens), generator, cond.device, uniform=True)
+    return tokens_from(gpt, cond, u, temperature, top_k, kv_cache)
+
+
+class Sampler(data.Sampler):
+    """The whole autoregressive sampler as one module (bench.py, --export): counts from cond (n, 9) and the
+    uniforms u (n, n_tokens) that pick each token by inverse CDF. The export traces the loop unrolled (n_tokens
+    GPT steps with their KV cache, then the decoder): one graph, weights shared, no step network to drive."""
+    uniform = ("u",)
+
+    def __init__(self, vqae, gpt, shape, temperature=1.2, top_k=128, kv_cache=True):
+        super().__init__(steps=gpt.n_tokens, temperature=temperature, top_k=top_k)
+        self.vqae, self.gpt, self.shape, self.kw = vqae, gpt, tuple(shape), dict(temperature=temperature, top_k=top_k,
+                                                                              kv_cache=kv_cache)
+
+    def noise_shapes(self, n):
+        return {"u": (n, self.gpt.n_tokens)}
+
+    def forward(self, cond, u):
+        tokens = tokens_from(self.gpt, cond, u, **self.kw)
+        zq = self.vqae.vq.embed(tokens.view(-1, *self.vqae.token_grid(self.shape)))
+        return data.to_counts(F.relu(self.vqae.decode(zq, self.shape)))
+
+
+@torch.no_grad()
 def sample(vqae, gpt, cond, shape, generator=None, temperature=1.2, top_k=128, kv_cache=True):
     """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9); uniforms from a CPU generator."""
-    tokens = sample_tokens(gpt, cond, generator, temperature, top_k, kv_cache)
-    zq = vqae.vq.embed(tokens.view(len(cond), *vqae.token_grid(shape)))
-    return data.to_counts(F.relu(vqae.decode(zq, shape)))
+    return Sampler(vqae, gpt, shape, temperature, top_k, kv_cache).run(cond, generator)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -762,6 +785,11 @@ def sample_cmd(args):
     data.sample_to_file(ck, gen, args)
 
 
+def export_cmd(args):
+    ck, vqae, gpt, dev = load_model(args)
+    data.export_onnx(Sampler(vqae, gpt, ck["data"]["shape"], args.temperature, args.top_k), ck, args.export, NAME)
+
+
 def evaluate(args):
     ck, vqae, gpt, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
@@ -799,5 +827,7 @@ if __name__ == "__main__":
             sample_cmd(args)
         if args.eval:
             evaluate(args)
+        if args.export:
+            export_cmd(args)
     except (data.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

@@ -888,12 +888,13 @@ class _Sum(torch.autograd.Function):
         return _Sum.forward(ctx, g.contiguous())
 
 
-class _SyncBatchNormCPU(torch.nn.SyncBatchNorm):
+class _SyncBatchNormCPU(torch.nn.modules.batchnorm._BatchNorm):
     """SyncBatchNorm for gloo (torch's runs on GPUs only): batch mean and variance over all ranks' shards."""
 
     def forward(self, x):
         if not self.training:
-            return super().forward(x)
+            return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                                  False, 0.0, self.eps)
         dims, view = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
         n = _Sum.apply(x.new_tensor(float(x.numel() // x.shape[1])))
         mean = _Sum.apply(x.sum(dims)) / n
@@ -908,19 +909,53 @@ class _SyncBatchNormCPU(torch.nn.SyncBatchNorm):
 
 
 class _Methods(torch.nn.Module):
-    """DDP runs forward() only; this lets a wrapped network's other methods (encode, decode, ...) run through it."""
+    """DDP runs forward() only; this lets a wrapped network's other methods and sub-networks (net.encode(...),
+    net.decoder(...)) run through it: `method` is a dotted path from the network."""
 
     def __init__(self, net):
         super().__init__()
         self.net = net
 
     def forward(self, method, *a, **k):
-        return getattr(self.net, method)(*a, **k)
+        f = self.net
+        for name in method.split("."):
+            f = getattr(f, name)
+        return f(*a, **k)
+
+
+class _Part:
+    """A sub-network of a Sharded network: calling it runs sharded through DDP; its attributes are the plain ones."""
+
+    def __init__(self, owner, path, module):
+        self.owner, self.path, self.module = owner, path, module
+
+    def __call__(self, *a, **k):
+        return self.owner.call(self.path, *a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+def _map(f, x):
+    """f applied to every tensor in nested tuples, lists and dicts."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map(f, v) for v in x)
+    if isinstance(x, dict):
+        return {k: _map(f, v) for k, v in x.items()}
+    return f(x) if torch.is_tensor(x) else x
+
+
+def _tensors(x):
+    out = []
+    _map(out.append, x)
+    return out
 
 
 class Sharded(torch.nn.Module):
     """A network under DDP that takes and returns GLOBAL batches and computes only this rank's shard (see above).
-    Its methods (net.encode(...)) are sharded too; its sub-modules and buffers are the plain ones."""
+    Calls of its methods and sub-networks (net.encode(...), net.decoder(...)) are sharded too; a tensor argument
+    is cut when it is as long as the first one (the batch). Other attributes (buffers, a sub-network's methods)
+    are the plain ones: what is computed with them is computed on the whole batch on every rank."""
 
     def __init__(self, net, dist):
         super().__init__()
@@ -931,17 +966,13 @@ class Sharded(torch.nn.Module):
         return self.call("forward", *a, **k)
 
     def call(self, method, *a, **k):
-        n = len(next(t for t in a if torch.is_tensor(t)))
+        n = len(_tensors(a)[0])
         lo, hi = _rows(n, self.dist)
-        cut = lambda t: t[lo:hi] if torch.is_tensor(t) and t.dim() and len(t) == n else t   # noqa: E731
-        out = self.ddp(method, *map(cut, a), **{key: cut(v) for key, v in k.items()})
-        return self._gather(out, n, hi - lo)
+        cut = lambda t: t[lo:hi] if t.dim() and len(t) == n else t   # noqa: E731
+        out = self.ddp(method, *_map(cut, a), **_map(cut, k))
+        return _map(lambda t: self._gather(t, n, hi - lo), out)
 
     def _gather(self, out, n, mine):
-        if isinstance(out, (tuple, list)):
-            return type(out)(self._gather(o, n, mine) for o in out)
-        if not torch.is_tensor(out):
-            return out
         if out.dim() == 0:                     # a mean over the shard -> the mean over the global batch
             return _Sum.apply(out * mine) / n
         if len(out) != mine:
@@ -953,7 +984,9 @@ class Sharded(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             attr = getattr(self.ddp.module.net, name)
-            if callable(attr) and not isinstance(attr, torch.nn.Module) and not hasattr(torch.nn.Module, name):
+            if isinstance(attr, torch.nn.Module):
+                return _Part(self, name, attr)
+            if callable(attr) and not hasattr(torch.nn.Module, name):
                 return lambda *a, **k: self.call(name, *a, **k)
             return attr
 
@@ -963,11 +996,11 @@ def wrap_ddp(net, dist):
     Identity at world 1. Keep the plain network for validation, sampling and checkpoints (or unwrap())."""
     if dist.world == 1:
         return net
-    net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)     # in place below the top module
-    if dist.device.type == "cpu":
-        for m in net.modules():
-            if type(m) is torch.nn.SyncBatchNorm:
-                m.__class__ = _SyncBatchNormCPU
+    if dist.device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)     # in place below the top module
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and dist.device.type == "cpu":
+            m.__class__ = _SyncBatchNormCPU                          # same parameters and buffers
     if dist.rank > 0 and not _GATHER.get("reseeded"):          # own dropout masks on every rank (see above)
         torch.manual_seed(torch.initial_seed() + 7919 * dist.rank)
         _GATHER["reseeded"] = True
@@ -977,6 +1010,11 @@ def wrap_ddp(net, dist):
 def unwrap(net):
     """The plain network inside wrap_ddp()'s wrapper (the network itself at world 1)."""
     return net.ddp.module.net if isinstance(net, Sharded) else net
+
+
+def main_process():
+    """False on the ranks other than 0 of a torchrun job (for code that is not handed the Dist)."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def barrier(dist):

@@ -405,7 +405,8 @@ def print_control(ctrl):
 
 
 def train(args):
-    dev = data.pick_device(args.device)
+    dist = data.dist_init(args.device)                   # torchrun: this rank (data.py); plain python: world 1
+    dev = dist.device
     data.seed_everything(args.seed)
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
@@ -418,7 +419,8 @@ def train(args):
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     cfg = vars(args)
-    split = data.load_split(cfg)
+    data.check_batch(args.batch_size, dist)
+    split = data.load_split(cfg, dist=dist)
     x_tr, c_tr = split.x("train"), split.cond("train")
     y_nat = properties(split.ds.images, split.idx["train"])
     y_nat[:, LOG_PROPS] = np.log1p(y_nat[:, LOG_PROPS])
@@ -446,6 +448,7 @@ def train(args):
         noise.set_state(ck["rng"]["noise"]), torch.set_rng_state(ck["rng"]["torch"])
         step, epoch = ck["step"], ck["epoch"]
         print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
+    net = data.wrap_ddp(model, dist)      # the training step's networks: this rank's shard of each global batch, DDP
     n_par = sum(p.numel() for p in model.parameters())
     print(f"{NAME}: {n_par:,} parameters, {len(x_tr):,} training responses, {steps_per_epoch} steps per epoch, "
           f"{total} steps in total, device {dev}")
@@ -487,12 +490,12 @@ def train(args):
         order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)   # batch order of this epoch
         skip = step - epoch * steps_per_epoch                                # batches already done (resume)
         bar = tqdm(data.batches((x_tr, c_tr, y_tr), args.batch_size, order, start=skip), total=steps_per_epoch,
-                   initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke)
+                   initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke or not dist.is_main)
         losses = []
         for x, c, y in bar:
             x, c, y = x.to(dev), c.to(dev), y.to(dev)
             with data.autocast(dev, args.amp):
-                loss, terms = corrvae_loss(model, x, c, y, noise, cfg, tau_at(step))
+                loss, terms = corrvae_loss(net, x, c, y, noise, cfg, tau_at(step))   # DDP = 1 process exactly
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}: training diverged (lower --lr?)")
             opt.zero_grad(set_to_none=True)
@@ -505,7 +508,7 @@ def train(args):
             bar.set_postfix(loss=f"{loss.item():.2f}", prop=f"{terms['prop'].item():.3f}")
             if step % args.ckpt_every == 0:
                 save()
-            if step % args.val_every == 0 or step >= total:
+            if (step % args.val_every == 0 or step >= total) and dist.is_main:
                 bar.clear()
                 validate(losses)
                 losses = []
@@ -516,6 +519,7 @@ def train(args):
             epoch += 1
         save()
     print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min, checkpoint {ckpt_path}")
+    data.dist_close(dist)
     return ckpt_path
 
 

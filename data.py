@@ -23,10 +23,12 @@ are reproducible (Poisson + 3 % gain); hadronic ones fluctuate through the first
 K0, Sigma, Xi) additionally lose a random fraction of their energy to decay products.
 Everything tunable is in ``TOY``; its hash names the cache folder, so a change regenerates the data.
 """
+import builtins
 import hashlib
 import json
 import os
 import time
+from collections import namedtuple
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -780,7 +782,10 @@ def noise(shape, generator, device, uniform=False):
 
 
 def save_checkpoint(ckpt, path):
-    """Atomic save: write a temporary file next to `path`, then rename over it."""
+    """Atomic save: write a temporary file next to `path`, then rename over it. Under torchrun only rank 0 writes
+    (the scripts pass the state_dicts of the plain, unwrapped networks: the file is the same at any world size)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -807,9 +812,261 @@ def load_checkpoint(path, model, detector=None):
     return ckpt
 
 
-def load_split(a, progress=True):
+# ----------------------------------------------------------------------------------------------------------
+# Several processes: torchrun and DistributedDataParallel (DDP)
+# ----------------------------------------------------------------------------------------------------------
+# `torchrun --nproc_per_node N MODEL.py --train ...` starts N copies of the script (ranks). dist_init() joins
+# them (NCCL on CUDA, each rank on cuda:LOCAL_RANK; gloo on CPU); without torchrun it changes nothing.
+# How one step is shared, and why N ranks compute exactly what one process computes:
+# - every rank draws the SAME global batch (same batch order) and the SAME noise for the whole global batch
+#   (every generator has the same seed on every rank): the script's loss code runs unchanged on every rank;
+# - a network wrapped by wrap_ddp() runs only on this rank's contiguous shard of each global batch (shard())
+#   and hands back the all-gathered output of the whole batch, so the loss is the single-process loss of the
+#   global batch on every rank, whatever its form (a mean, a sum, a matching over the batch, pair terms);
+# - backward: the gather's gradient is all-reduced (summed) and each rank keeps its own rows, N times its
+#   share of the single-process gradient; DDP averages the parameter gradients over the N ranks: the result
+#   is the single-process gradient (to float rounding). BatchNorm layers become SyncBatchNorm (batch
+#   statistics of the global batch), so they too equal one process.
+# - anything not called through a wrapper (a sub-network called directly, an EMA update, a codebook update
+#   from gathered outputs) is computed on the whole global batch on every rank, identically.
+# Not equal: dropout masks (drawn per rank from the global torch RNG, seeded differently on ranks > 0 so the
+# shards do not share masks); float rounding. EMA weights are updated on every rank identically (the same
+# averaged gradients give the same weights); rank 0 alone logs, validates, evaluates, shows progress bars and
+# writes checkpoints of the plain (unwrapped) weights, which resume at any world size.
+Dist = namedtuple("Dist", "rank world local_rank is_main device")
+_GATHER = {}   # the process group of the gathers (separate from DDP's, so their collectives never interleave)
+
+
+def dist_init(device="auto"):
+    """Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK from the environment); world 1 without it.
+    Ranks other than 0 print nothing (print(..., force=True) still does)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = pick_device(device)
+    if world == 1:
+        return Dist(0, 1, 0, True, dev)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        _GATHER["group"] = torch.distributed.new_group()
+    if rank != 0:
+        quiet = builtins.print
+        builtins.print = lambda *a, force=False, **k: quiet(*a, **k) if force else None
+    return Dist(rank, world, local, rank == 0, dev)
+
+
+def _rows(n, dist):
+    """This rank's rows [lo, hi) of a global batch of n (shards differ by at most one row when N does not divide n)."""
+    return dist.rank * n // dist.world, (dist.rank + 1) * n // dist.world
+
+
+def shard(x, dist):
+    """This rank's contiguous slice of a global batch: a tensor, or a tuple/list of equally long tensors."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(shard(t, dist) for t in x)
+    lo, hi = _rows(len(x), dist)
+    return x[lo:hi]
+
+
+def check_batch(batch_size, dist):
+    """--batch-size is the global batch; it must split into equal shards (a last, smaller batch may not)."""
+    if batch_size % dist.world:
+        raise DataError(f"--batch-size {batch_size} does not split into {dist.world} equal shards: under torchrun "
+                        f"it is the global batch, make it a multiple of the number of processes")
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather of the shards along dim 0 (forward); all-reduce (sum) of the gradient, own rows (backward)."""
+
+    @staticmethod
+    def forward(ctx, x, n, world):
+        group, k = _GATHER["group"], -(-n // world)                      # shards padded to k rows
+        pad = x.new_zeros((k,) + x.shape[1:])
+        pad[:len(x)] = x
+        parts = [torch.empty_like(pad) for _ in range(world)]
+        torch.distributed.all_gather(parts, pad, group=group)
+        ctx.rows = [(r * n // world, (r + 1) * n // world) for r in range(world)]
+        ctx.mine = ctx.rows[torch.distributed.get_rank()]
+        return torch.cat([p[:hi - lo] for p, (lo, hi) in zip(parts, ctx.rows)])
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        torch.distributed.all_reduce(g, group=_GATHER["group"])
+        return g[ctx.mine[0]:ctx.mine[1]], None, None
+
+
+class _Sum(torch.autograd.Function):
+    """Sum over the ranks, with gradient (the adjoint of an all-reduce sum is an all-reduce sum)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=_GATHER["group"])
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _Sum.forward(ctx, g.contiguous())
+
+
+class _SyncBatchNormCPU(torch.nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for gloo (torch's runs on GPUs only): batch mean and variance over all ranks' shards."""
+
+    def forward(self, x):
+        if not self.training:
+            return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                                  False, 0.0, self.eps)
+        dims, view = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
+        n = _Sum.apply(x.new_tensor(float(x.numel() // x.shape[1])))
+        mean = _Sum.apply(x.sum(dims)) / n
+        var = _Sum.apply((x - mean.view(view)).pow(2).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        y = (x - mean.view(view)) * torch.rsqrt(var.view(view) + self.eps)
+        return y * self.weight.view(view) + self.bias.view(view) if self.affine else y
+
+
+class _Methods(torch.nn.Module):
+    """DDP runs forward() only; this lets a wrapped network's other methods and sub-networks (net.encode(...),
+    net.decoder(...)) run through it: `method` is a dotted path from the network."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, method, *a, **k):
+        f = self.net
+        for name in method.split("."):
+            f = getattr(f, name)
+        return f(*a, **k)
+
+
+class _Part:
+    """A sub-network of a Sharded network: calling it runs sharded through DDP; its attributes are the plain ones."""
+
+    def __init__(self, owner, path, module):
+        self.owner, self.path, self.module = owner, path, module
+
+    def __call__(self, *a, **k):
+        return self.owner.call(self.path, *a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+def _map(f, x):
+    """f applied to every tensor in nested tuples, lists and dicts."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map(f, v) for v in x)
+    if isinstance(x, dict):
+        return {k: _map(f, v) for k, v in x.items()}
+    return f(x) if torch.is_tensor(x) else x
+
+
+def _tensors(x):
+    out = []
+    _map(out.append, x)
+    return out
+
+
+class Sharded(torch.nn.Module):
+    """A network under DDP that takes and returns GLOBAL batches and computes only this rank's shard (see above).
+    Calls of its methods and sub-networks (net.encode(...), net.decoder(...)) are sharded too; a tensor argument
+    is cut when it is as long as the first one (the batch). Other attributes (buffers, a sub-network's methods)
+    are the plain ones: what is computed with them is computed on the whole batch on every rank."""
+
+    def __init__(self, net, dist):
+        super().__init__()
+        ids = [dist.device.index] if dist.device.type == "cuda" else None
+        self.ddp, self.dist = torch.nn.parallel.DistributedDataParallel(_Methods(net), device_ids=ids), dist
+
+    def forward(self, *a, **k):
+        return self.call("forward", *a, **k)
+
+    def call(self, method, *a, **k):
+        n = len(_tensors(a)[0])
+        lo, hi = _rows(n, self.dist)
+        cut = lambda t: t[lo:hi] if t.dim() and len(t) == n else t   # noqa: E731
+        out = self.ddp(method, *_map(cut, a), **_map(cut, k))
+        return _map(lambda t: self._gather(t, n, hi - lo), out)
+
+    def _gather(self, out, n, mine):
+        if out.dim() == 0:                     # a mean over the shard -> the mean over the global batch
+            return _Sum.apply(out * mine) / n
+        if len(out) != mine:
+            raise ValueError(f"Sharded: an output of shape {tuple(out.shape)} is neither per-sample nor a scalar")
+        return _Gather.apply(out, n, self.dist.world)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            attr = getattr(self.ddp.module.net, name)
+            if isinstance(attr, torch.nn.Module):
+                return _Part(self, name, attr)
+            if callable(attr) and not hasattr(torch.nn.Module, name):
+                return lambda *a, **k: self.call(name, *a, **k)
+            return attr
+
+
+def wrap_ddp(net, dist):
+    """The network for the training step under torchrun: BatchNorm -> SyncBatchNorm, then Sharded(DDP(...)).
+    Identity at world 1. Keep the plain network for validation, sampling and checkpoints (or unwrap())."""
+    if dist.world == 1:
+        return net
+    if dist.device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)     # in place below the top module
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and dist.device.type == "cpu":
+            m.__class__ = _SyncBatchNormCPU                          # same parameters and buffers
+    if dist.rank > 0 and not _GATHER.get("reseeded"):          # own dropout masks on every rank (see above)
+        torch.manual_seed(torch.initial_seed() + 7919 * dist.rank)
+        _GATHER["reseeded"] = True
+    return Sharded(net, dist)
+
+
+def unwrap(net):
+    """The plain network inside wrap_ddp()'s wrapper (the network itself at world 1)."""
+    return net.ddp.module.net if isinstance(net, Sharded) else net
+
+
+def main_process():
+    """False on the ranks other than 0 of a torchrun job (for code that is not handed the Dist)."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def barrier(dist):
+    if dist.world > 1:
+        torch.distributed.barrier()
+
+
+def dist_close(dist):
+    """End of training: every rank waits for rank 0 (its last validation and checkpoint), then the process group
+    closes. Ranks other than 0 exit here: what follows on the command line (--sample, --eval) is rank 0's."""
+    if dist.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        if not dist.is_main:
+            raise SystemExit(0)
+
+
+def load_split(a, progress=True, dist=None):
     """The data and split described by a dict with keys detector, data, limit, seed, min_photons, split
-    (the script's args, or the args stored in a checkpoint)."""
+    (the script's args, or the args stored in a checkpoint). dist: under torchrun rank 0 loads (and generates
+    the toy data) first, the other ranks wait for it, then read the cache."""
+    if dist is not None and dist.world > 1:
+        if not dist.is_main:
+            barrier(dist)
+        split = load_split(a, dist.is_main)
+        if dist.is_main:
+            barrier(dist)
+        return split
     ds = load(a["detector"], a["data"], a["limit"], a["seed"], a.get("min_photons"), progress)
     return (JointSplit if a["detector"] == "joint" else Split)(ds, a["split"], a["seed"])
 

@@ -415,7 +415,8 @@ def postprocess_fit(gen, split, n, dev, seed):
 
 
 def train(args):
-    dev = data.pick_device(args.device)
+    dist = data.dist_init(args.device)                   # torchrun: this rank (data.py); plain python: world 1
+    dev = dist.device
     data.seed_everything(args.seed)
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
@@ -428,7 +429,8 @@ def train(args):
         args = data.resume_args(args, ck, older=dict(d_norm="batch", width=ck["args"].get("g_width"), arch="cnn"))
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
-    split = data.load_split(vars(args))
+    data.check_batch(args.batch_size, dist)
+    split = data.load_split(vars(args), dist=dist)
     x_tr, c_tr = split.x("train"), split.cond("train")
     c_va = split.cond("val")[:1000]
     gen, disc = (m.to(dev) for m in build_networks(vars(args)).values())
@@ -448,9 +450,10 @@ def train(args):
         noise.set_state(ck["rng"]["noise"]), torch.set_rng_state(ck["rng"]["torch"])
         step, epoch, scale = ck["step"], ck["epoch"], ck["scale"]
         print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
+    gen_t, disc_t = data.wrap_ddp(gen, dist), data.wrap_ddp(disc, dist)   # training step: this rank's shard, DDP
     n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (gen, disc))
     print(f"{NAME}: G {n_g:,} + D {n_d:,} parameters, {len(x_tr):,} training responses, {steps_per_epoch} steps "
-          f"per epoch, {total} steps in total, device {dev}")
+          f"per epoch, {total} steps in total, device {dev}, {dist.world} process(es)")
 
     def save():
         data.save_checkpoint(dict(model=NAME, args=vars(args), data=split.state(), weights=gen.state_dict(),
@@ -478,15 +481,15 @@ def train(args):
         order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)   # batch order of this epoch
         skip = step - epoch * steps_per_epoch                                # batches already done (resume)
         bar = tqdm(data.batches((x_tr, c_tr), args.batch_size, order), total=steps_per_epoch, initial=skip,
-                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke)
+                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke or not dist.is_main)
         logs = []
         for i, (x, c) in enumerate(bar):
             if i >= steps_per_epoch:
                 break
             if i < skip:
                 continue
-            d_loss, g_loss, d_real, d_fake = gan_losses(gen, disc, opt_g, opt_d, x.to(dev), c.to(dev), noise,
-                                                        scaler, args.amp)
+            d_loss, g_loss, d_real, d_fake = gan_losses(gen_t, disc_t, opt_g, opt_d, x.to(dev), c.to(dev), noise,
+                                                        scaler, args.amp)   # DDP equals one process exactly
             if not math.isfinite(d_loss + g_loss):
                 raise FloatingPointError(f"losses D {d_loss}, G {g_loss} at step {step}: training diverged")
             sched_g.step(), sched_d.step()
@@ -495,7 +498,7 @@ def train(args):
             bar.set_postfix(D=f"{d_loss:.3f}", G=f"{g_loss:.3f}")
             if step % args.ckpt_every == 0:
                 save()
-            if step % args.val_every == 0 or step >= total:
+            if (step % args.val_every == 0 or step >= total) and dist.is_main:
                 bar.clear()
                 validate(logs)
                 logs = []
@@ -505,9 +508,10 @@ def train(args):
         if step == (epoch + 1) * steps_per_epoch:
             epoch += 1
         save()
-    scale = postprocess_fit(gen, split, args.pp_samples, dev, args.seed)
+    scale = postprocess_fit(gen, split, args.pp_samples, dev, args.seed) if dist.is_main else scale
     save()
     print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min, checkpoint {ckpt_path}")
+    data.dist_close(dist)
     return ckpt_path
 
 

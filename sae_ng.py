@@ -452,7 +452,8 @@ def generator_fn(model, device, amp=False):
 
 
 def train(args):
-    dev = data.pick_device(args.device)
+    dist = data.dist_init(args.device)                   # torchrun: this rank (data.py); plain python: world 1
+    dev = dist.device
     data.seed_everything(args.seed)
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
@@ -465,7 +466,8 @@ def train(args):
         args = data.resume_args(args, {**ck, "args": {**ck["args"], "ng_steps": ng_steps}}, older=dict(arch="cnn"))
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
-    split = data.load_split(vars(args))
+    data.check_batch(args.batch_size, dist)
+    split = data.load_split(vars(args), dist=dist)
     x_tr, c_tr = split.x("train"), split.cond("train")
     x_va, c_va = split.x("val")[:2000], split.cond("val")[:2000]
     model = build_model(vars(args)).to(dev)
@@ -489,6 +491,7 @@ def train(args):
         opt_ng.load_state_dict(ck["opt_ng"]), sched_ng.load_state_dict(ck["sched_ng"]), pick.set_state(ck["rng"]["pick"])
         step, epoch = ck["step"], ck["epoch"]
         print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
+    net = data.wrap_ddp(model, dist)      # stage 1's SAE: this rank's shard of each global batch, DDP
     n_par = sum(p.numel() for p in model.parameters())
     print(f"{NAME} ({args.matching} matching, end to end): {n_par:,} parameters, {len(x_tr):,} training responses; "
           f"stage 1: {planned} steps ({steps_per_epoch} per epoch), stage 2 (noise generator alone): {args.ng_steps} "
@@ -539,19 +542,19 @@ def train(args):
         order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)   # batch order of this epoch
         skip = step - epoch * steps_per_epoch                                # batches already done (resume)
         bar = tqdm(data.batches((x_tr, c_tr), args.batch_size, order, start=skip), total=steps_per_epoch,
-                   initial=skip, desc=f"stage 1 epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke)
+                   initial=skip, desc=f"stage 1 epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke or not dist.is_main)
         losses, matches = [], []
         for x, c in bar:
             x, c = x.to(dev), c.to(dev)
             with data.autocast(dev, args.amp):
-                loss, _, match, _ = sae_loss(model, x, c, noise, args)
+                loss, _, match, _ = sae_loss(net, x, c, noise, args)   # DDP = 1 process exactly (Sinkhorn on gathered codes)
             optimise(loss, opt, sched, model.parameters())
             step += 1
             losses.append(loss.item()), matches.append(match.item())
             bar.set_postfix(loss=f"{loss.item():.3f}", match=f"{matches[-1]:.3f}")
             if step % args.ckpt_every == 0:
                 save()
-            if step % args.val_every == 0 or step >= end1:
+            if (step % args.val_every == 0 or step >= end1) and dist.is_main:
                 bar.clear()
                 validate(losses, matches)
                 losses, matches = [], []
@@ -563,12 +566,13 @@ def train(args):
         save()
 
     if step < total:              # stage 2 (optional): the noise generator alone on the frozen encoder's codes
+        # (not sharded: every rank trains the small noise generator on the whole batch, identically)
         with torch.no_grad():
             codes = torch.cat([model.encode(b.to(dev)) for b in torch.split(x_tr, 4096)])
         conds, every = c_tr.to(dev), max(args.val_every, args.ng_steps // 8)
         print(f"stage 2: noise generator on {len(codes):,} cached codes, batch {args.ng_batch}, steps "
               f"{step - planned}..{total - planned} of {args.ng_steps}")
-        bar = tqdm(range(step, total), desc="stage 2", leave=False, disable=args.smoke)
+        bar = tqdm(range(step, total), desc="stage 2", leave=False, disable=args.smoke or not dist.is_main)
         losses = []
         for _ in bar:
             i = torch.randint(len(codes), (args.ng_batch,), generator=pick).to(dev)
@@ -581,11 +585,12 @@ def train(args):
             bar.set_postfix(match=f"{loss.item():.3f}")
             if step % args.ckpt_every == 0 or step >= total:
                 save()
-            if (step - planned) % every == 0 or step >= total:
+            if ((step - planned) % every == 0 or step >= total) and dist.is_main:
                 bar.clear()
                 validate(losses, losses)
                 losses = []
     print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min, checkpoint {ckpt_path}")
+    data.dist_close(dist)
     return ckpt_path
 
 

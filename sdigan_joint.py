@@ -319,7 +319,8 @@ def generator_fn(gen, device, det=None, amp=False):
 
 
 def train(args):
-    dev = data.pick_device(args.device)
+    dist = data.dist_init(args.device)                   # torchrun: this rank (data.py); plain python: world 1
+    dev = dist.device
     data.seed_everything(args.seed)
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
@@ -331,7 +332,8 @@ def train(args):
         args = data.resume_args(args, ck)
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
-    split = data.load_split(vars(args))
+    data.check_batch(args.batch_size, dist)
+    split = data.load_split(vars(args), dist=dist)
     counts, cid = split.counts("train"), split.ds.cond_id[split.idx["train"]]
     xs = split.x("train")
     div = [torch.as_tensor(diversity_target(counts[det], cid, args.div_norm)) for det in DETS]
@@ -353,6 +355,7 @@ def train(args):
         noise.set_state(ck["rng"]["noise"]), torch.set_rng_state(ck["rng"]["torch"])
         step, epoch = ck["step"], ck["epoch"]
         print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
+    nets_t = tuple(data.wrap_ddp(m, dist) for m in nets)   # training step: this rank's shard of each global batch, DDP
     n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in nets)
     print(f"{NAME}: G {n_g:,} + D {n_d:,} parameters, {len(cid):,} training particles (both responses), "
           f"{steps_per_epoch} steps per epoch, {total} steps in total, device {dev}")
@@ -387,12 +390,12 @@ def train(args):
         order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)   # batch order of this epoch
         skip = step - epoch * steps_per_epoch                                # batches already done (resume)
         bar = tqdm(data.batches(tensors, args.batch_size, order, start=skip), total=steps_per_epoch, initial=skip,
-                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke)
+                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke or not dist.is_main)
         logs = []
         for i, batch in enumerate(bar, start=skip):
             if i >= steps_per_epoch:
                 break
-            log = train_step(nets, opts, [t.to(dev) for t in batch], noise, args)
+            log = train_step(nets_t, opts, [t.to(dev) for t in batch], noise, args)   # DDP = 1 process (not dropout)
             if not all(math.isfinite(v) for v in log.values()):
                 raise FloatingPointError(f"non-finite loss at step {step} ({log}): training diverged")
             step += 1
@@ -400,7 +403,7 @@ def train(args):
             bar.set_postfix(D=f"{log['d_loss']:.3f}", G=f"{log['g_loss']:.3f}")
             if step % args.ckpt_every == 0:
                 save()
-            if step % args.val_every == 0 or step >= total:
+            if (step % args.val_every == 0 or step >= total) and dist.is_main:
                 bar.clear()
                 validate(logs)
                 logs = []
@@ -411,6 +414,7 @@ def train(args):
             epoch += 1
         save()
     print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min, checkpoint {ckpt_path}")
+    data.dist_close(dist)
     return ckpt_path
 
 

@@ -363,7 +363,8 @@ def generator_fn(gen, device, amp=False):
 
 
 def train(args):
-    dev = data.pick_device(args.device)
+    dist = data.dist_init(args.device)                   # torchrun: this rank (data.py); plain python: world 1
+    dev = dist.device
     data.seed_everything(args.seed)
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
@@ -376,7 +377,8 @@ def train(args):
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     use = VARIANTS[args.variant]
-    split = data.load_split(vars(args))
+    data.check_batch(args.batch_size, dist)
+    split = data.load_split(vars(args), dist=dist)
     counts = split.counts("train")
     photons = torch.as_tensor(counts.reshape(len(counts), -1).sum(1, dtype=np.float64), dtype=torch.float32)
     div = torch.as_tensor(diversity_target(counts, split.ds.cond_id[split.idx["train"]], args.div_norm))
@@ -397,6 +399,7 @@ def train(args):
         noise.set_state(ck["rng"]["noise"]), torch.set_rng_state(ck["rng"]["torch"])
         step, epoch = ck["step"], ck["epoch"]
         print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
+    nets_t = tuple(data.wrap_ddp(m, dist) for m in nets)   # training step: this rank's shard of each global batch, DDP
     n_g, n_d, n_a = (sum(p.numel() for p in m.parameters()) for m in nets)
     print(f"{NAME} ({args.variant}): G {n_g:,} + D {n_d:,} + regressor {n_a:,} parameters, {len(counts):,} training "
           f"responses, {steps_per_epoch} steps per epoch, {total} steps in total, device {dev}")
@@ -432,14 +435,14 @@ def train(args):
         order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)   # batch order of this epoch
         skip = step - epoch * steps_per_epoch                                # batches already done (resume)
         bar = tqdm(data.batches(tensors, args.batch_size, order), total=steps_per_epoch, initial=skip,
-                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke)
+                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke or not dist.is_main)
         logs = []
         for i, batch in enumerate(bar):
             if i >= steps_per_epoch:
                 break
             if i < skip:
                 continue
-            log = train_step(nets, opts, [t.to(dev) for t in batch], noise, use, args)
+            log = train_step(nets_t, opts, [t.to(dev) for t in batch], noise, use, args)   # DDP = 1 process (not dropout)
             if not all(math.isfinite(v) for v in log.values()):
                 raise FloatingPointError(f"non-finite loss at step {step} ({log}): training diverged")
             step += 1
@@ -447,7 +450,7 @@ def train(args):
             bar.set_postfix(D=f"{log['d_loss']:.3f}", G=f"{log['g_loss']:.3f}")
             if step % args.ckpt_every == 0:
                 save()
-            if step % args.val_every == 0 or step >= total:
+            if (step % args.val_every == 0 or step >= total) and dist.is_main:
                 bar.clear()
                 validate(logs)
                 logs = []
@@ -458,6 +461,7 @@ def train(args):
             epoch += 1
         save()
     print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min, checkpoint {ckpt_path}")
+    data.dist_close(dist)
     return ckpt_path
 
 

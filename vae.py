@@ -438,7 +438,8 @@ def kl_weight(args, step=None):
 
 
 def train(args):
-    dev = data.pick_device(args.device)
+    dist = data.dist_init(args.device)                   # torchrun: this rank (data.py); plain python: world 1
+    dev = dist.device
     data.seed_everything(args.seed)
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
@@ -450,7 +451,8 @@ def train(args):
         args = data.resume_args(args, ck, older=dict(arch="cnn"))
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
-    split = data.load_split(vars(args))
+    data.check_batch(args.batch_size, dist)
+    split = data.load_split(vars(args), dist=dist)
     typed = args.variant == "embedding"                                   # the type index as a 10th column
     x_tr, c_tr = split.x("train"), split.cond("train", typed)
     x_va, c_va = split.x("val")[:2000], split.cond("val", typed)[:2000]
@@ -470,6 +472,7 @@ def train(args):
         noise.set_state(ck["rng"]["noise"]), torch.set_rng_state(ck["rng"]["torch"])
         step, epoch = ck["step"], ck["epoch"]
         print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
+    net = data.wrap_ddp(model, dist)      # the training step's VAE: this rank's shard of each global batch, DDP
     n_par = sum(p.numel() for p in model.parameters())
     print(f"{NAME}: {n_par:,} parameters, {len(x_tr):,} training responses, {steps_per_epoch} steps per epoch, "
           f"{total} steps in total, device {dev}")
@@ -506,12 +509,12 @@ def train(args):
         order = torch.Generator().manual_seed(args.seed * 100_003 + epoch)   # batch order of this epoch
         skip = step - epoch * steps_per_epoch                                # batches already done (resume)
         bar = tqdm(data.batches((x_tr, c_tr), args.batch_size, order, start=skip), total=steps_per_epoch,
-                   initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke)
+                   initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=args.smoke or not dist.is_main)
         losses, kls = [], []
         for x, c in bar:
             x, c = x.to(dev), c.to(dev)
             with data.autocast(dev, args.amp):
-                loss, _, kl = vae_loss(model, x, c, noise, kl_weight(args, step), args.reduction)
+                loss, _, kl = vae_loss(net, x, c, noise, kl_weight(args, step), args.reduction)   # DDP = 1 process exactly
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}: training diverged (lower --lr?)")
             opt.zero_grad(set_to_none=True)
@@ -522,7 +525,7 @@ def train(args):
             bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kls[-1]:.3f}")
             if step % args.ckpt_every == 0:
                 save()
-            if step % args.val_every == 0 or step >= total:
+            if (step % args.val_every == 0 or step >= total) and dist.is_main:
                 bar.clear()
                 validate(losses, kls)
                 losses, kls = [], []
@@ -533,6 +536,7 @@ def train(args):
             epoch += 1
         save()
     print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min, checkpoint {ckpt_path}")
+    data.dist_close(dist)
     return ckpt_path
 
 

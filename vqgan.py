@@ -653,7 +653,7 @@ def fit(stage, nets, loss_fn, tensors, epochs, args, state, save, validate):
         epoch = st["step"] // spe
         order = torch.Generator().manual_seed(args.seed * 100_003 + 1000 * stage + epoch)
         bar = tqdm(data.batches(tensors, args.batch_size, order), total=spe, initial=st["step"] - epoch * spe,
-                   desc=f"stage {stage} epoch {epoch + 1}/{epochs}", leave=False, disable=args.smoke)
+                   desc=f"stage {stage} epoch {epoch + 1}/{epochs}", leave=False, disable=args.smoke or not data.main_process())
         for i, batch in enumerate(bar):
             if i < st["step"] - epoch * spe:
                 continue
@@ -672,7 +672,7 @@ def fit(stage, nets, loss_fn, tensors, epochs, args, state, save, validate):
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if st["step"] % args.ckpt_every == 0:
                 checkpoint()
-            if st["step"] % args.val_every == 0 or st["step"] >= total:
+            if (st["step"] % args.val_every == 0 or st["step"] >= total) and data.main_process():
                 bar.clear()
                 validate(st["step"], float(np.mean(losses)), (time.time() - t0) / 60)
                 losses = []
@@ -683,7 +683,8 @@ def fit(stage, nets, loss_fn, tensors, epochs, args, state, save, validate):
 
 
 def train(args):
-    dev = data.pick_device(args.device)
+    dist = data.dist_init(args.device)                   # torchrun: this rank (data.py); plain python: world 1
+    dev = dist.device
     data.seed_everything(args.seed)
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
@@ -694,12 +695,14 @@ def train(args):
         ck = data.load_checkpoint(ckpt_path, NAME)
         stage, args = args.stage, data.resume_args(args, ck)
         args.stage = stage
-    split = data.load_split(vars(args))
+    data.check_batch(args.batch_size, dist)
+    split = data.load_split(vars(args), dist=dist)
     shape = tuple(data.SHAPES[args.detector])
     x_tr, c_tr = split.x("train"), split.cond("train")
     x_va, c_va = split.x("val")[:2000], split.cond("val")[:2000]
     nets = {k: m.to(dev) for k, m in build_networks(vars(args)).items()}
     vqae, disc, gpt = nets.values()
+    vqae_t, disc_t, gpt_t = (data.wrap_ddp(m, dist) for m in (vqae, disc, gpt))   # training steps: shard, DDP
     state = dict()
     if ck is not None:
         load_weights(nets, ck, ckpt_path)
@@ -739,7 +742,8 @@ def train(args):
 
     target1, target2 = schedule(len(x_tr), args.epochs, args)[2], schedule(len(x_tr), args.epochs2, args)[2]
     if args.stage in (None, 1) and state.get("stage1", {}).get("step", 0) < target1:
-        fit(1, nets, lambda x, g: vq_loss(vqae, disc, x, g, args, state["stage1"]["step"]), (x_tr,), args.epochs,
+        # DDP equals one process exactly: losses and the EMA codebook update see the gathered global batch
+        fit(1, nets, lambda x, g: vq_loss(vqae_t, disc_t, x, g, args, state["stage1"]["step"]), (x_tr,), args.epochs,
             args, state, save, validate1)
     if args.stage in (None, 2) and state.get("stage2", {}).get("step", 0) < target2:
         if state.get("stage1", {}).get("step", 0) < target1:
@@ -747,8 +751,9 @@ def train(args):
         vqae.eval().requires_grad_(False)
         t_tr, t_va = tokenize(vqae, x_tr, dev).short(), tokenize(vqae, x_va, dev).short()
         print(f"tokens: {t_tr.shape[1]} per response, {len(torch.unique(t_tr))} distinct codes in the training set")
-        fit(2, nets, lambda t, c, g: gpt_loss(gpt, t.long(), c), (t_tr, c_tr), args.epochs2, args, state, save, validate2)
+        fit(2, nets, lambda t, c, g: gpt_loss(gpt_t, t.long(), c), (t_tr, c_tr), args.epochs2, args, state, save, validate2)
     print(f"checkpoint {ckpt_path}")
+    data.dist_close(dist)
     return ckpt_path
 
 

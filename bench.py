@@ -247,9 +247,9 @@ def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
     for steps in (args.steps if name in ITERATIVE else [None]):
         sampler, nfe = make_sampler(name, mod, nets, ck, detector, steps or _default_steps(mod))
         base, built = sampler.run, {}                    # built: the compiled module / ONNX session, once per sampler
-        flops = flops_per_sample(torch.no_grad()(base), torch.randn(8, 9, device=device))
+        flops = flops_per_sample(torch.no_grad()(base), sampler.example_cond(8, None).to(device))
         for batch in args.batch:
-            cond = torch.randn(batch, 9, device=device, generator=None)
+            cond = sampler.example_cond(batch, None).to(device)   # vae --variant embedding: + type index
             with fp32_exact(device):
                 ref = seeded(base, cond)
                 noise_w = metrics.wasserstein(ref, seeded(base, cond, 1))[0]

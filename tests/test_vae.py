@@ -155,7 +155,7 @@ def test_kl_anneal_falls_from_100x_to_the_published_weight():
 
 def test_paper_preset_and_precedence():
     a = vae.get_args(["--train", "--paper"])
-    assert (a.batch_size, a.epochs, a.lr, a.reduction, a.kl) == (256, 100, 1.4e-3, "sum", 0.7)   # Table 4.2, A.1
+    assert (a.batch_size, a.epochs, a.lr, a.reduction, a.kl) == (256, 100, 3.5e-3, "sum", 0.7)   # Table 4.2, A.1 (ViT)
     b = vae.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "12"])
     assert (b.batch_size, b.lr, b.width, b.epochs) == (7, 0.123, 12, 100)                   # explicit flag wins
     d = vae.get_args(["--train"])

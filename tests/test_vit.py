@@ -182,3 +182,32 @@ def test_vqgan_vit_tokenizer_trains_both_stages_and_samples(tmp_path):
     assert ck["gpt"]["pos"].shape[0] == ck["args"]["prefix"] + 36                  # 36 tokens: the 6x6 grid
     cli("vqgan.py", "--sample", "--ckpt", out / "ckpt.pt", "--n", 10, "--out", out / "s.npz")
     check_samples(out / "s.npz", (44, 44), 10)
+
+
+def test_vit_vae_trains_with_the_thesis_vit_optimiser_and_resumes_its_schedule(tmp_path):
+    """Table A.1's ViT column: AdamW (lr 3.5e-3, weight decay 0.068) on a one-cycle cosine schedule; the CNN keeps
+    the NAdam column at a constant rate."""
+    assert vae.one_cycle(0, 100, **vae.VIT_CYCLE) == pytest.approx(1 / 35)
+    assert vae.one_cycle(32, 100, **vae.VIT_CYCLE) == pytest.approx(1.0)
+    assert vae.one_cycle(100, 100, **vae.VIT_CYCLE) == pytest.approx(1 / (35 * 770))
+    assert vae.get_args(["--train", "--arch", "vit"]).lr == 3.5e-3 and vae.get_args(["--train"]).lr == 1.4e-3
+    assert vae.get_args(["--train", "--paper"]).lr == 3.5e-3
+    assert vae.get_args(["--train", "--paper", "--arch", "cnn"]).lr == 1.4e-3
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--train", "--smoke", "--arch", "vit", "--val-every", 2]
+    cli("vae.py", *common, "--out", one, "--max-steps", 4)
+    cli("vae.py", *common, "--out", two, "--max-steps", 2)
+    cli("vae.py", *common, "--out", two, "--max-steps", 4, "--resume")
+    a, b = (torch.load(r / "ckpt.pt", weights_only=True) for r in (one, two))
+    group = a["opt"]["param_groups"][0]
+    assert group["weight_decay"] == 0.068 and group["betas"] == (0.64, 0.73)
+    n_train = len(data.load_split(a["args"], progress=False).x("train"))
+    planned = a["args"]["epochs"] * -(-n_train // a["args"]["batch_size"])   # the schedule spans --epochs
+    assert group["lr"] == pytest.approx(a["args"]["lr"] * vae.one_cycle(4, planned, **vae.VIT_CYCLE))
+    assert a["sched"] == b["sched"]
+    for k in a["weights"]:
+        torch.testing.assert_close(b["weights"][k], a["weights"][k], rtol=0, atol=1e-6, msg=k)
+    cnn = tmp_path / "cnn"
+    cli("vae.py", "--train", "--smoke", "--out", cnn, "--max-steps", 2)
+    g = torch.load(cnn / "ckpt.pt", weights_only=True)["opt"]["param_groups"][0]
+    assert g["lr"] == 1.4e-3 and g["weight_decay"] == 0

@@ -371,6 +371,12 @@ def run_eval(generate, split, path, args, name, extra=None):
         if "auc" in row:
             plot_features(true, kept, path.with_suffix(".features.png"), title=f"{name}: shower features, {split.mode} split")
         print(f"plots: {path.with_suffix('.grid.png')}, {path.with_suffix('.hist.png')}, {path.with_suffix('.features.png')}")
+        log = path.parent / "metrics.jsonl"              # the training run's log, when evaluating in its folder
+        try:
+            plot_curve([log], path.with_suffix(".curve.png"), [name], f"{name}: validation W during training")
+            print(f"training curve: {path.with_suffix('.curve.png')}")
+        except (FileNotFoundError, ValueError) as e:
+            print(f"no training curve: {e}")
     return result
 
 
@@ -499,6 +505,41 @@ def plot_sweep(result, path, x="steps", group=None, xlabel=None):
     for ax in (a, b):
         ax.set(xscale="log", yscale="log", xlabel=xlabel or x)
         ax.set_xticks(xs, [str(s) for s in xs]), ax.set_xticks([], minor=True), ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def read_curve(run):
+    """The validation rows of a training run: its metrics.jsonl (a run folder or the file itself) as a list of
+    dicts with 'step' and 'val_W...' keys; a clear error when there is none."""
+    f = Path(run)
+    f = f / "metrics.jsonl" if f.is_dir() else f
+    if not f.is_file():
+        raise FileNotFoundError(f"no training log at {f} (every script writes metrics.jsonl next to its ckpt.pt)")
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "step" in r and any(k.startswith("val_W") for k in r)]
+    if not rows:
+        raise ValueError(f"{f}: no validation rows with a val_W entry")
+    return rows
+
+
+def plot_curve(runs, path, labels=None, title=""):
+    """Validation Wasserstein (the runs' own val_W: 1000 validation events, not the test set) against optimiser
+    steps, log scale, one line per run and val_W key (the joint model logs one per detector): whether a run was
+    still improving when its budget ended. `runs`: run folders or metrics.jsonl files."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, run in enumerate(runs):
+        rows = read_curve(run)
+        name = labels[i] if labels else Path(run).name if Path(run).is_dir() else Path(run).parent.name
+        for key in sorted({k for r in rows for k in r if k.startswith("val_W")}):
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            ax.plot(*zip(*pts), marker="o", ms=3, label=name + key[len("val_W"):].replace("_", " "))
+    ax.set(xlabel="optimiser step", ylabel="validation W (1000 events)", yscale="log", title=title)
+    ax.grid(alpha=0.3), ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -815,7 +856,17 @@ def main(argv=None):
     p.add_argument("--update-readme", default=None, metavar="README", help="with --results: also rewrite the summary "
                    "table between README's markers: `python metrics.py --results results/ --update-readme README.md "
                    "> RESULTS.md` regenerates both")
+    p.add_argument("--curve", nargs="+", default=None, metavar="RUN", help="plot the validation W of these training "
+                   "runs (folders with metrics.jsonl) against steps into --out PNG and exit")
+    p.add_argument("--out", default="curve.png", help="with --curve: the PNG to write")
     args = p.parse_args(argv)
+    if args.curve:
+        try:
+            plot_curve(args.curve, args.out, title="validation W during training")
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: --curve: {e}")
+        print(f"wrote {args.out}")
+        return
     if args.results:
         if not Path(args.results).is_dir():
             sys.exit(f"error: --results: no such folder {args.results}")

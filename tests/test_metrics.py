@@ -1,4 +1,5 @@
 """metrics.py: known answers for channels, distances and the evaluation protocol."""
+import json
 import subprocess
 import sys
 
@@ -217,3 +218,25 @@ def test_shower_scores_rank_a_blur_below_the_floor(showers):
     for k in ("separation", "fpd", "kpd", "auc"):
         assert blurred[k] > floor[k] + 0.05, k
     assert floor["auc"] < 0.56 and blurred["auc"] > 0.9
+
+
+def test_training_curve_is_read_and_plotted(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 10, "loss": 1.0}, {"step": 500, "val_W": 40.0}, {"step": 1000, "val_W": 12.5},
+            {"step": 1000, "val_W_zn": 9.0, "val_W_zp": 0.7}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    got = metrics.read_curve(run)
+    assert [r["step"] for r in got] == [500, 1000, 1000]       # the loss-only row is not a validation row
+    out = tmp_path / "c.png"
+    metrics.main(["--curve", str(run), "--out", str(out)])
+    assert out.stat().st_size > 1000
+
+
+def test_training_curve_errors_name_the_problem(tmp_path):
+    with pytest.raises(SystemExit, match="no training log"):
+        metrics.main(["--curve", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c.png")])
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(SystemExit, match="no validation rows"):
+        metrics.main(["--curve", str(tmp_path), "--out", str(tmp_path / "c.png")])

@@ -812,6 +812,31 @@ def load_checkpoint(path, model, detector=None):
     return ckpt
 
 
+# Adversarial training does not converge: a GAN's validation score can be best long before its last step
+# (`python metrics.py --curve RUN` shows it). The GAN scripts therefore keep, beside the last weights, the
+# generator of their best validation score in the same checkpoint; --sample/--eval/--export use it unless
+# `--weights last` is given. The selection uses the validation events only, never the test events.
+def track_best(best, step, score, model, **info):
+    """The best-so-far record: `best` (None or a dict from an earlier call) replaced by this step's generator
+    weights (a CPU copy) when `score` (lower is better) beats it. `info` (e.g. the val_W values) is kept with it."""
+    if best is not None and not score < best["score"]:
+        return best
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return dict(step=int(step), score=float(score), weights=weights, **info)
+
+
+def pick_weights(ck, which="best"):
+    """The generator weights to sample with, and a label for tables: the best-by-validation weights of a GAN
+    checkpoint (`which` 'best', the default where present) or its last ones ('last'); checkpoints written before
+    best weights were kept have only the last ones."""
+    best = ck.get("best")
+    if which == "last" or best is None:
+        if which == "best" and best is None:
+            print(f"note: this checkpoint keeps only its last weights (step {ck['step']})")
+        return ck["weights"], f"last, step {ck['step']}"
+    return best["weights"], f"best validation, step {best['step']} of {ck['step']}"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Several processes: torchrun and DistributedDataParallel (DDP)
 # ----------------------------------------------------------------------------------------------------------

@@ -41,7 +41,10 @@ Explicit flags beat --paper, which beats the CPU default. --width is the generat
 scripts; --g-width, its old name, still works, and checkpoints that stored g_width load and resume).
 Logged every --val-every steps (means since the previous row): d_loss, g_loss (= train_loss), d_real and
 d_fake (mean sigmoid(D) on real and fake images: ~0.5 both at equilibrium; d_real -> 1 and d_fake -> 0 means
-D is winning), and the validation Wasserstein of 1000 generated samples (without postprocessing).
+D is winning), and the validation Wasserstein of 1000 generated samples (without postprocessing). The
+generator of the lowest validation W is kept in the checkpoint beside the last one, with its own fitted scale:
+adversarial training drifts (`python metrics.py --curve runs/gan`); --sample/--eval/--export use the best one
+unless --weights last.
 
 Backbones (`--arch`): vit, the thesis' final GAN (Section 4.9, built from its ViT pair; the default under
 --paper), as the authors' code: G = dense (z, c) -> 36 tokens of 128, the ViT decoder (projection, learned
@@ -114,6 +117,8 @@ def get_args(argv=None):
     g.add_argument("--val-every", type=int, default=500, help="validate (losses, D outputs, Wasserstein) every N steps")
     g.add_argument("--pp-samples", type=int, default=20000, help="training events used to fit the postprocessing scale")
     g.add_argument("--no-postprocess", action="store_true", help="--sample/--eval: ignore the fitted scale (s = 1)")
+    g.add_argument("--weights", choices=["best", "last"], default="best", help="--sample/--eval/--export: the "
+                   "generator of the best validation W (with its own scale) or the last one")
     g.add_argument("--paper", action="store_true", help="the published setting (explicit flags still win)")
     args = p.parse_args(argv)
     data.check_args(p, args)
@@ -441,14 +446,14 @@ def train(args):
     opt_d, sched_d = optimizer(disc, args.d_lr, args.d_betas, args.d_eps, False, args.d_sched, planned)
     scaler = torch.amp.GradScaler(enabled=args.amp and dev.type == "cuda" and not torch.cuda.is_bf16_supported())
     noise = torch.Generator(dev).manual_seed(args.seed)
-    step, epoch, scale = 0, 0, 1.0
+    step, epoch, scale, best = 0, 0, 1.0, None          # best: the best-by-validation generator (data.track_best)
     if ck is not None:
         gen.load_state_dict(ck["weights"]), disc.load_state_dict(ck["disc"])
         opt_g.load_state_dict(ck["opt_g"]), opt_d.load_state_dict(ck["opt_d"]), scaler.load_state_dict(ck["scaler"])
         if "sched_g" in ck:
             sched_g.load_state_dict(ck["sched_g"]), sched_d.load_state_dict(ck["sched_d"])
         noise.set_state(ck["rng"]["noise"]), torch.set_rng_state(ck["rng"]["torch"])
-        step, epoch, scale = ck["step"], ck["epoch"], ck["scale"]
+        step, epoch, scale, best = ck["step"], ck["epoch"], ck["scale"], ck.get("best")
         print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
     gen_t, disc_t = data.wrap_ddp(gen, dist), data.wrap_ddp(disc, dist)   # training step: this rank's shard, DDP
     n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (gen, disc))
@@ -459,14 +464,16 @@ def train(args):
         data.save_checkpoint(dict(model=NAME, args=vars(args), data=split.state(), weights=gen.state_dict(),
                                   disc=disc.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
                                   sched_g=sched_g.state_dict(), sched_d=sched_d.state_dict(),
-                                  scaler=scaler.state_dict(), step=step, epoch=epoch, n_params=n_g, scale=scale,
+                                  scaler=scaler.state_dict(), step=step, epoch=epoch, n_params=n_g, scale=scale, best=best,
                                   rng=dict(noise=noise.get_state(), torch=torch.get_rng_state())), ckpt_path)
 
     def validate(logs):
+        nonlocal best
         gen.eval()
         gen_counts = sample(gen, c_va.to(dev), torch.Generator().manual_seed(0))
         gen.train()
         val_w = metrics.wasserstein(split.counts("val")[:len(c_va)], gen_counts)[0]
+        best = data.track_best(best, step, val_w, gen, val_W=val_w)
         m = np.mean(logs, 0) if logs else [None] * 4
         row = dict(step=step, epoch=step / steps_per_epoch, train_loss=m[1], d_loss=m[0], g_loss=m[1], d_real=m[2],
                    d_fake=m[3], val_W=val_w, minutes=(time.time() - t_start) / 60)
@@ -508,7 +515,17 @@ def train(args):
         if step == (epoch + 1) * steps_per_epoch:
             epoch += 1
         save()
-    scale = postprocess_fit(gen, split, args.pp_samples, dev, args.seed) if dist.is_main else scale
+    if dist.is_main:
+        scale = postprocess_fit(gen, split, args.pp_samples, dev, args.seed)
+        if best is not None and "scale" not in best:           # the best generator gets its own scale
+            if best["step"] == step:
+                best["scale"] = scale
+            else:
+                other = build_model(vars(args)).to(dev)
+                other.load_state_dict(best["weights"])
+                best["scale"] = postprocess_fit(other, split, args.pp_samples, dev, args.seed)
+            print(f"best validation at step {best['step']}: val W {best['val_W']:.3f} (--sample/--eval/--export use "
+                  f"it; --weights last for step {step})")
     save()
     print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min, checkpoint {ckpt_path}")
     data.dist_close(dist)
@@ -519,29 +536,33 @@ def load_model(args):
     ck = data.load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", NAME, args.detector)
     dev = data.pick_device(args.device)
     gen = build_model(ck["args"]).to(dev)
-    gen.load_state_dict(ck["weights"])
+    weights, ck["weights_used"] = data.pick_weights(ck, args.weights)
+    gen.load_state_dict(weights)
+    best = ck.get("best") if weights is not ck["weights"] else None
+    ck["scale_used"] = 1.0 if args.no_postprocess else best.get("scale", 1.0) if best else ck["scale"]
+    print(f"{NAME}: generator weights: {ck['weights_used']}, postprocessing scale {ck['scale_used']:.4f}")
     return ck, gen.eval(), dev
 
 
 def sample_cmd(args):
     ck, gen, dev = load_model(args)
-    data.sample_to_file(ck, generator_fn(gen, dev, 1.0 if args.no_postprocess else ck["scale"], args.amp), args)
+    data.sample_to_file(ck, generator_fn(gen, dev, ck["scale_used"], args.amp), args)
 
 
 def export_cmd(args):
     ck, gen, dev = load_model(args)
-    data.export_onnx(Sampler(gen, 1.0 if args.no_postprocess else ck["scale"]), ck, args.export, NAME)
+    data.export_onnx(Sampler(gen, ck["scale_used"]), ck, args.export, NAME)
 
 
 def evaluate(args):
     ck, gen, dev = load_model(args)
     split = data.split_from_checkpoint(ck)
-    scale = 1.0 if args.no_postprocess else ck["scale"]
+    scale = ck["scale_used"]
     path = Path(args.ckpt or Path(args.out) / "ckpt.pt").with_name("eval_nopp.json" if args.no_postprocess else "eval.json")
     return metrics.run_eval(generator_fn(gen, dev, scale, args.amp), split, path, args,
                             f"{NAME} ({'no pp' if args.no_postprocess else f'pp {scale:.3f}'})",
                             dict(scale=scale, postprocess=not args.no_postprocess, n_params=ck["n_params"],
-                                 train_steps=ck["step"]))
+                                 train_steps=ck["step"], weights=ck["weights_used"]))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,10 @@ sdigan_proton.py ZP) sampled by their own --sample on the same particles (model 
 other), with the fraction of those particles each saw in training; then the time per particle (both
 responses, batch 256). Writes eval.json (both) and eval_neutron.json / eval_proton.json (metrics.run_eval's
 format). Logged every --val-every steps: d_loss, g_loss, d_real / d_fake, div_<det> and d_img_<det> (L_div,
-mean d_I), int_<det> (L_in, unweighted), val_W_<det> on 1000 validation events.
+mean d_I), int_<det> (L_in, unweighted), val_W_<det> on 1000 validation events. The generator of the best
+validation score (geometric mean of val_W ZN and ZP) is kept in the checkpoint beside the last one: adversarial
+training drifts (the default run's val W was best at step 200 of 600, `python metrics.py --curve runs/sdigan_joint`),
+and --sample/--eval/--export use the best unless --weights last.
 
 Deviations: the authors' code trains on events where both responses have >= 15 photons and puts d_I on D's
 feature layer; here issue 17's data (either passes) and the paper's d_I on the images. No auxiliary regressor
@@ -101,6 +104,8 @@ def get_args(argv=None):
     g.add_argument("--dropout", type=float, default=None, help="dropout in G and D [0 / 0.2]")
     g.add_argument("--d-norm", choices=["batch", "none"], default=None, help="BatchNorm in D [none / batch]")
     g.add_argument("--val-every", type=int, default=200, help="validate every N steps")
+    g.add_argument("--weights", choices=["best", "last"], default="best", help="--sample/--eval/--export: the "
+                   "generator of the best validation score (geometric mean of val W ZN, ZP) or the last one")
     g.add_argument("--compare-ckpt", nargs="+", default=[], metavar="CKPT", help="--eval: also score these "
                    "separate models (gan.py ZN, sdigan_proton.py ZP checkpoints) on the joint test events")
     g.add_argument("--paper", action="store_true", help="the authors' setting (docs/fidelity/sdigan_joint.md)")
@@ -348,12 +353,12 @@ def train(args):
     planned = args.epochs * steps_per_epoch
     total = min(planned, args.max_steps or planned)
     noise = torch.Generator(dev).manual_seed(args.seed)
-    step, epoch = 0, 0
+    step, epoch, best = 0, 0, None                       # best: the best-by-validation generator (data.track_best)
     if ck is not None:
         for m, k in zip(nets + opts, ("weights", "disc", "opt_g", "opt_d")):
             m.load_state_dict(ck[k])
         noise.set_state(ck["rng"]["noise"]), torch.set_rng_state(ck["rng"]["torch"])
-        step, epoch = ck["step"], ck["epoch"]
+        step, epoch, best = ck["step"], ck["epoch"], ck.get("best")
         print(f"resumed from {ckpt_path} at step {step} (epoch {epoch})")
     nets_t = tuple(data.wrap_ddp(m, dist) for m in nets)   # training step: this rank's shard of each global batch, DDP
     n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in nets)
@@ -365,14 +370,17 @@ def train(args):
     def save():
         data.save_checkpoint(dict(model=NAME, args=vars(args), data=split.state(), weights=gen.state_dict(),
                                   disc=disc.state_dict(), opt_g=opts[0].state_dict(), opt_d=opts[1].state_dict(),
-                                  step=step, epoch=epoch, n_params=n_g,
+                                  step=step, epoch=epoch, n_params=n_g, best=best,
                                   rng=dict(noise=noise.get_state(), torch=torch.get_rng_state())), ckpt_path)
 
     def validate(logs):
+        nonlocal best
         gen.eval()
         gen_counts = sample(gen, c_va.to(dev), torch.Generator().manual_seed(0))
         gen.train()
         val_w = {f"val_W_{det}": metrics.wasserstein(true_va[det], gen_counts[det])[0] for det in DETS}
+        score = sum(math.log(max(w, 1e-9)) for w in val_w.values())    # geometric mean: both detectors count
+        best = data.track_best(best, step, score, gen, **val_w)
         m = {k: float(np.mean([r[k] for r in logs])) for k in logs[0]} if logs else {}
         row = dict(step=step, epoch=step / steps_per_epoch, train_loss=m.get("g_loss"), **m, **val_w,
                    minutes=(time.time() - t_start) / 60)
@@ -413,6 +421,9 @@ def train(args):
         if step == (epoch + 1) * steps_per_epoch:
             epoch += 1
         save()
+    if best is not None:
+        print(f"best validation at step {best['step']}: val W ZN {best['val_W_neutron']:.3f}, ZP "
+              f"{best['val_W_proton']:.3f} (--sample/--eval/--export use it; --weights last for step {step})")
     print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min, checkpoint {ckpt_path}")
     data.dist_close(dist)
     return ckpt_path
@@ -422,7 +433,9 @@ def load_model(args):
     ck = data.load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", NAME, "joint")
     dev = data.pick_device(args.device)
     gen = build_model(ck["args"]).to(dev)
-    gen.load_state_dict(ck["weights"])
+    weights, ck["weights_used"] = data.pick_weights(ck, args.weights)
+    gen.load_state_dict(weights)
+    print(f"{NAME}: generator weights: {ck['weights_used']}")
     return ck, gen.eval(), dev
 
 
@@ -519,7 +532,7 @@ def evaluate(args):
         print(f"\n{det} detector (joint set), split '{split.mode}', {len(idx)} test events, {args.reps} repetitions")
         print(metrics.table({f"{NAME} ({det})": row, **{k: v for k, v in sep.items()}, "floor (joint re-sim)": fl,
                              "lookup (nearest train)": lk}, fl))
-        results[det] = dict(name=f"{NAME} ({det} part)", model=row, floor=fl, lookup=lk, separate=sep,
+        results[det] = dict(name=f"{NAME} ({det} part)", weights=ck["weights_used"], model=row, floor=fl, lookup=lk, separate=sep,
                             W_over_floor=row["W"][0] / fl["W"][0] if fl else None, detector=det, data=split.ds.source,
                             split=split.mode, n_test=len(idx), reps=args.reps, n_shower=min(len(idx), metrics.SHOWER_N),
                             command=" ".join(sys.argv), n_params=ck["n_params"], train_steps=ck["step"],

@@ -253,3 +253,18 @@ def test_min_photons_cut_applies_to_data_and_floor():
     assert sums(ds.images).min() >= 5 and ds.cut == 5
     sim, below = data.resimulate(ds.particles[:200], "proton", seed=0, cut=ds.cut)
     assert below == 0 and sums(sim).min() >= 5
+
+
+def test_track_best_keeps_a_copy_of_the_lowest_score():
+    net = torch.nn.Linear(2, 1)
+    best = None
+    for step, score in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 1.0)):           # a tie does not replace the first
+        with torch.no_grad():
+            net.weight.fill_(step)
+        best = data.track_best(best, step, score, net, val_W=score)
+    assert best["step"] == 2 and best["score"] == 1.0 and best["val_W"] == 1.0
+    assert (best["weights"]["weight"] == 2).all() and (net.weight == 4).all()   # a copy, not a view
+    ck = dict(step=4, weights=net.state_dict(), best=best)
+    assert data.pick_weights(ck)[1] == "best validation, step 2 of 4"
+    w, label = data.pick_weights(ck, "last")
+    assert label == "last, step 4" and (w["weight"] == 4).all()

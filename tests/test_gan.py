@@ -63,6 +63,21 @@ def test_same_seed_same_losses_resume_equals_uninterrupted_and_clear_errors(tmp_
     assert_same_optimizer(ka["opt_g"], kc["opt_g"])
     assert_same_optimizer(ka["opt_d"], kc["opt_d"])
     assert ka["scale"] == pytest.approx(kc["scale"], abs=1e-6)
+    val = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]   # the best-by-validation G
+    want = min(val, key=lambda r: r["val_W"])
+    assert ka["best"]["step"] == kc["best"]["step"] == want["step"] and ka["best"]["val_W"] == want["val_W"]
+    assert_same_weights(ka["best"]["weights"], kc["best"]["weights"])
+    assert 0.9 <= ka["best"]["scale"] <= 1.1 and ka["best"]["scale"] == pytest.approx(kc["best"]["scale"], abs=1e-6)
+    if want["step"] == 6:
+        assert ka["best"]["scale"] == ka["scale"]
+    planted = dict(ka, best=dict(data.track_best(None, 3, 0.0, gan.build_model(ka["args"])), scale=1.05))
+    torch.save(planted, tmp_path / "planted.pt")                      # a different generator with its own scale
+    for argv, label, scale, state in (([], "best validation, step 3 of 6", 1.05, planted["best"]["weights"]),
+                                      (["--weights", "last"], "last, step 6", ka["scale"], ka["weights"]),
+                                      (["--no-postprocess"], "best validation, step 3 of 6", 1.0, planted["best"]["weights"])):
+        ck, gen, _ = gan.load_model(gan.get_args(["--eval", "--ckpt", str(tmp_path / "planted.pt"), *argv]))
+        assert ck["weights_used"] == label and ck["scale_used"] == scale
+        assert_same_weights(gen.state_dict(), state)
     ka["model"] = "vae"
     torch.save(ka, tmp_path / "vae.pt")
     assert "a checkpoint of vae.py, not of gan.py" in cli(S, "--sample", "--ckpt", tmp_path / "vae.pt", ok=False).stderr

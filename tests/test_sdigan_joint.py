@@ -179,3 +179,28 @@ def test_determinism_and_resume(tmp_path):
     for key in ("opt_g", "opt_d"):
         for p in ka[key]["state"]:
             assert_same_weights(ka[key]["state"][p], kc[key]["state"][p])
+    # the best-by-validation generator: the step whose geometric mean of val W (ZN, ZP) is lowest, kept over a resume
+    val = [r for r in rows(a) if "val_W_neutron" in r]
+    want = min(val, key=lambda r: np.log(r["val_W_neutron"]) + np.log(r["val_W_proton"]))
+    assert [r["step"] for r in val] == [2, 4, 6] and ka["best"]["step"] == kc["best"]["step"] == want["step"]
+    assert ka["best"]["val_W_proton"] == pytest.approx(want["val_W_proton"])
+    assert_same_weights(ka["best"]["weights"], kc["best"]["weights"])
+
+
+def test_sampling_uses_the_best_weights_unless_told_otherwise(tmp_path, capsys):
+    a = tmp_path / "a"
+    cli(S, "--train", "--smoke", "--out", a, "--val-every", 2)
+    ck = torch.load(a / "ckpt.pt", weights_only=True)
+    ck["best"] = data.track_best(None, 3, 0.0, sj.build_model(ck["args"]))   # a different generator, marked best
+    torch.save(ck, a / "ckpt.pt")
+    cli(S, "--sample", "--ckpt", a / "ckpt.pt", "--n", 8, "--out", a / "last.npz", "--weights", "last")
+    loaded, gen, _ = sj.load_model(sj.get_args(["--eval", "--ckpt", str(a / "ckpt.pt")]))
+    assert loaded["weights_used"] == "best validation, step 3 of 6"
+    assert_same_weights(gen.state_dict(), ck["best"]["weights"])
+    loaded, gen, _ = sj.load_model(sj.get_args(["--eval", "--ckpt", str(a / "ckpt.pt"), "--weights", "last"]))
+    assert loaded["weights_used"] == "last, step 6"
+    assert_same_weights(gen.state_dict(), ck["weights"])
+    del ck["best"]                                                   # a checkpoint from before best weights were kept
+    torch.save(ck, a / "ckpt.pt")
+    loaded, gen, _ = sj.load_model(sj.get_args(["--eval", "--ckpt", str(a / "ckpt.pt")]))
+    assert loaded["weights_used"] == "last, step 6" and "keeps only its last weights" in capsys.readouterr().out

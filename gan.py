@@ -114,7 +114,7 @@ def get_args(argv=None):
     g.add_argument("--dropout", type=float, default=None, help="dropout in G and D (thesis and --paper: 0.2; CPU default 0, 25 %% faster)")
     g.add_argument("--d-norm", choices=["batch", "none"], default=None,
                    help="BatchNorm in D (thesis, --paper) or none (CPU default): see the docstring")
-    g.add_argument("--val-every", type=int, default=500, help="validate (losses, D outputs, Wasserstein) every N steps")
+    g.add_argument("--val-every", type=int, default=250, help="validate (losses, D outputs, Wasserstein; keep the best G) every N steps")
     g.add_argument("--pp-samples", type=int, default=20000, help="training events used to fit the postprocessing scale")
     g.add_argument("--no-postprocess", action="store_true", help="--sample/--eval: ignore the fitted scale (s = 1)")
     g.add_argument("--weights", choices=["best", "last"], default="best", help="--sample/--eval/--export: the "

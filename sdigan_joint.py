@@ -103,7 +103,7 @@ def get_args(argv=None):
                    "the number of training responses (the paper) or min-max scaled (the authors' code)")
     g.add_argument("--dropout", type=float, default=None, help="dropout in G and D [0 / 0.2]")
     g.add_argument("--d-norm", choices=["batch", "none"], default=None, help="BatchNorm in D [none / batch]")
-    g.add_argument("--val-every", type=int, default=200, help="validate every N steps")
+    g.add_argument("--val-every", type=int, default=100, help="validate (and keep the best generator) every N steps")
     g.add_argument("--weights", choices=["best", "last"], default="best", help="--sample/--eval/--export: the "
                    "generator of the best validation score (geometric mean of val W ZN, ZP) or the last one")
     g.add_argument("--compare-ckpt", nargs="+", default=[], metavar="CKPT", help="--eval: also score these "

@@ -346,7 +346,10 @@ def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=1024, pa
 
 def run_eval(generate, split, path, args, name, extra=None):
     """The full evaluation of one model: its row beside the floor and lookup rows, printed as a table and
-    written as JSON to `path` (with the command line); with args.plot, PNGs next to it."""
+    written as JSON to `path` (with the command line); with args.plot, PNGs next to it. With --amp (bf16 or fp16
+    autocast) the file gets an _amp suffix, so it never replaces the float32 evaluation it is compared with."""
+    if getattr(args, "amp", False):
+        path, name = path.with_name(f"{path.stem}_amp{path.suffix}"), f"{name} amp"
     max_test = args.max_test or None
     t0 = time.time()
     out = evaluate(generate, split, args.reps, args.seed, max_test, keep=args.plot)
@@ -360,6 +363,7 @@ def run_eval(generate, split, path, args, name, extra=None):
     result = dict(name=name, model=row, floor=fl, lookup=lk, W_over_floor=row["W"][0] / fl["W"][0] if fl else None,
                   detector=split.ds.detector, data=split.ds.source, split=split.mode, n_test=len(idx),
                   reps=args.reps, n_shower=min(len(idx), SHOWER_N), seconds=seconds, command=" ".join(sys.argv),
+                  amp=bool(getattr(args, "amp", False)),
                   **(extra or {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

@@ -28,7 +28,10 @@ def test_smoke_train_sample_eval(run):
     assert data.load(det, out / "s.npz").images.shape == resp.shape    # sample files load like data
     cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 100, "--reps", 2, "--steps", 3, "--solver", "midpoint")
     r = check_eval(out / "eval_midpoint3.json")
-    assert r["detector"] == det and r["steps"] == 3 and r["reps"] == 2 and r["n_test"] == 100
+    assert r["detector"] == det and r["steps"] == 3 and r["reps"] == 2 and r["n_test"] == 100 and not r["amp"]
+    cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 100, "--reps", 2, "--steps", 3, "--solver", "midpoint", "--amp")
+    a = check_eval(out / "eval_midpoint3_amp.json")                   # bf16 on a CPU, beside (not over) the fp32 file
+    assert a["amp"] and a["name"].endswith(" amp") and check_eval(out / "eval_midpoint3.json") == r
     cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 60, "--reps", 1, "--sweep", "1,3")
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert [(r["solver"], r["steps"]) for r in rows] == [("euler", 1), ("euler", 3), ("midpoint", 1), ("midpoint", 3)]

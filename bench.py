@@ -31,7 +31,9 @@ achieved FLOP/s and its fraction of the device's peak: on a GPU the datasheet de
 (PEAKS; fp32 rows against the non-tensor-core fp32 peak, so TF32 convolutions can exceed it), on a CPU the
 practical peak = the FLOP/s of a large fp32 matmul measured at start-up with the same threads. Peak memory:
 torch.cuda.max_memory_allocated on a GPU; not measured on a CPU (n/a). The "toy MC" row is data.py's toy
-simulator (both calorimeters per event, numpy, one core): a toy, not GEANT.
+simulator (both calorimeters per event, numpy, one core): a toy, not GEANT. sdigan_joint.py's rows are per particle
+(its ZN and ZP responses together), and the run ends with the poster's comparison (ML in PL 2023): the joint model
+against gan.py (ZN) + sdigan_proton.py (ZP), per mode and batch (JSON key joint_vs_separate).
 
 Numerical check: every non-eager row is compared with fp32 eager on the same conditions ("W vs fp32": the
 channel-sum Wasserstein between the two outputs; "(noise)": the same between two eager runs with different noise,
@@ -46,6 +48,7 @@ Usage:
     python bench.py --models flow_matching,ddpm --steps 1,11,50 --batch 256,1024
     python bench.py --device cpu --compile --onnx --json runs/bench_cpu.json
     python bench.py --detector proton                   # the ZP versions (sdigan_proton.py is ZP only)
+    python bench.py --models gan,sdigan_proton,sdigan_joint  # the joint model against the two separate ones
 """
 import argparse
 import contextlib
@@ -66,7 +69,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import metrics
 
-MODELS = ["vae", "sae_ng", "gan", "sdigan_proton", "vqgan", "ddpm", "flow_matching", "latent_fm"]
+MODELS = ["vae", "sae_ng", "gan", "sdigan_proton", "vqgan", "ddpm", "flow_matching", "latent_fm", "corrvae",
+          "sdigan_joint"]
+FIXED_DETECTOR = {"sdigan_proton": "proton", "sdigan_joint": "joint"}   # scripts of one detector (joint: both per particle)
 ITERATIVE = {"ddpm", "flow_matching", "latent_fm"}          # models whose cost scales with --steps
 PEAKS = {  # dense datasheet peaks, FLOP/s: (fp32 without tensor cores, bf16 tensor cores)
     "H200": (67e12, 989e12), "H100 PCIe": (51e12, 756e12), "H100": (67e12, 989e12), "A100": (19.5e12, 312e12),
@@ -78,6 +83,8 @@ PEAKS = {  # dense datasheet peaks, FLOP/s: (fp32 without tensor cores, bf16 ten
 # One sampler per model script: its Sampler module, forward(cond, *noise) -> counts, and its NFE
 # ----------------------------------------------------------------------------------------------------------
 def _shape(ck, detector):
+    if detector not in data.SHAPES:                      # the joint model: two shapes, its Sampler knows them
+        return None
     return tuple(ck["data"]["shape"]) if ck else data.SHAPES[detector]
 
 
@@ -220,6 +227,9 @@ def toy_row(n=2000, seed=0):
 def agreement(ref, out, same_noise):
     """How far a mode's output is from fp32 eager on the same conditions: the channel-sum Wasserstein between
     the two batches and, when both drew the same noise, the mean relative difference of the photon sums."""
+    if isinstance(ref, (tuple, list)):                  # the joint model: the worse of its detectors
+        checks = [agreement(r, o, same_noise) for r, o in zip(ref, out)]
+        return {k: None if checks[0][k] is None else max(c[k] for c in checks) for k in checks[0]}
     ref, out = metrics.as_counts(ref), metrics.as_counts(out)
     rel = np.abs(out.sum((1, 2)) - ref.sum((1, 2))).mean() / max(ref.sum((1, 2)).mean(), 1e-9) if same_noise else None
     return dict(check_W=metrics.wasserstein(ref, out)[0], check_rel_sum=None if rel is None else float(rel))
@@ -238,7 +248,7 @@ def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
     draw their own), to read against check_W_noise = eager vs eager with other noise; check_rel_sum the mean
     relative photon-sum difference where the noise is the same (e.g. bf16 quantisation of log1p outputs)."""
     mod = importlib.import_module(name)
-    detector = "proton" if name == "sdigan_proton" else args.detector
+    detector = FIXED_DETECTOR.get(name, args.detector)
     nets, ck, source = load_nets(name, mod, detector, args.runs, args.paper, device)
     n_params = sum(p.numel() for m in nets for p in m.parameters())
     tqdm.write(f"  {name}: {'trained weights from ' + source if ck else 'random initialisation (' + source + ')'}"
@@ -252,7 +262,7 @@ def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
             cond = sampler.example_cond(batch, None).to(device)   # vae --variant embedding: + type index
             with fp32_exact(device):
                 ref = seeded(base, cond)
-                noise_w = metrics.wasserstein(ref, seeded(base, cond, 1))[0]
+                noise_w = agreement(ref, seeded(base, cond, 1), False)["check_W"]
             for mode in modes:
                 row = dict(model=name, mode=mode, steps=nfe, batch=batch, params=n_params, weights=source,
                            flops_per_sample=flops, detector=detector, check_W_noise=noise_w)
@@ -351,13 +361,29 @@ def onnx_fn(sampler, name, cond, built):
 
     def fn(c):
         feeds = {"cond": c.numpy(), **{k: v.numpy() for k, v in sampler.draw(len(c), None, c.device).items()}}
-        return torch.from_numpy(sess.run(None, feeds)[0])
+        outs = [torch.from_numpy(o) for o in sess.run(None, feeds)]
+        return outs[0] if len(outs) == 1 else tuple(outs)     # the joint model: (ZN, ZP)
     return fn, None
 
 
 def _amp(fn, c):
     with data.autocast(c.device, True):
         return fn(c)
+
+
+def joint_vs_separate(rows, detector):
+    """The poster's comparison (ML in PL 2023): the joint model's time per particle (both responses) against the
+    sum of the separate models' times, gan.py for ZN and sdigan_proton.py for ZP, per mode and batch."""
+    if detector != "neutron":                            # gan.py's row is then not the ZN model
+        return []
+    ms = {(r["model"], r["mode"], r["batch"]): r.get("ms_per_sample") for r in rows if r.get("ms_per_sample")}
+    out = []
+    for (model, mode, batch), joint in ms.items():
+        zn, zp = ms.get(("gan", mode, batch)), ms.get(("sdigan_proton", mode, batch))
+        if model == "sdigan_joint" and zn and zp:
+            out.append(dict(mode=mode, batch=batch, joint_ms=joint, gan_ms=zn, sdigan_proton_ms=zp,
+                            ratio=joint / (zn + zp)))
+    return out
 
 
 def fmt(v, f):
@@ -382,7 +408,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("Usage:"):])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated model scripts to time (default: all)")
-    p.add_argument("--detector", default="neutron", choices=list(data.SHAPES), help="calorimeter (sdigan_proton is always ZP)")
+    p.add_argument("--detector", default="neutron", choices=list(data.SHAPES), help="calorimeter (sdigan_proton is always ZP, "
+                   "sdigan_joint both)")
     p.add_argument("--batch", default=None, help="comma-separated batch sizes (default: 32 on a CPU, 256 with --full; "
                    "256,4096 on a GPU)")
     p.add_argument("--steps", default=None, help="comma-separated step counts for the iterative models "
@@ -450,7 +477,13 @@ def main(argv=None):
     if not args.no_toy:
         rows.append(toy_row())
         print(format_row(rows[-1]))
-    out.write_text(json.dumps(dict(info, command="python " + " ".join(sys.argv), rows=rows), indent=1))
+    both = joint_vs_separate(rows, args.detector)
+    for c in both:
+        print(f"  joint vs separate, {c['mode']}, batch {c['batch']}: sdigan_joint {c['joint_ms']:.4f} ms per particle "
+              f"(ZN + ZP) vs gan {c['gan_ms']:.4f} + sdigan_proton {c['sdigan_proton_ms']:.4f} = "
+              f"{c['gan_ms'] + c['sdigan_proton_ms']:.4f} ms: x{c['ratio']:.2f}")
+    out.write_text(json.dumps(dict(info, command="python " + " ".join(sys.argv), rows=rows, joint_vs_separate=both),
+                              indent=1))
     print(f"wrote {args.json}")
     return rows
 

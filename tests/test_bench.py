@@ -122,3 +122,24 @@ def test_onnx_and_compile_rows_time_the_sampler_module(monkeypatch, tmp_path):
     for x in onnx:
         assert x["ms_per_sample"] > 0 and x["onnx_export_s"] > 0 and x["check_rel_sum"] < 1e-5, x
     assert [type(m).__name__ for m in compiled] == ["Sampler", "Sampler"]
+
+
+def test_joint_model_is_timed_per_particle_beside_the_two_separate_models(tmp_path):
+    """Issue 17: sdigan_joint's rows (both responses per particle, its checks taken over both detectors, ONNX
+    with two outputs) and the poster's comparison against gan.py (ZN) + sdigan_proton.py (ZP)."""
+    import pytest
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "b.json"
+    rows = bench.main(["--models", "gan,sdigan_proton,sdigan_joint,corrvae", "--batch", "3", "--device", "cpu",
+                       "--onnx", "--no-toy", "--runs", str(tmp_path), "--json", str(out)])
+    joint = [x for x in rows if x["model"] == "sdigan_joint"]
+    assert [x["mode"] for x in joint] == ["eager", "inference", "bf16", "onnx"]
+    assert all(x["detector"] == "joint" and x["ms_per_sample"] > 0 for x in joint)
+    onnx = {x["model"]: x for x in rows if x["mode"] == "onnx"}
+    assert onnx["sdigan_joint"]["check_rel_sum"] < 1e-5 and onnx["corrvae"]["check_rel_sum"] < 1e-5
+    both = json.loads(out.read_text())["joint_vs_separate"]
+    assert sorted(c["mode"] for c in both) == ["bf16", "eager", "inference", "onnx"]
+    for c in both:
+        ms = {x["model"]: x["ms_per_sample"] for x in rows if x["mode"] == c["mode"]}
+        assert c["ratio"] == pytest.approx(ms["sdigan_joint"] / (ms["gan"] + ms["sdigan_proton"]))
+    assert bench.joint_vs_separate(rows, "proton") == []       # gan.py's rows would be ZP: no comparison

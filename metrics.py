@@ -659,6 +659,10 @@ def results_markdown(folder):
         for name, r in sorted(group, key=lambda g: g[1]["model"]["W"][0]):
             params = f"{r['n_params']:,}" if isinstance(r.get("n_params"), int) else ""
             row(r.get("name", name[:-5]), r["model"], params, f"[{name}]({folder.rstrip('/')}/{name})")
+            for label, sep in (r.get("separate") or {}).items():    # sdigan_joint --compare-ckpt: same test events
+                seen = sep.get("seen_in_training", [None])[0]
+                row(label + (f", {100 * seen:.0f} % of these particles seen in training" if seen is not None else ""),
+                    sep, "", f"[{name}]({folder.rstrip('/')}/{name})")
         lines += ["", "Commands:", ""] + [f"- `{name}`: `{r['command']}`" for name, r in group] + [""]
         for name, r in group:                   # property control (corrvae.py): requested vs achieved
             if r.get("control"):

@@ -66,3 +66,15 @@ def test_readme_summary_is_generated_from_the_committed_json():
     assert out.returncode == 0, out.stderr
     assert block == out.stdout, \
         "README's summary table is stale: paste `python metrics.py --results results/ --summary` between its markers"
+
+
+def test_separate_models_of_a_joint_eval_get_their_own_rows(tmp_path):
+    """sdigan_joint --compare-ckpt writes the separate models' scores under "separate": each becomes a row of the
+    same table (same test events), with the fraction of the particles it saw in training."""
+    sep = dict(row(5.0, 0.8), seen_in_training=[0.631, 0.0])
+    (tmp_path / "j_neutron_random.json").write_text(json.dumps(dict(
+        floor=row(2.0, 0.5), lookup=row(3.0, 0.52), detector="neutron", split="random", n_test=2000, name="joint",
+        model=row(8.0, 0.9), separate={"gan (separate)": sep}, command="python j.py --eval")))
+    lines = metrics.results_markdown(str(tmp_path)).splitlines()
+    r = next(s for s in lines if s.startswith("| gan (separate), 63 % of these particles seen in training |"))
+    assert "| 2.50 |" in r and "0.800 ± 0.010" in r

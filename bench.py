@@ -71,7 +71,7 @@ import metrics
 
 MODELS = ["vae", "sae_ng", "gan", "sdigan_proton", "vqgan", "ddpm", "flow_matching", "latent_fm", "corrvae",
           "sdigan_joint"]
-FIXED_DETECTOR = {"sdigan_proton": "proton", "sdigan_joint": "joint"}   # scripts of one detector (joint: both per particle)
+FIXED_DETECTOR = {"sdigan_proton": "proton", "sdigan_joint": "joint"}   # scripts tied to one detector
 ITERATIVE = {"ddpm", "flow_matching", "latent_fm"}          # models whose cost scales with --steps
 PEAKS = {  # dense datasheet peaks, FLOP/s: (fp32 without tensor cores, bf16 tensor cores)
     "H200": (67e12, 989e12), "H100 PCIe": (51e12, 756e12), "H100": (67e12, 989e12), "A100": (19.5e12, 312e12),
@@ -83,8 +83,6 @@ PEAKS = {  # dense datasheet peaks, FLOP/s: (fp32 without tensor cores, bf16 ten
 # One sampler per model script: its Sampler module, forward(cond, *noise) -> counts, and its NFE
 # ----------------------------------------------------------------------------------------------------------
 def _shape(ck, detector):
-    if detector not in data.SHAPES:                      # the joint model: two shapes, its Sampler knows them
-        return None
     return tuple(ck["data"]["shape"]) if ck else data.SHAPES[detector]
 
 
@@ -92,12 +90,12 @@ def make_sampler(name, mod, nets, ck, detector, steps):
     """The script's own Sampler (data.Sampler: forward(cond, *noise) -> counts, noise_shapes(n), run(cond)) for
     these networks, and its NFE: network evaluations per sample (the steps; one GPT call per token for VQ-GAN; 1
     for the single-pass models). Only the constructors differ; every mode below calls the one signature."""
-    shape = _shape(ck, detector)
-    build = {"flow_matching": lambda: mod.Sampler(nets[0], shape, steps),
-             "ddpm": lambda: mod.Sampler(nets[0], shape, steps),
-             "latent_fm": lambda: mod.Sampler(nets[0], nets[1], shape, ck["state"]["scale"] if ck else 1.0, steps),
+    shape = lambda: _shape(ck, detector)                 # only the samplers that need it ask (joint: two shapes)
+    build = {"flow_matching": lambda: mod.Sampler(nets[0], shape(), steps),
+             "ddpm": lambda: mod.Sampler(nets[0], shape(), steps),
+             "latent_fm": lambda: mod.Sampler(nets[0], nets[1], shape(), ck["state"]["scale"] if ck else 1.0, steps),
              "gan": lambda: mod.Sampler(nets[0], ck["scale"] if ck else 1.0),
-             "vqgan": lambda: mod.Sampler(nets[0], nets[-1], shape)}
+             "vqgan": lambda: mod.Sampler(nets[0], nets[-1], shape())}
     s = build.get(name, lambda: mod.Sampler(nets[0]))().eval()
     return s, s.meta.get("steps", 1)
 
@@ -408,8 +406,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("Usage:"):])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated model scripts to time (default: all)")
-    p.add_argument("--detector", default="neutron", choices=list(data.SHAPES), help="calorimeter (sdigan_proton is always ZP, "
-                   "sdigan_joint both)")
+    p.add_argument("--detector", default="neutron", choices=list(data.SHAPES),
+                   help="calorimeter (sdigan_proton is always ZP, sdigan_joint both)")
     p.add_argument("--batch", default=None, help="comma-separated batch sizes (default: 32 on a CPU, 256 with --full; "
                    "256,4096 on a GPU)")
     p.add_argument("--steps", default=None, help="comma-separated step counts for the iterative models "

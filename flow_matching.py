@@ -20,7 +20,7 @@ samples; --ema 0 samples the trained weights. Both networks (`--unet`) take any 
   Width 4, mults 2/3/4, attention at the lowest level: 89,289 parameters.
 
 Usage:
-    python flow_matching.py --train                      # ZN, CPU default (14.4 min alone on 2 cores for the disjoint split, 2026-12-04), runs/flow_matching
+    python flow_matching.py --train                      # ZN, CPU default (14.4 min alone on 2 cores, 2026-12-04)
     python flow_matching.py --train --detector proton --out runs/fm_proton
     python flow_matching.py --train --split disjoint     # test particles never seen in training
     python flow_matching.py --train --paper              # the paper: published UNet, Adam 4.4e-4, 50 epochs

@@ -29,7 +29,7 @@ s is stored in the checkpoint and multiplies the raw counts at sampling (the pub
 but applies it in log space; here both are raw counts). `--no-postprocess` sets s = 1 (writes eval_nopp.json).
 
 Usage:
-    python gan.py --train                            # ZN, CPU default (5.5-6.6 min alone on 2 cores, 2026-12-04), runs/gan
+    python gan.py --train                            # ZN, CPU default (5.5-6.6 min alone, 2 cores)
     python gan.py --train --detector proton --out runs/gan_proton
     python gan.py --train --paper                    # the thesis setting, ViT (G 0.92M, D 1.42M), 100 epochs: a GPU job
     python gan.py --train --paper --arch cnn         # the same with the conv GAN (G 0.89M, D 1.41M)

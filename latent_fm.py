@@ -15,7 +15,7 @@ Gaussian noise (t = 0) to latents (t = 1), exactly as in flow_matching.py. Sampl
 (default 8) in latent space, unscale, decode, expm1.
 
 Usage:
-    python latent_fm.py --train                     # both stages, ZN, CPU default (25.6 min alone on 2 cores, 2026-12-04)
+    python latent_fm.py --train                     # both stages, ZN (25.6 min alone, 2 cores)
     python latent_fm.py --train --stage 1           # only the autoencoder (--stage 2 then reuses it)
     python latent_fm.py --train --detector proton --out runs/lfm_proton
     python latent_fm.py --train --paper             # the paper's sizes (VAE 58k, UNet 129k) and training

@@ -64,9 +64,9 @@ Measured, l2 (2026-12-04, `python sae_ng.py --matching l2 --train --out runs/sae
 code onto its noise generator's partner, and a constant code satisfies it at no cost: code_std 2e-4 by step 500,
 the decoder's ReLU output dead from then on (val rec constant, every response empty), W 57.6, 27.9x the floor.
 The earlier two-stage version with the encoder detached from the matching reached 9.24x. A probe with
---l2-weight 1 (`--max-steps 500 --val-every 250`) collapsed the same way by step 250 (val rec frozen at the same 117.081 as in
-the weight-10 run), so the weight is not the cause; the likely one is the encoder's output ReLU dying under the
-pull (the noise generator's ReLU has a straight-through gradient, the encoder's has not). Not fixed yet.
+--l2-weight 1 (`--max-steps 500 --val-every 250`) collapsed the same way by step 250 (val rec frozen at the same
+117.081 as in the weight-10 run), so the weight is not the cause; the likely one is the encoder's output ReLU
+dying under the pull (the noise generator's ReLU has a straight-through gradient, the encoder's has not). Not fixed yet.
 
 --paper: 100 epochs, batch 256 (Table 4.2); AdamW lr 3.5e-3, betas (0.64, 0.73), eps 1.5e-7, weight decay
 0.068, one-cycle cosine (warm-up 32 %, div 35, final div 770; Table A.1, ViT column); beta 20 and eps

@@ -32,7 +32,7 @@ CPU default: w 8, d 8, no dropout, no BatchNorm in D (BatchNorm over a batch of 
 from D: gan.py, sdigan_proton.py), lr 2e-4, betas .5/.9, CPU_STEPS steps on the first 150,000 joint events.
 
 Usage:
-    python sdigan_joint.py --train                          # CPU default (4.7-4.9 min alone on 2 cores, 2026-12-04)
+    python sdigan_joint.py --train                          # CPU default (4.7-4.9 min alone, 2 cores)
     python sdigan_joint.py --train --split disjoint --out runs/sdigan_joint_disjoint
     python sdigan_joint.py --train --paper                  # the authors' setting (200 epochs: a GPU job)
     python sdigan_joint.py --sample --ckpt runs/sdigan_joint/ckpt.pt --n 1000 --out samples.npz

@@ -40,7 +40,7 @@ whose responses are too faint or empty. G samples in eval mode. --paper: widths 
 published D barely moves in a CPU budget), 1000 steps.
 
 Usage:
-    python sdigan_proton.py --train                          # ZP, sdi-int-aux, CPU default (4.6-5.1 min alone on 2 cores, 2026-12-04)
+    python sdigan_proton.py --train                          # ZP, sdi-int-aux (4.6-5.1 min alone, 2 cores)
     python sdigan_proton.py --train --variant gan --out runs/sdigan_gan      # ablation rows: gan|sdi|sdi-int
     python sdigan_proton.py --train --paper                  # the paper's setting (350 epochs: a GPU job)
     python sdigan_proton.py --sample --ckpt runs/sdigan_proton/ckpt.pt --n 1000 --out samples.npz

@@ -29,7 +29,8 @@ def test_smoke_train_sample_eval(run):
     cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 100, "--reps", 2, "--steps", 3, "--solver", "midpoint")
     r = check_eval(out / "eval_midpoint3.json")
     assert r["detector"] == det and r["steps"] == 3 and r["reps"] == 2 and r["n_test"] == 100 and not r["amp"]
-    cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 100, "--reps", 2, "--steps", 3, "--solver", "midpoint", "--amp")
+    cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 100, "--reps", 2, "--steps", 3, "--solver", "midpoint",
+        "--amp")
     a = check_eval(out / "eval_midpoint3_amp.json")                   # bf16 on a CPU, beside (not over) the fp32 file
     assert a["amp"] and a["name"].endswith(" amp") and check_eval(out / "eval_midpoint3.json") == r
     cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 60, "--reps", 1, "--sweep", "1,3")

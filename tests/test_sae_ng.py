@@ -108,6 +108,10 @@ def test_precedence_flag_over_paper_over_default_and_paper_size():
     n = {k: sum(q.numel() for q in m.parameters()) for k, m in sae_ng.build_networks(vars(p)).items()}
     assert 0.95e6 < n["encoder"] + n["decoder"] < 1.1e6            # "approximately one million" (Section 4.4)
     assert n == {k: v for k, (v, _) in sae_ng.PUBLISHED.items()}  # the authors' ViT AE + NG, layer for layer
+    c = sae_ng.get_args(["--train", "--paper", "--arch", "cnn"])                        # Table A.1, CNN column
+    assert (c.lr, c.betas, c.adam_eps, c.weight_decay, c.nesterov) == (1.4e-3, [0.76, 0.88], 6.1e-8, 0.0, True)
+    assert all(sae_ng.one_cycle(s, 100, *c.onecycle) == 1.0 for s in (0, 50, 100))        # constant rate
+    assert not p.nesterov and not d.nesterov and sae_ng.get_args(["--train", "--nesterov"]).nesterov
 
 
 def test_eps_schedule_and_one_cycle_known_values():
@@ -170,3 +174,16 @@ def test_shapes_seeds_and_non_negativity(shape):
     assert s.shape == (5,) + shape and torch.isfinite(s).all() and (s >= 0).all()
     assert torch.equal(s, sae_ng.sample(model, cond, torch.Generator().manual_seed(1)))
     assert sae_ng.reconstruct(model, x).shape == (5,) + shape
+
+
+def test_a_decoder_output_dead_everywhere_still_gets_reconstruction_gradient():
+    """The CNN decoder's output ReLU passes the gradient straight through: with its last bias at -100 every pixel
+    is exactly 0, and the reconstruction error still moves that bias up (a plain ReLU gives it zero gradient)."""
+    torch.manual_seed(0)
+    dec = sae_ng.Decoder((44, 44), width=4, hidden=16)
+    with torch.no_grad():
+        dec.net[-1].bias.fill_(-100.0)
+    out = dec(torch.rand(3, sae_ng.CODE))
+    assert torch.equal(out, torch.zeros_like(out))
+    (out - torch.rand_like(out)).pow(2).sum().backward()
+    assert dec.net[-1].bias.grad.item() < 0                     # gradient descent raises the bias

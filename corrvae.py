@@ -17,7 +17,8 @@ likely dimension. Property j: u_j = a_j . (m_j * w) + b_j, y_j = u_j + g_j(u_j),
 unit-norm layers scaled by 0.5 (Lipschitz <= 0.5), so u = f^-1(y) is the fixed point of u <- y - g_j(u) (60
 iterations), the paper's invertible predictor. Loss per event: squared error summed over pixels + --beta x
 (KL(q(z) || N(0, I)) + KL(q(w) || p(w | c))) + --tc x (TC among w dimensions + TC between z and w, minibatch
-estimates) + --prop x squared error of the 4 properties + --mask x sum of sigmoid(L) (mask sparsity).
+estimates) + --prop x squared error of the 4 properties + --mask x sum of sigmoid(L) (mask sparsity) + --consist
+x squared error of the 4 properties computed from the decoded image (ours: the decoder must draw what w promises).
 Sampling: z ~ N(0, I), w ~ p(w | c), decode, expm1. --set "cog_x=10,sum=500": each requested y_j is inverted to
 u_j and the prior draw w0 moves by the least change that gives them, w = w0 + pinv(A) (u - A w0 - b), A_j = a_j * m_j
 (closed form; only masked dimensions move).
@@ -110,6 +111,8 @@ def get_args(argv=None):
     g.add_argument("--beta", type=float, default=1.0, help="weight of the two KL terms")
     g.add_argument("--tc", type=float, default=1.0, help="weight of the total-correlation terms (w dims; z vs w)")
     g.add_argument("--prop", type=float, default=100.0, help="weight of the property prediction error (standardised)")
+    g.add_argument("--consist", type=float, default=10.0, help="weight of the decoded image's property error "
+                   "(its properties against the true ones, standardised)")
     g.add_argument("--mask", type=float, default=1.0, help="weight of the mask sparsity (sum of mask probabilities)")
     g.add_argument("--tau", type=float, default=0.2, help="Gumbel-softmax temperature, x0.1 every 10 epochs (authors: 0.2)")
     g.add_argument("--set", default=None, help="--sample: requested properties, e.g. 'cog_x=10,sum=500' "
@@ -122,8 +125,8 @@ def get_args(argv=None):
     for k in ("width", "hidden", "z_dim", "w_dim"):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive (got {getattr(args, k)})")
-    if min(args.beta, args.tc, args.prop, args.mask) < 0 or not args.tau > 0 or args.val_every <= 0 or args.n_control <= 0:
-        p.error("--beta, --tc, --prop, --mask must be >= 0; --tau, --val-every, --n-control positive")
+    if min(args.beta, args.tc, args.prop, args.mask, args.consist) < 0 or not args.tau > 0 or args.val_every <= 0 or args.n_control <= 0:
+        p.error("--beta, --tc, --prop, --mask, --consist must be >= 0; --tau, --val-every, --n-control positive")
     if args.set is not None:
         if not args.sample:
             p.error("--set goes with --sample")
@@ -159,6 +162,22 @@ def scale(y, mean, std):
     y = np.array(y, dtype=np.float64)
     y[:, LOG_PROPS] = np.log1p(y[:, LOG_PROPS])
     return (y - np.asarray(mean)) / np.asarray(std)
+
+
+def image_properties(img, mean, std):
+    """The standardised properties of decoded log1p images (n, 1, H, W), differentiable: as properties() and
+    scale() compute them from counts, except the lit-pixel count, a soft sum of sigmoid(20 (counts - 0.5)) less
+    its value at 0 counts."""
+    c = torch.expm1(img.float().clamp_min(0)).flatten(0, 1)                       # (n, H, W) photon counts
+    H, W = c.shape[1:]
+    total = c.sum((1, 2))
+    safe = total.clamp_min(1e-3)
+    cx = c.sum(2) @ torch.arange(H, dtype=c.dtype, device=c.device) / safe
+    cy = c.sum(1) @ torch.arange(W, dtype=c.dtype, device=c.device) / safe
+    lit = total > 1e-3                                                              # empty: the image centre
+    cx, cy = torch.where(lit, cx, (H - 1) / 2), torch.where(lit, cy, (W - 1) / 2)
+    n_lit = (torch.sigmoid(20 * (c - 0.5)) - torch.sigmoid(torch.tensor(-10.0))).sum((1, 2))     # 0 photons: 0
+    return (torch.stack([cx, cy, total.log1p(), n_lit.log1p()], 1) - mean) / std
 
 
 def unscale(y, mean, std):
@@ -302,8 +321,9 @@ def total_correlations(z, z_dist, w, w_dist):
     return (log_qw - log_prod_w).mean(), (log_qzw - log_qz - log_qw).mean()
 
 
-def corrvae_loss(model, x, cond, y, generator, cfg, tau=1.0):
-    """(loss, dict of its terms) of a batch, each term averaged over the batch. y: standardised properties (n, 4).
+def corrvae_loss(model, x, cond, y, generator, cfg, tau=1.0, stats=None):
+    """(loss, dict of its terms) of a batch, each term averaged over the batch. y: standardised properties (n, 4);
+    stats: (mean, std) tensors of the property scaling, needed when cfg["consist"] > 0.
     generator=None: posterior means and the mode of the mask (validation)."""
     (mz, lz), (mw, lw) = model.encoder(x, cond)
     if generator is None:
@@ -311,14 +331,17 @@ def corrvae_loss(model, x, cond, y, generator, cfg, tau=1.0):
     else:
         z = mz + data.noise(mz.shape, generator, x.device) * (0.5 * lz).exp()
         w = mw + data.noise(mw.shape, generator, x.device) * (0.5 * lw).exp()
-    rec = (model.decoder(torch.cat([z, w], 1)) - x).pow(2).flatten(1).sum(1).mean()
+    dec = model.decoder(torch.cat([z, w], 1))
+    rec = (dec - x).pow(2).flatten(1).sum(1).mean()
+    consist = (image_properties(dec, *stats) - y).pow(2).mean(0).sum() if cfg.get("consist", 0) > 0 else rec.new_zeros(())
     kl = gaussian_kl(mz, lz).sum(1).mean() + gaussian_kl(mw, lw, *model.prior_w(cond)).sum(1).mean()
     tc_w, tc_zw = total_correlations(z, (mz, lz), w, (mw, lw)) if cfg["tc"] > 0 else (x.new_zeros(()),) * 2
     mask = model.predictor.mask(generator, tau)
     prop = (model.predictor(w, mask) - y).pow(2).mean(0)
     sparsity = torch.sigmoid(model.predictor.logits).sum()
     loss = rec + cfg["beta"] * kl + cfg["tc"] * (tc_w + tc_zw) + cfg["prop"] * prop.sum() + cfg["mask"] * sparsity
-    return loss, dict(rec=rec, kl=kl, tc=tc_w + tc_zw, prop=prop.sum(), sparsity=sparsity)
+    loss = loss + cfg.get("consist", 0) * consist
+    return loss, dict(rec=rec, kl=kl, tc=tc_w + tc_zw, prop=prop.sum(), sparsity=sparsity, consist=consist)
 
 
 def steer(model, w0, target):
@@ -435,6 +458,7 @@ def train(args):
     x_va, c_va = split.x("val")[:2000], split.cond("val")[:2000]
     y_va_nat = properties(split.counts("val")[:2000])
     y_va = torch.as_tensor(scale(y_va_nat, prop_mean, prop_std), dtype=torch.float32)
+    stats = tuple(torch.as_tensor(v, dtype=torch.float32, device=dev) for v in (prop_mean, prop_std))
     model = build_model(cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     steps_per_epoch = math.ceil(len(x_tr) / args.batch_size)
@@ -472,7 +496,7 @@ def train(args):
     def validate(losses):
         model.eval()
         with torch.no_grad():
-            parts = [corrvae_loss(model, x.to(dev), c.to(dev), y.to(dev), None, cfg)[1]
+            parts = [corrvae_loss(model, x.to(dev), c.to(dev), y.to(dev), None, cfg, stats=stats)[1]
                      for x, c, y in data.batches((x_va, c_va, y_va), 500, shuffle=False)]
             terms = {k: float(np.mean([p[k].item() for p in parts])) for k in parts[0]}
             k = min(1000, len(x_va))
@@ -501,7 +525,7 @@ def train(args):
         for x, c, y in bar:
             x, c, y = x.to(dev), c.to(dev), y.to(dev)
             with data.autocast(dev, args.amp):
-                loss, terms = corrvae_loss(net, x, c, y, noise, cfg, tau_at(step))   # DDP = 1 process exactly
+                loss, terms = corrvae_loss(net, x, c, y, noise, cfg, tau_at(step), stats)   # DDP = 1 process exactly
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}: training diverged (lower --lr?)")
             opt.zero_grad(set_to_none=True)

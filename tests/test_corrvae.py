@@ -169,6 +169,19 @@ def test_properties_kl_and_scaling_known_answers():
     torch.testing.assert_close(corrvae.gaussian_kl(mu, lv), 0.5 * (mu ** 2 + lv.exp() - 1 - lv))
 
 
+def test_decoded_image_properties_equal_the_counted_ones_and_have_gradients():
+    img = np.zeros((3, 44, 44))
+    img[0, 3, 5] = 10
+    img[1, 10, 20], img[1, 12, 20] = 1, 3                       # third image empty: centre, sum 0, no lit pixel
+    mean, std = np.array([1.0, 2.0, 0.5, 0.2]), np.array([2.0, 3.0, 1.5, 0.7])
+    dec = torch.log1p(torch.tensor(img, dtype=torch.float32)).unsqueeze(1).requires_grad_()
+    got = corrvae.image_properties(dec, torch.tensor(mean), torch.tensor(std))
+    want = corrvae.scale(corrvae.properties(img), mean, std)
+    np.testing.assert_allclose(got.detach().numpy(), want, atol=1e-3)   # soft lit-pixel count: within 0.1 pixel
+    got[:2].sum().backward()
+    assert dec.grad[:2].abs().sum() > 0 and torch.isfinite(dec.grad).all()
+
+
 def test_total_correlations_known_answers():
     g = torch.Generator().manual_seed(0)
     n, lv = 256, torch.full((256, 1), -2.4)            # posteriors of std 0.3 around N(0, 1) spread means

@@ -1,0 +1,31 @@
+"""tools/ablation.py: runs named by what they change against the baseline, rows read from metrics.jsonl."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_run(folder, args, rows):
+    folder.mkdir()
+    torch.save(dict(args=args), folder / "ckpt.pt")
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_ablation_names_runs_by_their_change_and_keeps_the_rows(tmp_path):
+    base = dict(lr=1e-3, ema=0.999, out="a", seed=0)
+    fake_run(tmp_path / "base", base, [dict(step=250, val_W=20.0, val_loss=0.1, minutes=1.0)])
+    fake_run(tmp_path / "ema0", {**base, "ema": 0.0, "out": "b"}, [dict(step=250, val_W=30.0, val_loss=0.2, minutes=1.0)])
+    js = tmp_path / "abl.json"
+    out = subprocess.run([sys.executable, "tools/ablation.py", str(tmp_path / "base"), str(tmp_path / "ema0"),
+                          "--json", str(js)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "| ema0 | ema=0.0 | 30.00 | 0.2000 |" in out.stdout and "| base | (baseline) | 20.00 |" in out.stdout
+    runs = json.loads(js.read_text())["runs"]
+    assert [r["changed"] for r in runs] == [{}, {"ema": 0.0}]           # 'out' differs too, but is not a setting
+    bad = subprocess.run([sys.executable, "tools/ablation.py", str(tmp_path / "nope")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "needs metrics.jsonl and ckpt.pt" in bad.stderr

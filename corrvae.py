@@ -113,6 +113,8 @@ def get_args(argv=None):
     g.add_argument("--prop", type=float, default=100.0, help="weight of the property prediction error (standardised)")
     g.add_argument("--consist", type=float, default=10.0, help="weight of the decoded image's property error "
                    "(its properties against the true ones, standardised)")
+    g.add_argument("--consist-prior", type=float, default=0.0, help="weight of the same error on images decoded "
+                   "from prior draws (z ~ N(0, I), w ~ p(w | c)) against the properties the predictor gives their w")
     g.add_argument("--mask", type=float, default=1.0, help="weight of the mask sparsity (sum of mask probabilities)")
     g.add_argument("--tau", type=float, default=0.2, help="Gumbel-softmax temperature, x0.1 every 10 epochs (authors: 0.2)")
     g.add_argument("--set", default=None, help="--sample: requested properties, e.g. 'cog_x=10,sum=500' "
@@ -125,7 +127,7 @@ def get_args(argv=None):
     for k in ("width", "hidden", "z_dim", "w_dim"):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive (got {getattr(args, k)})")
-    if min(args.beta, args.tc, args.prop, args.mask, args.consist) < 0 or not args.tau > 0 or args.val_every <= 0 or args.n_control <= 0:
+    if min(args.beta, args.tc, args.prop, args.mask, args.consist, args.consist_prior) < 0 or not args.tau > 0 or args.val_every <= 0 or args.n_control <= 0:
         p.error("--beta, --tc, --prop, --mask, --consist must be >= 0; --tau, --val-every, --n-control positive")
     if args.set is not None:
         if not args.sample:
@@ -341,7 +343,17 @@ def corrvae_loss(model, x, cond, y, generator, cfg, tau=1.0, stats=None):
     sparsity = torch.sigmoid(model.predictor.logits).sum()
     loss = rec + cfg["beta"] * kl + cfg["tc"] * (tc_w + tc_zw) + cfg["prop"] * prop.sum() + cfg["mask"] * sparsity
     loss = loss + cfg.get("consist", 0) * consist
-    return loss, dict(rec=rec, kl=kl, tc=tc_w + tc_zw, prop=prop.sum(), sparsity=sparsity, consist=consist)
+    prior_term = rec.new_zeros(())
+    if cfg.get("consist_prior", 0) > 0 and generator is not None:   # the decoder on the samples it will draw
+        mu_p, lv_p = model.prior_w(cond)
+        w_p = (mu_p + data.noise(mu_p.shape, generator, x.device) * (0.5 * lv_p).exp()).detach()
+        z_p = data.noise(z.shape, generator, x.device)
+        promised = model.predictor(w_p, model.predictor.mask()).detach()   # what sampling (mode mask) promises
+        dec_p = model.decoder(torch.cat([z_p, w_p], 1))
+        prior_term = (image_properties(dec_p, *stats) - promised).pow(2).mean(0).sum()
+        loss = loss + cfg["consist_prior"] * prior_term
+    return loss, dict(rec=rec, kl=kl, tc=tc_w + tc_zw, prop=prop.sum(), sparsity=sparsity, consist=consist,
+                      consist_prior=prior_term)
 
 
 def steer(model, w0, target):

@@ -402,6 +402,33 @@ HEADER = (f"  {'model':<19} {'mode':<10} {'NFE':>4} {'batch':>6} {'ms/sample':>1
           f"{'MFLOP/smp':>9} {'GFLOP/s':>9} {'%peak':>6} {'peak MB':>8} {'W vs fp32':>8} {'(noise)':>8} {'%sum':>7}")
 
 
+def markdown(paths):
+    """Markdown tables regenerated from bench JSON files (one per file, its device and command above it):
+    results as data, the tables by command (`python bench.py --table results/gpu_*/bench_*.json`)."""
+    out = []
+    for path in paths:
+        try:
+            d = json.loads(Path(path).read_text())
+            rows = d["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise data.DataError(f"--table: {path} is not a bench.py JSON ({type(e).__name__}: {e})") from None
+        out += [f"`{d.get('command', '?')}` ({path}): {d.get('device', '?')}, torch {d.get('torch', '?')}", "",
+                "| model | mode | NFE | batch | ms / sample | samples / s | parameters | % of peak | peak MB "
+                "| W vs fp32 (noise) | % sum | weights |", "|" + "---|" * 12]
+        for r in rows:
+            if "ms_per_sample" not in r:
+                out.append(f"| {r.get('model', '?')} | {r.get('mode', '-')} | {r.get('note', 'no timing')} |" + " |" * 9)
+                continue
+            w = "-" if r.get("check_W") is None else f"{r['check_W']:.3f} ({r['check_W_noise']:.3f})"
+            out.append(f"| {r['model']} | {r['mode']} | {r.get('steps') or '-'} | {r['batch']} | {r['ms_per_sample']:.4f} "
+                       f"| {fmt(r.get('samples_per_s'), '.0f')} | {fmt(r.get('params'), ',d')} "
+                       f"| {fmt(r.get('peak_fraction') and 100 * r['peak_fraction'], '.1f')} "
+                       f"| {fmt(r.get('peak_mem_mb'), '.0f')} | {w} "
+                       f"| {fmt(r.get('check_rel_sum') and 100 * r['check_rel_sum'], '.3f')} | {r.get('weights', '')} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__[__doc__.index("Usage:"):])
@@ -424,6 +451,8 @@ def get_args(argv=None):
     p.add_argument("--runs", default="runs", help="folder with <model>/ckpt.pt checkpoints to take weights from")
     p.add_argument("--no-toy", action="store_true", help="skip the toy Monte Carlo row")
     p.add_argument("--json", default="runs/bench.json", help="where to write the results")
+    p.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                   help="print Markdown tables from bench JSON files (e.g. results/gpu_*/bench_*.json) and exit")
     a = p.parse_args(argv)
     a.models = [m for m in a.models.split(",") if m]
     unknown = [m for m in a.models if m not in MODELS]
@@ -442,10 +471,14 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.table:
+        print(markdown(args.table))
+        return []
     device = data.pick_device(args.device)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.set_device(device)                    # cuda:N: events, peaks and memory stats of device N
+    if cuda:   # cuda:N: events, peaks and memory stats of device N ("cuda" alone means the current device)
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)
     args.batch = args.batch or ([256, 4096] if cuda else [256] if args.full else [32])
     args.repeats = args.repeats or (3 if cuda or args.full else 1)
     modes = (["eager", "amp", "graph"] if cuda else ["eager", "inference", "bf16"] + (["compile"] if args.compile else [])

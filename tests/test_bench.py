@@ -1,5 +1,6 @@
 """bench.py on tiny settings: the CPU path end to end, its FLOP counting, and the CUDA-graph fallback."""
 import json
+from pathlib import Path
 
 import torch
 
@@ -143,3 +144,18 @@ def test_joint_model_is_timed_per_particle_beside_the_two_separate_models(tmp_pa
         ms = {x["model"]: x["ms_per_sample"] for x in rows if x["mode"] == c["mode"]}
         assert c["ratio"] == pytest.approx(ms["sdigan_joint"] / (ms["gan"] + ms["sdigan_proton"]))
     assert bench.joint_vs_separate(rows, "proton") == []       # gan.py's rows would be ZP: no comparison
+
+
+def test_table_is_regenerated_from_the_committed_gpu_json(tmp_path):
+    """The GPU numbers in docs/ are a command over results/gpu_*/bench_*.json: one Markdown row per JSON row."""
+    src = Path(bench.__file__).parent / "results" / "gpu_NVIDIA_H200" / "bench_default.json"
+    rows = json.loads(src.read_text())["rows"]
+    md = cli("bench.py", "--table", src).stdout
+    body = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert len(body) == len(rows) and "NVIDIA H200" in md
+    fm_graph = next(r for r in rows if (r["model"], r["mode"], r["batch"]) == ("flow_matching", "graph", 4096))
+    assert f"| flow_matching | graph | 11 | 4096 | {fm_graph['ms_per_sample']:.4f} |" in md
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    err = cli("bench.py", "--table", bad, ok=False).stderr
+    assert "is not a bench.py JSON" in err and "Traceback" not in err

@@ -53,6 +53,14 @@ trained for one epoch with AdamW lr 2e-3 (betas 0.9/0.999, no weight decay), 100
 batch 128: the thesis' lr 2.8e-5 is far too small for one CPU epoch. Data are log1p counts, not rescaled to
 [-1, 1] (so x0 is clipped to [0, x_max]; the thesis' code clips x0 to [-7, 7]); the eps network has the fixed
 input skip above; DDIM steps include t = 0 (the thesis' code: "trailing" spacing, 999 ... 19).
+
+Measured (2026-12-04, ZN random, `python ddpm.py --train --out runs/ddpm_random`, 1,532 steps, 11.6 min on 2
+cores; `--eval --ckpt runs/ddpm_random/ckpt.pt --max-test 2000 --plot`, 23.7 min at 50 DDIM steps:
+results/ddpm_neutron_random.json): W 18.39 +- 0.55, 8.9x the floor, classifier AUC 0.999, separation 0.196
+(shower widths worst: 0.38 / 0.36), 0.1 % empty responses (data 0), diversity error 2.58 (floor 0.68). The
+sample grid shows sharp showers with the single-photon speckle, often at the wrong place or brightness for the
+particle (one epoch learns what a shower looks like before it learns where the particle puts it), and too
+narrow. Validation W stalled at 20.1 between steps 1,000 and 1,532 (eval.curve.png).
 """
 import argparse
 import copy

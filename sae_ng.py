@@ -80,9 +80,13 @@ pair, width 16, hidden 64, NG 128 (997,465). CPU default: the CNN, 4 epochs, Ada
 weight decay, one-cycle 5 % / 100 / 100, gradient norm clipped at 10, --scaling 0.5, width 8, hidden 64, NG 32
 (290,369); the ViT took 5.3x longer per training step on 2 cores (0.91 s vs 0.17 s at batch 256;
 `tools/time_arch.py`). Deviation: `--arch cnn` is this repository's conv pair, not the thesis' VDVAE-style CNN.
-Measured (ZN toy, first 2,000 test events, 5 repetitions; results/sae_ng_neutron_*.json): random split W
-27.38 +- 0.07, 13.3x the floor, 54 % empty responses, diversity error 0.89, reconstruction W 7.38 (14.8 min);
-condition-disjoint 31.29 +- 0.03, 18.6x, 58 % empty (13.5 min). The earlier version (encoder detached in the
+Measured (ZN toy, first 2,000 test events, 5 repetitions; results/sae_ng_neutron_*.json), with the
+straight-through decoder output (2026-12-04, `python sae_ng.py --train --out runs/sae_ng_st_random`, 8.4 min):
+random split W 32.99 +- 0.07, 16.0x the floor, 66 % empty responses (no pixel reaches one photon: faint blurred
+blobs), classifier AUC 1.00, diversity error 0.91, reconstruction W 6.28. With the plain ReLU output (before
+2026-12-04) the same command gave 27.38 +- 0.07, 13.3x, 54 % empty, reconstruction W 7.38 (14.8 min), and
+condition-disjoint 31.29 +- 0.03, 18.6x, 58 % empty (13.5 min). The straight-through output rescued the l2 run
+and cost the Sinkhorn run 3 points of W here: one run each, so not separable from the seed. The earlier version (encoder detached in the
 matching term, eps 10 -> 0.5 in batch-std units, 20,000 steps of stage 2) scored 20.90 / 10.1x / 30 % and
 28.50 / 16.9x / 41 %. End to end, the codes shrink (per-dimension std 0.07 after 500 steps, 0.055 at the end)
 and NG's codes spread less (0.044): samples are smooth blobs at the right place, too faint (photon sums low by

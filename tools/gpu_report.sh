@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The prepared GPU measurement (issue 22): one command for the rare, short loans of a GPU machine.
-#   bash tools/gpu_report.sh            # at most 7.5 min on one H100/H200 (every step has a limit); installs nothing beyond requirements.txt
+#   bash tools/gpu_report.sh            # ~7.5 min on one H200 (every step has a limit); installs nothing beyond requirements.txt
 # Writes, under results/gpu_<device>/ (and a copy under $OUT when the caller sets it):
 #   bench_default.json  bench.py --full: every model at the CPU-default sizes, batch 256 and 4096, eager fp32
 #                       (TF32 off) / bf16 AMP / CUDA graph, each non-eager row checked against fp32 eager
-#   bench_paper.json    the same at the published (--paper) sizes, fresh weights
-#   train_fm_paper.json flow_matching.py --paper training throughput (steps/s), fp32 and --amp, 90 s each
+#   bench_paper.json    the same at the published (--paper) sizes, fresh weights, every model but ddpm
+#   bench_paper_ddpm.json  ddpm at --paper size, batch 256 only: on the first H200 run (2026-12-04) its batch-4096
+#                       rows cost ~70 s each (a 4M UNet x 50 steps x 4096 samples per call) and overran the step
+#   train_fm_paper.json flow_matching.py --paper training throughput (steps/s), fp32 and --amp, 60 s each
 # Every step has its own time limit, so a hang costs minutes, not the loan. Without a GPU it stops at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,18 +22,24 @@ echo "gpu_report: $dev -> $out"
 export PYTHONUNBUFFERED=1
 # copy what exists so far to $OUT after every step: a loan that ends mid-way still returns the finished parts
 save() { if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp -r "$out" "$OUT/"; fi; }
-# step limits sum to 7.5 min (60 + 2 x 150 + 2 x 90 s); each step normally ends well before its limit
+# measured on the first H200 run: data 20 s, default bench 135 s, --paper bench without ddpm ~125 s; the limits
+# (60 + 180 + 180 + 60 + 2 x 60 s = 10 min) leave room, the typical total is ~7.5 min
 timeout 60 python data.py > "$out/data.log" 2>&1 || echo "gpu_report: toy data generation failed (see $out/data.log)"
-timeout 150 python bench.py --device cuda --full --json "$out/bench_default.json" || echo "gpu_report: bench default stopped (rc $?)"
+timeout 180 python bench.py --device cuda --full --json "$out/bench_default.json" || echo "gpu_report: bench default stopped (rc $?)"
 save
-timeout 150 python bench.py --device cuda --full --paper --json "$out/bench_paper.json" || echo "gpu_report: bench --paper stopped (rc $?)"
+timeout 180 python bench.py --device cuda --full --paper --no-toy --json "$out/bench_paper.json" \
+    --models vae,sae_ng,gan,sdigan_proton,vqgan,flow_matching,latent_fm,corrvae,sdigan_joint \
+    || echo "gpu_report: bench --paper stopped (rc $?)"
+save
+timeout 60 python bench.py --device cuda --full --paper --no-toy --models ddpm --batch 256 \
+    --json "$out/bench_paper_ddpm.json" || echo "gpu_report: bench --paper ddpm stopped (rc $?)"
 save
 for mode in fp32 amp; do
     run="/tmp/gpu_report_fm_$mode"
     rm -rf "$run"
     flag=$([ "$mode" = amp ] && echo --amp || true)
-    timeout 90 python flow_matching.py --train --paper $flag --device cuda --val-every 200 --out "$run" > "$run.log" 2>&1
-    echo "gpu_report: flow_matching --paper $mode training stopped after its 90 s (rc $?)"
+    timeout 60 python flow_matching.py --train --paper $flag --device cuda --val-every 200 --out "$run" > "$run.log" 2>&1
+    echo "gpu_report: flow_matching --paper $mode training stopped after its 60 s (rc $?)"
     tail -c 3000 "$run.log" | tr '\r' '\n' | tail -5
 done
 python - "$out" <<'PY'
@@ -47,7 +55,7 @@ for mode in ("fp32", "amp"):
     else:
         res[mode] = dict(steps_per_s=None, note="fewer than 2 logged rows in 2 minutes")
 res.update(device=torch.cuda.get_device_name(0), torch=torch.__version__,
-           command="flow_matching.py --train --paper [--amp] --device cuda --val-every 200, 90 s each")
+           command="flow_matching.py --train --paper [--amp] --device cuda --val-every 200, 60 s each")
 (out / "train_fm_paper.json").write_text(json.dumps(res, indent=1))
 print({k: v.get("steps_per_s") for k, v in res.items() if isinstance(v, dict)})
 PY

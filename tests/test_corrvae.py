@@ -205,3 +205,30 @@ def test_paper_preset_and_explicit_flags():
     assert (a.batch_size, a.lr, a.width, a.hidden) == (7, 0.123, 5, 128)
     nets = corrvae.build_networks(vars(paper))
     assert set(nets) == {"encoder", "decoder", "prior", "predictor"} and corrvae.PUBLISHED == {}
+
+
+def test_consist_prior_trains_the_decoder_on_prior_draws_against_the_predictors_promise():
+    """--consist-prior: the decoded-property error on images drawn from the prior enters the loss with its weight;
+    only the decoder learns from it (the prior's w and the predictor's promise are targets, detached); validation
+    (generator None) leaves it out."""
+    torch.manual_seed(0)
+    cfg = dict(detector="neutron", width=4, hidden=16, z_dim=4, w_dim=6, beta=1.0, tc=0.0, prop=1.0, mask=1.0,
+               consist=0.0, consist_prior=0.0)
+    model = corrvae.build_model(cfg)
+    with torch.no_grad():
+        model.decoder.up[-1].bias.fill_(0.5)          # a live output ReLU, as after a few training steps
+    x = torch.log1p(torch.rand(8, 1, 44, 44) * 5)
+    cond, y = torch.randn(8, 9), torch.randn(8, 4)
+    stats = (torch.zeros(4), torch.ones(4))
+    base, _ = corrvae.corrvae_loss(model, x, cond, y, torch.Generator().manual_seed(1), cfg, stats=stats)
+    loss, terms = corrvae.corrvae_loss(model, x, cond, y, torch.Generator().manual_seed(1),
+                                       dict(cfg, consist_prior=10.0), stats=stats)
+    assert terms["consist_prior"] > 0
+    torch.testing.assert_close(loss, base + 10.0 * terms["consist_prior"])
+    model.zero_grad()
+    terms["consist_prior"].backward()
+    grads = {name: sum(float(p.grad.abs().sum()) for p in part.parameters() if p.grad is not None)
+             for name, part in model.named_children()}
+    assert grads["decoder"] > 0 and grads["prior"] == 0 and grads["predictor"] == 0 and grads["encoder"] == 0
+    _, val = corrvae.corrvae_loss(model, x, cond, y, None, dict(cfg, consist_prior=10.0), stats=stats)
+    assert val["consist_prior"] == 0

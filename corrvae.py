@@ -53,7 +53,13 @@ no empty responses; control Spearman / MAE: cog_x 0.983 / 1.8 px, cog_y 0.989 / 
 lit pixels 0.884 / 22 (unsteered: ~0 / 12 px, 376, 80). The traversal (docs/corrvae_traversal.png) follows each
 request: sum 7.8 -> 10, 98 -> 119, 1,110 -> 562. What the numbers do not show, the pictures do: the generated
 showers are often two or three blurred blobs where the data has one (their centre of gravity is where it was
-asked to be), so the classifier still tells them apart. History of the same command: without the two decoded-
+asked to be), so the classifier still tells them apart. A probe found where they come from: the same test
+images encoded and decoded (posterior means) are single sharp blobs, while decoding the conditional prior's mean
+w = mu(c) (z = 0) already gives the blobs; z barely matters (scaling it by 0, 0.5, 1 moves W 20.3 -> 20.7 on 2,000
+events), w's prior noise does. So p(w | c) does not land where the encoder puts these particles (for the first
+test particles the prior mean differs from the posterior mean by up to 0.9 on a dimension whose prior std is
+0.5-1.8) and the decoder draws between modes: a stronger
+conditional prior is the next step, not the property losses. History of the same command: without the two decoded-
 property losses (--consist 0 --consist-prior 0) W 19.8x, 44 % empty, Spearman 0.93 / 0.95 / 0.76 / 0.60, the
 sum ~10x below the request at high sums (the decoder drew the blurred log-space mean); --consist 10 alone 17.6x,
 0.94 / 0.96 / 0.88 / 0.69; both at 10 (the default) as above.

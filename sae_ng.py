@@ -39,7 +39,8 @@ budget); in the earlier, detached version it took W from ~50 to 20.9.
 
 Encoder: 3x3 convs (w, 2w, 2w channels, the last two with stride 2: ZN 44x44 -> 11x11; ZP padded to 56x32 ->
 14x8), dense `--hidden` -> 20, ReLU. Decoder: dense 20 -> `--hidden` -> (2w, H/4, W/4), two nearest x2
-upsamplings each followed by a 3x3 conv (w channels), a 3x3 conv to 1 channel, ReLU, crop; LeakyReLU(0.1).
+upsamplings each followed by a 3x3 conv (w channels), a 3x3 conv to 1 channel, ReLU (straight-through gradient
+with --matching l2: 'Measured, l2'), crop; LeakyReLU(0.1).
 Noise generator as the authors' (h = --ng-hidden): z -> 2h, c -> h, concatenated -> 4h -> 4h -> 20,
 LeakyReLU(0.2); ours: a straight-through gradient on its output ReLU (a plain one left dead dimensions before).
 
@@ -80,14 +81,14 @@ pair, width 16, hidden 64, NG 128 (997,465). CPU default: the CNN, 4 epochs, Ada
 weight decay, one-cycle 5 % / 100 / 100, gradient norm clipped at 10, --scaling 0.5, width 8, hidden 64, NG 32
 (290,369); the ViT took 5.3x longer per training step on 2 cores (0.91 s vs 0.17 s at batch 256;
 `tools/time_arch.py`). Deviation: `--arch cnn` is this repository's conv pair, not the thesis' VDVAE-style CNN.
-Measured (ZN toy, first 2,000 test events, 5 repetitions; results/sae_ng_neutron_*.json), with the
-straight-through decoder output (2026-12-04, `python sae_ng.py --train --out runs/sae_ng_st_random`, 8.4 min):
-random split W 32.99 +- 0.07, 16.0x the floor, 66 % empty responses (no pixel reaches one photon: faint blurred
-blobs), classifier AUC 1.00, diversity error 0.91, reconstruction W 6.28. With the plain ReLU output (before
-2026-12-04) the same command gave 27.38 +- 0.07, 13.3x, 54 % empty, reconstruction W 7.38 (14.8 min), and
-condition-disjoint 31.29 +- 0.03, 18.6x, 58 % empty (13.5 min). The straight-through output rescued the l2 run
-and cost the Sinkhorn run 3 points of W here: one run each, so not separable from the seed. The earlier version (encoder detached in the
-matching term, eps 10 -> 0.5 in batch-std units, 20,000 steps of stage 2) scored 20.90 / 10.1x / 30 % and
+Measured (ZN toy, first 2,000 test events, 5 repetitions; results/sae_ng_neutron_*.json): random split W
+27.38 +- 0.07, 13.3x the floor, 54 % empty responses (no pixel reaches one photon: faint blurred blobs),
+classifier AUC 1.00, diversity error 0.89, reconstruction W 7.38 (`python sae_ng.py --train`, 14.8 min);
+condition-disjoint 31.29 +- 0.03, 18.6x, 58 % empty (13.5 min). The decoder's straight-through output that
+rescued the l2 run (above) made the Sinkhorn run worse on both splits (2026-12-04, the same commands with it:
+32.99 +- 0.07, 16.0x, 66 % empty, 8.4 min; disjoint 34.81 +- 0.05, 20.6x, 70 % empty;
+results/variants/sae_ng_straight_through_neutron_*.json), so only --matching l2 uses it. The earlier version
+(encoder detached in the matching term, eps 10 -> 0.5 in batch-std units, 20,000 steps of stage 2) scored 20.90 / 10.1x / 30 % and
 28.50 / 16.9x / 41 %. End to end, the codes shrink (per-dimension std 0.07 after 500 steps, 0.055 at the end)
 and NG's codes spread less (0.044): samples are smooth blobs at the right place, too faint (photon sums low by
 about a half in the sample grid), and faint particles come out empty.
@@ -221,9 +222,9 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """20-d code -> log1p(counts) image (n, 1, H, W) >= 0."""
 
-    def __init__(self, shape, width, hidden):
+    def __init__(self, shape, width, hidden, straight_through=False):
         super().__init__()
-        self.shape, self.w = tuple(shape), width
+        self.shape, self.w, self.st = tuple(shape), width, straight_through
         self.h0, self.w0 = math.ceil(shape[0] / 4), math.ceil(shape[1] / 4)
         flat = 2 * width * self.h0 * self.w0
         self.head = nn.Sequential(nn.Linear(CODE, hidden), nn.LeakyReLU(0.1), nn.Linear(hidden, flat), nn.LeakyReLU(0.1))
@@ -231,11 +232,13 @@ class Decoder(nn.Module):
                                  conv(width, width), nn.Conv2d(width, 1, 3, padding=1))
 
     def forward(self, code):
-        """ReLU output (exact zeros) with a straight-through gradient: a plain ReLU whose input turned negative
-        everywhere stops all reconstruction gradient, and the l2 run collapsed that way (docstring, 'Measured, l2')."""
+        """ReLU output (exact zeros); with straight_through (--matching l2) its gradient passes as if linear: a
+        plain ReLU whose input turned negative everywhere stops all reconstruction gradient, and the l2 run
+        collapsed that way (docstring, 'Measured, l2'). The same outputs either way; only training differs."""
         h = self.head(code).view(-1, 2 * self.w, self.h0, self.w0)
         o = self.net(h)
-        return (o + (F.relu(o) - o).detach())[..., :self.shape[0], :self.shape[1]]
+        o = o + (F.relu(o) - o).detach() if self.st else F.relu(o)
+        return o[..., :self.shape[0], :self.shape[1]]
 
 
 class NoiseGenerator(nn.Module):
@@ -338,11 +341,11 @@ class SAE(nn.Module):
     encoder is the ViT encoder (no condition token), its 36 x 96 tokens flattened, dense to 20, ReLU; the decoder
     a dense 20 -> 36 x 64 tokens and the ViT decoder (no condition token), as the authors' code."""
 
-    def __init__(self, shape, width=8, hidden=64, ng_hidden=32, arch="cnn", blocks=4):
+    def __init__(self, shape, width=8, hidden=64, ng_hidden=32, arch="cnn", blocks=4, straight_through=False):
         super().__init__()
         self.ng = NoiseGenerator(ng_hidden)
         if arch == "cnn":
-            self.enc, self.dec = Encoder(shape, width, hidden), Decoder(shape, width, hidden)
+            self.enc, self.dec = Encoder(shape, width, hidden), Decoder(shape, width, hidden, straight_through)
             return
         T = vit_grid(shape)[0] * vit_grid(shape)[1]
         self.enc = nn.Sequential(ViTEncoder(shape, width, blocks), nn.Flatten(), nn.Linear(T * width, CODE), nn.ReLU())
@@ -362,7 +365,7 @@ class SAE(nn.Module):
 def build_model(cfg):
     """The network described by a checkpoint's args."""
     return SAE(data.SHAPES[cfg["detector"] or "neutron"], cfg["width"], cfg["hidden"], cfg["ng_hidden"],
-               cfg.get("arch", "cnn"), cfg.get("blocks") or 4)
+               cfg.get("arch", "cnn"), cfg.get("blocks") or 4, straight_through=cfg.get("matching") == "l2")
 
 
 def build_networks(cfg):

@@ -177,13 +177,20 @@ def test_shapes_seeds_and_non_negativity(shape):
 
 
 def test_a_decoder_output_dead_everywhere_still_gets_reconstruction_gradient():
-    """The CNN decoder's output ReLU passes the gradient straight through: with its last bias at -100 every pixel
-    is exactly 0, and the reconstruction error still moves that bias up (a plain ReLU gives it zero gradient)."""
+    """With --matching l2 the CNN decoder's output ReLU passes the gradient straight through: with its last bias at
+    -100 every pixel is exactly 0, and the reconstruction error still moves that bias up; the plain ReLU of the
+    Sinkhorn default gives it zero gradient, and both give the same outputs."""
     torch.manual_seed(0)
-    dec = sae_ng.Decoder((44, 44), width=4, hidden=16)
-    with torch.no_grad():
-        dec.net[-1].bias.fill_(-100.0)
-    out = dec(torch.rand(3, sae_ng.CODE))
-    assert torch.equal(out, torch.zeros_like(out))
-    (out - torch.rand_like(out)).pow(2).sum().backward()
-    assert dec.net[-1].bias.grad.item() < 0                     # gradient descent raises the bias
+    code, target = torch.rand(3, sae_ng.CODE), torch.rand(3, 1, 44, 44)
+    grads = {}
+    for matching in ("l2", "sinkhorn"):
+        model = sae_ng.build_model(dict(detector="neutron", width=4, hidden=16, ng_hidden=8, matching=matching))
+        torch.manual_seed(1)
+        model.dec.load_state_dict(sae_ng.Decoder((44, 44), width=4, hidden=16).state_dict())
+        with torch.no_grad():
+            model.dec.net[-1].bias.fill_(-100.0)
+        out = model.dec(code)
+        assert torch.equal(out, torch.zeros_like(out))
+        (out - target).pow(2).sum().backward()
+        grads[matching] = model.dec.net[-1].bias.grad.item()
+    assert grads["l2"] < 0 and grads["sinkhorn"] == 0                # descent raises the bias only through ST

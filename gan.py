@@ -209,11 +209,12 @@ class ViTEncoder(nn.Module):
 class ViTDecoder(nn.Module):
     """Tokens (n, T, d_in) [and condition (n, c)] -> log1p image (n, 1, H, W) >= 0: linear projection, learned
     positional embedding, the condition token prepended, transformer blocks, the condition token dropped, a
-    transposed convolution (kernel = stride = 8) to one channel, ReLU(. + offset) (exact zeros), centre crop."""
+    transposed convolution (kernel = stride = 8) to one channel, ReLU(. + offset) (exact zeros; its gradient
+    passes as if linear with straight_through: the same outputs), centre crop."""
 
-    def __init__(self, shape, d_in, dim, blocks=4, n_cond=0, offset=0.0, heads=4, dropout=0.1):
+    def __init__(self, shape, d_in, dim, blocks=4, n_cond=0, offset=0.0, heads=4, dropout=0.1, straight_through=False):
         super().__init__()
-        self.shape, self.grid, self.offset = tuple(shape), vit_grid(shape), offset
+        self.shape, self.grid, self.offset, self.st = tuple(shape), vit_grid(shape), offset, straight_through
         self.proj = nn.Linear(d_in, dim)
         self.pos = nn.Parameter(0.02 * torch.randn(self.grid[0] * self.grid[1], dim))
         self.cond = nn.Linear(n_cond, dim) if n_cond else None
@@ -227,7 +228,8 @@ class ViTDecoder(nn.Module):
             h = torch.cat([self.cond(cond)[:, None], h], 1)
         h = self.blocks(h)
         h = h[:, 1:] if self.cond is not None else h
-        img = F.relu(self.unpatch(h.transpose(1, 2).reshape(len(h), -1, gh, gw)) + self.offset)
+        img = self.unpatch(h.transpose(1, 2).reshape(len(h), -1, gh, gw)) + self.offset
+        img = img + (F.relu(img) - img).detach() if self.st else F.relu(img)     # straight-through: gradient as if linear
         top, left = (gh * PATCH - H) // 2, (gw * PATCH - W) // 2
         return img[..., top:top + H, left:left + W]
 

@@ -16,6 +16,12 @@ def test_results_md_is_generated_from_the_committed_json():
         "RESULTS.md is stale: run `python metrics.py --results results/ > RESULTS.md`"
 
 
+def test_table43_md_is_generated_from_the_committed_json():
+    assert metrics.table43(ROOT / "results") == (ROOT / "docs" / "table43.md").read_text().replace(
+        "--results results ", f"--results {(ROOT / 'results').as_posix()} "), \
+        "docs/table43.md is stale: run `python metrics.py --results results --table43 > docs/table43.md`"
+
+
 def row(w, auc=None):
     r = {"W": [w, 0.1], "MAE": [10.0, 0.0], "empty": [0.0, 0.0]}
     return {**r, "auc": [auc, 0.01]} if auc is not None else r

@@ -194,3 +194,22 @@ def test_a_decoder_output_dead_everywhere_still_gets_reconstruction_gradient():
         (out - target).pow(2).sum().backward()
         grads[matching] = model.dec.net[-1].bias.grad.item()
     assert grads["l2"] < 0 and grads["sinkhorn"] == 0                # descent raises the bias only through ST
+
+
+def test_the_vit_code_and_output_pass_gradient_when_dead():
+    """--arch vit (either matching): the ViT's code ReLU and output ReLU are straight-through. A plain ReLU pair died
+    within 25 steps of the default run (every code and pixel 0, no gradient left: docstring, 'Measured, ViT').
+    With both biases at -100 the code and the image are exactly 0, and the reconstruction error still reaches the
+    encoder's last layer and the decoder's last bias."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 44, 44)
+    model = sae_ng.build_model(dict(detector="neutron", width=16, hidden=8, ng_hidden=8, matching="sinkhorn",
+                                    arch="vit", blocks=1))
+    with torch.no_grad():
+        model.enc[2].bias.fill_(-100.0)
+        model.dec[2].unpatch.bias.fill_(-100.0)
+    code = model.encode(x)
+    out = model.decode(code)
+    assert torch.equal(code, torch.zeros_like(code)) and torch.equal(out, torch.zeros_like(out))
+    (out - x).pow(2).sum().backward()
+    assert model.dec[2].unpatch.bias.grad.item() < 0 and model.enc[2].weight.grad.abs().sum() > 0

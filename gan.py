@@ -51,7 +51,11 @@ Backbones (`--arch`): vit, the thesis' final GAN (Section 4.9, built from its Vi
 positional embedding, the condition as first token, 4 pre-LayerNorm blocks of 4 heads, MLP 4x GELU, dropout 0.1,
 transposed conv 8x8 stride 8, ReLU(. + 0.5), crop of the 48x48 frame; ZP: 56x32, 7x4 tokens), 915,841
 parameters; D = the ViT encoder of width 128 with the condition token, a dense 128 per token, flatten, dense 128
--> 64 -> logit (GELU), 1,422,337. --dropout and --d-norm act on the CNN only. cnn: the conv GAN below (CPU
+-> 64 -> logit (GELU), 1,422,337. --dropout and --d-norm act on the CNN only. vdvae: the same layout on the
+thesis' CNN pair (Sec. 4.4, VDVAE-style bottleneck blocks, BatchNorm; vae.py's docstring describes it): G = dense
+(z, c) -> 6x6 tokens of w, the CNN decoder with the condition at every token; D = the CNN encoder with the
+condition at every token, the ViT D's head; `--paper --arch vdvae`: w = 64, G 455,585, D 775,585 (the thesis
+reports its GAN only on the ViT). cnn: the conv GAN below (CPU
 default; the ViT pair took 6x longer per D + G step on 2 cores: 1.28 s vs 0.21 s at batch 128, tools/time_arch.py). Deviations from the paper (docs/fidelity/gan.md): `--arch cnn` is the conditional conv GAN of the
 authors' earlier code, whose generator starts from a 13x13 dense layer with "valid" convs (5.6M parameters);
 here the start is H/4 x W/4 with padded convs, so one network serves both detectors, and widths are chosen to
@@ -90,6 +94,7 @@ PAPER = dict(epochs=100, batch_size=256, lr=1e-4, d_lr=1.4e-5, g_betas=[0.76, 0.
 # sizes per backbone: (CPU default, --paper). --paper builds the thesis' ViT GAN (Sec. 4.9: ~1M-parameter ViT
 # models; token width 128 in G and D in the authors' code); --paper --arch cnn the conv GAN (G 0.89M, D 1.41M)
 ARCH = {"cnn": (dict(width=14, d_width=8), dict(width=14, d_width=44)),
+        "vdvae": (dict(width=16, d_width=16), dict(width=64, d_width=64)),     # the thesis' CNN pair, 64 / 128 / 256
         "vit": (dict(width=128, d_width=128, blocks=4), dict(width=128, d_width=128, blocks=4))}
 _SRC = "our count of the authors' ViT GAN (m-wojnar/zdc gan.py + architectures/vit.py; thesis Sec. 4.9: ~1M)"
 PUBLISHED = {"generator": (915_841, _SRC), "discriminator": (1_422_337, _SRC)}   # MODELS.md: G ~0.9M, D ~1.4M
@@ -100,8 +105,9 @@ def get_args(argv=None):
                                 epilog=__doc__[__doc__.index("Usage:"):])
     data.add_common_args(p, NAME)
     g = p.add_argument_group("GAN (--lr is the generator's learning rate)")
-    g.add_argument("--arch", default=None, choices=["cnn", "vit"],
-                   help="backbone: cnn (CPU default) or vit (the thesis' ViT pair; the default under --paper)")
+    g.add_argument("--arch", default=None, choices=["cnn", "vdvae", "vit"],
+                   help="backbone: cnn (this repository's compact conv pair, CPU default), vdvae (the thesis' CNN pair, "
+                        "VDVAE-style bottleneck blocks) or vit (the thesis' ViT pair; the default under --paper)")
     g.add_argument("--width", "--g-width", dest="width", type=int, default=None,
                    help="cnn: generator channels w (dense to 2w, convs 2w, w), 14 (--g-width: its old name); vit: "
                         "generator token width (128)")
@@ -265,6 +271,72 @@ class Discriminator(nn.Module):
         return self.head(torch.cat([self.conv(x), cond], 1))[:, 0]
 
 
+# The thesis' CNN pair (Sec. 4.4; --arch vdvae), written out in the same words in vae.py, sae_ng.py, gan.py
+class BottleneckBlock(nn.Module):
+    """VDVAE-style residual block: GELU, 1x1 conv to c/4, GELU, 3x3, GELU, 3x3, GELU, 1x1 back to c; plus its input."""
+
+    def __init__(self, c):
+        super().__init__()
+        q = max(c // 4, 1)
+        self.net = nn.Sequential(nn.GELU(), nn.Conv2d(c, q, 1), nn.GELU(), nn.Conv2d(q, q, 3, padding=1), nn.GELU(),
+                                 nn.Conv2d(q, q, 3, padding=1), nn.GELU(), nn.Conv2d(q, c, 1))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+def conv_grids(shape):
+    """Token grids of the CNN pair: the encoder's (three 2x2 average poolings, floored: ZN 44 -> 22 -> 11 -> 5, 25
+    tokens; ZP 7x3) and the decoder's (the image and a 2-pixel border for its unpadded 5x5 conv, / 8: ZN 6x6)."""
+    return (shape[0] // 8, shape[1] // 8), (math.ceil((shape[0] + 4) / 8), math.ceil((shape[1] + 4) / 8))
+
+
+class ConvEncoder(nn.Module):
+    """log1p image (n, 1, H, W) [and condition (n, c)] -> tokens (n, T, 4w [+ c]): three stages of (1x1 conv to w,
+    2w, 4w channels, two bottleneck blocks, BatchNorm, 2x2 average pooling; w = 64 in the thesis), LeakyReLU(0.1),
+    the condition concatenated to every token."""
+
+    def __init__(self, width=64, n_cond=0):
+        super().__init__()
+        layers, ci = [], 1
+        for c in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(ci, c, 1), BottleneckBlock(c), BottleneckBlock(c), nn.BatchNorm2d(c), nn.AvgPool2d(2)]
+            ci = c
+        self.net, self.n_cond = nn.Sequential(*layers), n_cond
+
+    def forward(self, x, cond=None):
+        h = F.leaky_relu(self.net(x).flatten(2).transpose(1, 2), 0.1)
+        return torch.cat([h, cond[:, None].expand(-1, h.shape[1], -1)], 2) if self.n_cond else h
+
+
+class ConvDecoder(nn.Module):
+    """Tokens (n, T, d_in) [and condition (n, c)] -> log1p image (n, 1, H, W) >= 0: the condition concatenated to
+    every token, dense to 4w, the tokens as the decoder grid of conv_grids, three stages of (1x1 conv to 4w, 2w, w
+    channels, nearest x2 upsampling, two bottleneck blocks, BatchNorm), an unpadded 5x5 conv to one channel,
+    ReLU(. + offset) (exact zeros; straight-through gradient with straight_through), centre crop (ZN: none)."""
+
+    def __init__(self, shape, d_in, width=64, n_cond=0, offset=0.0, straight_through=False):
+        super().__init__()
+        self.shape, self.grid, self.n_cond = tuple(shape), conv_grids(shape)[1], n_cond
+        self.offset, self.st = offset, straight_through
+        self.proj = nn.Linear(d_in + n_cond, 4 * width)
+        layers, ci = [], 4 * width
+        for c in (4 * width, 2 * width, width):
+            layers += [nn.Conv2d(ci, c, 1), nn.Upsample(scale_factor=2), BottleneckBlock(c), BottleneckBlock(c),
+                       nn.BatchNorm2d(c)]
+            ci = c
+        self.net = nn.Sequential(*layers, nn.Conv2d(ci, 1, 5))
+
+    def forward(self, z, cond=None):
+        (H, W), (gh, gw) = self.shape, self.grid
+        if self.n_cond:
+            z = torch.cat([z, cond[:, None].expand(-1, z.shape[1], -1)], 2)
+        img = self.net(self.proj(z).transpose(1, 2).unflatten(2, (gh, gw))) + self.offset
+        img = img + (F.relu(img) - img).detach() if self.st else F.relu(img)     # straight-through: gradient as if linear
+        top, left = (img.shape[-2] - H) // 2, (img.shape[-1] - W) // 2
+        return img[..., top:top + H, left:left + W]
+
+
 class ViTGenerator(nn.Module):
     """--arch vit, as the authors' code: dense (z, c) -> 36 tokens of `width`, the ViT decoder with the condition
     token (dropout 0.1 in its blocks, as the thesis' ViT; --dropout is the CNN's)."""
@@ -294,17 +366,49 @@ class ViTDiscriminator(nn.Module):
         return self.head(self.enc(x, cond))[:, 0]
 
 
+class ConvGenerator(nn.Module):
+    """--arch vdvae, the ViT GAN's layout on the thesis' CNN pair: dense (z, c) -> the decoder grid's tokens of
+    `width`, the CNN decoder with the condition at every token."""
+
+    def __init__(self, shape, width, n_cond=9):
+        super().__init__()
+        T = conv_grids(shape)[1][0] * conv_grids(shape)[1][1]
+        self.dense = nn.Sequential(nn.Linear(NOISE + n_cond, T * width), nn.Unflatten(1, (T, width)))
+        self.dec = ConvDecoder(shape, width, width, n_cond, offset=0.5)
+
+    def forward(self, z, cond):
+        return self.dec(self.dense(torch.cat([z, cond], 1)), cond)
+
+
+class ConvDiscriminator(nn.Module):
+    """--arch vdvae: the CNN encoder with the condition at every token, then the ViT discriminator's head."""
+
+    def __init__(self, shape, width, n_cond=9):
+        super().__init__()
+        T, d = conv_grids(shape)[0][0] * conv_grids(shape)[0][1], 4 * width + n_cond
+        self.enc = ConvEncoder(width, n_cond)
+        self.head = nn.Sequential(nn.Linear(d, 128), nn.Flatten(), nn.Linear(T * 128, 128), nn.GELU(approximate="tanh"),
+                                  nn.Linear(128, 64), nn.GELU(approximate="tanh"), nn.Linear(64, 1))
+
+    def forward(self, x, cond):
+        return self.head(self.enc(x, cond))[:, 0]
+
+
 def build_model(cfg):
     """The generator described by a checkpoint's args (the network that samples); checkpoints from before
     --width call its width g_width, from before --arch are the CNN."""
     if cfg.get("arch", "cnn") == "vit":
         return ViTGenerator(data.SHAPES[cfg["detector"]], cfg["width"], cfg["blocks"])
+    if cfg.get("arch") == "vdvae":
+        return ConvGenerator(data.SHAPES[cfg["detector"]], cfg["width"])
     return Generator(data.SHAPES[cfg["detector"]], cfg["width"] if "width" in cfg else cfg["g_width"], cfg["dropout"])
 
 
 def build_discriminator(cfg):
     if cfg.get("arch", "cnn") == "vit":
         return ViTDiscriminator(data.SHAPES[cfg["detector"]], cfg["d_width"], cfg["blocks"])
+    if cfg.get("arch") == "vdvae":
+        return ConvDiscriminator(data.SHAPES[cfg["detector"]], cfg["d_width"])
     return Discriminator(data.SHAPES[cfg["detector"]], cfg["d_width"], cfg["dropout"], cfg.get("d_norm", "batch") == "batch")
 
 

@@ -37,6 +37,9 @@ encoder's codes of the training set (same matching term; `--ng-batch`, Adam at `
 `--resume --ng-steps N` adds it to a finished run. Not yet measured on top of the end-to-end run (CPU
 budget); in the earlier, detached version it took W from ~50 to 20.9.
 
+`--arch vdvae`: the thesis' CNN pair (Sec. 4.4; vae.py's docstring) in the ViT's places: encoder 5x5 tokens of 4w,
+flattened, dense to 20, ReLU; decoder dense 20 -> 6x6 tokens of 64, the CNN decoder; `--paper --arch vdvae`: w = 64,
+E 451,508, D 455,585, Table A.1's CNN optimiser column.
 Encoder: 3x3 convs (w, 2w, 2w channels, the last two with stride 2: ZN 44x44 -> 11x11; ZP padded to 56x32 ->
 14x8), dense `--hidden` -> 20, ReLU. Decoder: dense 20 -> `--hidden` -> (2w, H/4, W/4), two nearest x2
 upsamplings each followed by a 3x3 conv (w channels), a 3x3 conv to 1 channel, ReLU (straight-through gradient
@@ -130,6 +133,8 @@ PAPER = dict(epochs=100, batch_size=256, lr=3.5e-3, betas=[0.64, 0.73], adam_eps
 # at a constant rate; --paper alone the ViT column in PAPER)
 ARCH = {"cnn": (dict(width=8, hidden=64), dict(width=16, hidden=64, lr=1.4e-3, betas=[0.76, 0.88], adam_eps=6.1e-8,
                                                weight_decay=0.0, onecycle=[0.0, 1.0, 1.0], nesterov=True)),
+        "vdvae": (dict(width=16, hidden=64), dict(width=64, hidden=64, lr=1.4e-3, betas=[0.76, 0.88], adam_eps=6.1e-8,
+                                                  weight_decay=0.0, onecycle=[0.0, 1.0, 1.0], nesterov=True)),
         "vit": (dict(width=96, hidden=64, blocks=4), dict(width=96, hidden=64, blocks=4))}
 # the thesis gives "approximately one million parameters" per model (Section 4.4); these are our counts of the
 # authors' ViT autoencoder with noise generator (m-wojnar/zdc noise_generator_mse.py + architectures/vit.py)
@@ -142,8 +147,9 @@ def get_args(argv=None):
                                 epilog=__doc__[__doc__.index("Usage:"):])
     data.add_common_args(p, NAME)
     g = p.add_argument_group("Sinkhorn autoencoder with noise generator (unset: DEFAULTS, or PAPER with --paper)")
-    g.add_argument("--arch", default=None, choices=["cnn", "vit"],
-                   help="backbone: cnn (CPU default) or vit (the thesis' ViT pair; the default under --paper)")
+    g.add_argument("--arch", default=None, choices=["cnn", "vdvae", "vit"],
+                   help="backbone: cnn (this repository's compact conv pair, CPU default), vdvae (the thesis' CNN pair, "
+                        "VDVAE-style bottleneck blocks) or vit (the thesis' ViT pair; the default under --paper)")
     g.add_argument("--width", type=int, default=None, help="cnn: conv channels w (encoder w, 2w, 2w; decoder w); "
                    "vit: token width (96)")
     g.add_argument("--hidden", type=int, default=None, help="cnn: dense layer width of encoder and decoder; vit: "
@@ -199,6 +205,7 @@ def get_args(argv=None):
     if args.smoke:   # stage 1 is one epoch of 5 batches; stage 2 (if asked for) three steps
         args.limit, args.ng_hidden, args.batch_size = args.limit or 1500, 8, 256
         args.width, args.hidden, args.blocks = (16, 8, 1) if args.arch == "vit" else (4, 16, args.blocks)
+        args.width = 8 if args.arch == "vdvae" else args.width
         args.epochs = 1
         args.ng_steps, args.ng_batch = min(args.ng_steps, 3), 64
         args.max_test, args.reps, args.ckpt_every = min(args.max_test or 200, 200), min(args.reps, 2), 3
@@ -355,6 +362,72 @@ class ViTDecoder(nn.Module):
         return img[..., top:top + H, left:left + W]
 
 
+# The thesis' CNN pair (Sec. 4.4; --arch vdvae), written out in the same words in vae.py, sae_ng.py, gan.py
+class BottleneckBlock(nn.Module):
+    """VDVAE-style residual block: GELU, 1x1 conv to c/4, GELU, 3x3, GELU, 3x3, GELU, 1x1 back to c; plus its input."""
+
+    def __init__(self, c):
+        super().__init__()
+        q = max(c // 4, 1)
+        self.net = nn.Sequential(nn.GELU(), nn.Conv2d(c, q, 1), nn.GELU(), nn.Conv2d(q, q, 3, padding=1), nn.GELU(),
+                                 nn.Conv2d(q, q, 3, padding=1), nn.GELU(), nn.Conv2d(q, c, 1))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+def conv_grids(shape):
+    """Token grids of the CNN pair: the encoder's (three 2x2 average poolings, floored: ZN 44 -> 22 -> 11 -> 5, 25
+    tokens; ZP 7x3) and the decoder's (the image and a 2-pixel border for its unpadded 5x5 conv, / 8: ZN 6x6)."""
+    return (shape[0] // 8, shape[1] // 8), (math.ceil((shape[0] + 4) / 8), math.ceil((shape[1] + 4) / 8))
+
+
+class ConvEncoder(nn.Module):
+    """log1p image (n, 1, H, W) [and condition (n, c)] -> tokens (n, T, 4w [+ c]): three stages of (1x1 conv to w,
+    2w, 4w channels, two bottleneck blocks, BatchNorm, 2x2 average pooling; w = 64 in the thesis), LeakyReLU(0.1),
+    the condition concatenated to every token."""
+
+    def __init__(self, width=64, n_cond=0):
+        super().__init__()
+        layers, ci = [], 1
+        for c in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(ci, c, 1), BottleneckBlock(c), BottleneckBlock(c), nn.BatchNorm2d(c), nn.AvgPool2d(2)]
+            ci = c
+        self.net, self.n_cond = nn.Sequential(*layers), n_cond
+
+    def forward(self, x, cond=None):
+        h = F.leaky_relu(self.net(x).flatten(2).transpose(1, 2), 0.1)
+        return torch.cat([h, cond[:, None].expand(-1, h.shape[1], -1)], 2) if self.n_cond else h
+
+
+class ConvDecoder(nn.Module):
+    """Tokens (n, T, d_in) [and condition (n, c)] -> log1p image (n, 1, H, W) >= 0: the condition concatenated to
+    every token, dense to 4w, the tokens as the decoder grid of conv_grids, three stages of (1x1 conv to 4w, 2w, w
+    channels, nearest x2 upsampling, two bottleneck blocks, BatchNorm), an unpadded 5x5 conv to one channel,
+    ReLU(. + offset) (exact zeros; straight-through gradient with straight_through), centre crop (ZN: none)."""
+
+    def __init__(self, shape, d_in, width=64, n_cond=0, offset=0.0, straight_through=False):
+        super().__init__()
+        self.shape, self.grid, self.n_cond = tuple(shape), conv_grids(shape)[1], n_cond
+        self.offset, self.st = offset, straight_through
+        self.proj = nn.Linear(d_in + n_cond, 4 * width)
+        layers, ci = [], 4 * width
+        for c in (4 * width, 2 * width, width):
+            layers += [nn.Conv2d(ci, c, 1), nn.Upsample(scale_factor=2), BottleneckBlock(c), BottleneckBlock(c),
+                       nn.BatchNorm2d(c)]
+            ci = c
+        self.net = nn.Sequential(*layers, nn.Conv2d(ci, 1, 5))
+
+    def forward(self, z, cond=None):
+        (H, W), (gh, gw) = self.shape, self.grid
+        if self.n_cond:
+            z = torch.cat([z, cond[:, None].expand(-1, z.shape[1], -1)], 2)
+        img = self.net(self.proj(z).transpose(1, 2).unflatten(2, (gh, gw))) + self.offset
+        img = img + (F.relu(img) - img).detach() if self.st else F.relu(img)     # straight-through: gradient as if linear
+        top, left = (img.shape[-2] - H) // 2, (img.shape[-1] - W) // 2
+        return img[..., top:top + H, left:left + W]
+
+
 class SAE(nn.Module):
     """Autoencoder (image <-> 20-d ReLU code) and noise generator (noise, condition) -> code. --arch vit: the
     encoder is the ViT encoder (no condition token), its 36 x 96 tokens flattened, dense to 20, ReLU; the decoder
@@ -366,11 +439,14 @@ class SAE(nn.Module):
         if arch == "cnn":
             self.enc, self.dec = Encoder(shape, width, hidden), Decoder(shape, width, hidden, straight_through)
             return
-        T = vit_grid(shape)[0] * vit_grid(shape)[1]
-        self.enc = nn.Sequential(ViTEncoder(shape, width, blocks), nn.Flatten(), nn.Linear(T * width, CODE),
+        vit = arch == "vit"                 # --arch vdvae: the thesis' CNN pair in the same places
+        (eh, ew), (gh, gw) = (vit_grid(shape),) * 2 if vit else conv_grids(shape)
+        self.enc = nn.Sequential(ViTEncoder(shape, width, blocks) if vit else ConvEncoder(width), nn.Flatten(),
+                                 nn.Linear(eh * ew * (width if vit else 4 * width), CODE),
                                  STReLU() if straight_through else nn.ReLU())
-        self.dec = nn.Sequential(nn.Linear(CODE, T * hidden), nn.Unflatten(1, (T, hidden)),
-                                 ViTDecoder(shape, hidden, width, blocks, offset=0.5, straight_through=straight_through))
+        self.dec = nn.Sequential(nn.Linear(CODE, gh * gw * hidden), nn.Unflatten(1, (gh * gw, hidden)),
+                                 ViTDecoder(shape, hidden, width, blocks, offset=0.5, straight_through=straight_through)
+                                 if vit else ConvDecoder(shape, hidden, width, offset=0.5, straight_through=straight_through))
 
     def encode(self, x):
         return self.enc(x)
@@ -676,7 +752,7 @@ def evaluate(args):
     rec_w = metrics.wasserstein(true, rec)[0]
     print(f"reconstruction Wasserstein (encode -> decode of the test responses): {rec_w:.3f}")
     path = Path(args.ckpt or Path(args.out) / "ckpt.pt").with_name("eval.json")
-    arch = ", vit" if ck["args"].get("arch") == "vit" else ""
+    arch = f", {ck['args']['arch']}" if ck["args"].get("arch", "cnn") != "cnn" else ""
     return metrics.run_eval(generator_fn(model, dev, args.amp), split, path, args, f"{NAME} ({ck['args']['matching']}{arch})",
                             dict(reconstruction_W=rec_w, matching=ck["args"]["matching"], n_params=ck["n_params"],
                                  train_steps=ck["step"]))

@@ -28,6 +28,12 @@ of 64, projection to 96 + positional embedding + the condition token, 4 blocks, 
 (kernel = stride = 8) to one channel, ReLU(. + 0.5), crop. 1,020,757 parameters (the authors' variational.py with
 architectures/vit.py: 1,020,217; ours also gives the decoder the condition token, as the thesis' text says, and
 has one 20-output layer for (mu, logvar) where theirs has a ReLU and two 10-output heads).
+vdvae, the thesis' CNN pair (Sec. 4.4; the authors' architectures/conv.py), in the same token layout: three
+stages of (1x1 conv to w, 2w, 4w channels, two VDVAE-style bottleneck blocks (GELU, 1x1 to a quarter width, two
+3x3, 1x1 back, residual), BatchNorm, 2x2 average pooling): ZN 44x44 -> 5x5 tokens of 4w, LeakyReLU(0.1), the
+condition joined to every token. Decoder: the condition joined to each of the 6x6 tokens, dense to 4w, three
+stages of (1x1 conv, nearest x2 upsampling, two blocks, BatchNorm) to 48x48, an unpadded 5x5 conv to 44x44,
+ReLU(. + 0.5). `--paper --arch vdvae`: w = 64 (64 / 128 / 256 channels, 828,117 parameters); CPU w = 16.
 Variants (`--variant`, Table 4.3's rows): embedding, a learned 16-d embedding of the particle type (the PDG id,
 10th column of the particles file; 22 classes: the toy's 21 types and "other") joined to the condition wherever
 the VAE reads it (a clear error when the data has 9 columns); supervised, the supervised autoencoder (thesis eq.
@@ -51,9 +57,9 @@ Logged every --val-every steps: train loss (reconstruction + kl x KL), train KL,
 nats), val_W (Wasserstein of 1000 generated samples) and rec_W (encode -> decode of the same 1000 responses:
 the best the decoder can do). --eval also stores reconstruction_W in eval.json.
 
-Deviations: `--arch cnn` is this repository's conv pair, not the thesis' VDVAE-style CNN (bottleneck blocks,
-BatchNorm, average pooling); `--paper --arch cnn` builds it at the same size class (width 16, hidden 128, 1.02M).
-The optimiser follows the backbone: Table A.1's CNN column for `--arch cnn` (NAdam, constant rate), its ViT
+Deviations: `--arch cnn` is this repository's conv pair, not the thesis' CNN (that is `--arch vdvae`); `--paper
+--arch cnn` builds it at the same size class (width 16, hidden 128, 1.02M). The optimiser follows the backbone:
+Table A.1's CNN column for `--arch cnn` and `vdvae` (NAdam, constant rate), its ViT
 column for `--arch vit` (AdamW lr 3.5e-3, betas 0.64 / 0.73, eps 1.5e-7, weight decay 0.068, one-cycle cosine:
 initial div 35, final div 770, warm-up 32 % of --epochs' steps). CPU default: the CNN, width 8, hidden 64 (0.26M), batch 128, 2 epochs instead of
 256 and 100; the ViT took 4.2x longer per training step on 2 cores (0.41 s vs 0.10 s at batch 128; 0.43 vs 0.19
@@ -121,6 +127,7 @@ PAPER = dict(epochs=100, batch_size=256, lr=1.4e-3)    # Table 4.2 and A.1
 # sizes per backbone: (CPU default, --paper). --paper builds the thesis' ViT (Sec. 4.4: 4 blocks, 4 heads, token
 # width 96, per-token dense 64); --paper --arch cnn the conv pair at the same size class (width 16, hidden 128)
 ARCH = {"cnn": (dict(width=8, hidden=64), dict(width=16, hidden=128)),
+        "vdvae": (dict(width=16, hidden=64), dict(width=64, hidden=64)),     # the thesis' CNN: 64 / 128 / 256 channels
         "vit": (dict(width=96, hidden=64, blocks=4, lr=3.5e-3), dict(width=96, hidden=64, blocks=4, lr=3.5e-3))}
 TYPE_DIM = 16    # --variant embedding: width of the learned particle-type embedding (the authors' embedding.py)
 PUBLISHED = {"vae": (1_020_217, "thesis Sec. 4.4 'approximately one million'; 1,020,217 is our count of the "
@@ -132,14 +139,15 @@ def get_args(argv=None):
                                 epilog=__doc__[__doc__.index("Usage:"):])
     data.add_common_args(p, NAME)
     g = p.add_argument_group("VAE")
-    g.add_argument("--arch", default=None, choices=["cnn", "vit"],
-                   help="backbone: cnn (CPU default) or vit (the thesis' ViT pair; the default under --paper)")
+    g.add_argument("--arch", default=None, choices=["cnn", "vdvae", "vit"],
+                   help="backbone: cnn (this repository's compact conv pair, CPU default), vdvae (the thesis' CNN pair, "
+                        "VDVAE-style bottleneck blocks) or vit (the thesis' ViT pair; the default under --paper)")
     g.add_argument("--variant", default="vae", choices=["vae", "embedding", "supervised"],
                    help="vae; embedding (VAE + a learned embedding of the particle type, the PDG id of the 10th "
                         "particles column, joined to the condition); supervised (autoencoder whose latent is the "
                         "predicted particle features, thesis eq. 3.5; deterministic)")
     g.add_argument("--width", type=int, default=None, help="cnn: conv channels w (encoder w, 2w, 2w; decoder w), CPU 8, "
-                   "paper 16; vit: token width (96)")
+                   "paper 16; vdvae: stage channels w, 2w, 4w, CPU 16, paper 64; vit: token width (96)")
     g.add_argument("--hidden", type=int, default=None, help="cnn: dense layer width, CPU 64, paper 128; vit: the "
                    "per-token width at the latent (64)")
     g.add_argument("--blocks", type=int, default=None, help="vit: transformer blocks in encoder and decoder (4)")
@@ -170,7 +178,7 @@ def get_args(argv=None):
         if getattr(args, k) is not None and getattr(args, k) <= 0:
             p.error(f"--{k} must be positive (got {getattr(args, k)})")
     args.arch = args.arch or ("vit" if args.paper else "cnn")   # explicit > --paper > CPU default
-    if (args.arch == "vit" or args.variant != "vae") and (args.cond, args.enc_cond) != ("input", "dense"):
+    if (args.arch != "cnn" or args.variant != "vae") and (args.cond, args.enc_cond) != ("input", "dense"):
         p.error("--cond every and --enc-cond are options of the CNN VAE (--arch cnn --variant vae)")
     if not args.beta >= 0:
         p.error("--beta must be >= 0")
@@ -183,6 +191,7 @@ def get_args(argv=None):
     if args.smoke:
         args.limit, args.batch_size = args.limit or 1500, 32
         args.width, args.hidden, args.blocks = (16, 8, 1) if args.arch == "vit" else (4, 16, args.blocks)
+        args.width = 8 if args.arch == "vdvae" else args.width
         args.max_steps = args.max_steps or 6
         args.max_test, args.reps, args.ckpt_every = min(args.max_test or 200, 200), min(args.reps, 2), 3
     args.out = args.out or f"runs/{NAME}"
@@ -276,6 +285,72 @@ class ViTDecoder(nn.Module):
         return img[..., top:top + H, left:left + W]
 
 
+# The thesis' CNN pair (Sec. 4.4; --arch vdvae), written out in the same words in vae.py, sae_ng.py, gan.py
+class BottleneckBlock(nn.Module):
+    """VDVAE-style residual block: GELU, 1x1 conv to c/4, GELU, 3x3, GELU, 3x3, GELU, 1x1 back to c; plus its input."""
+
+    def __init__(self, c):
+        super().__init__()
+        q = max(c // 4, 1)
+        self.net = nn.Sequential(nn.GELU(), nn.Conv2d(c, q, 1), nn.GELU(), nn.Conv2d(q, q, 3, padding=1), nn.GELU(),
+                                 nn.Conv2d(q, q, 3, padding=1), nn.GELU(), nn.Conv2d(q, c, 1))
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+def conv_grids(shape):
+    """Token grids of the CNN pair: the encoder's (three 2x2 average poolings, floored: ZN 44 -> 22 -> 11 -> 5, 25
+    tokens; ZP 7x3) and the decoder's (the image and a 2-pixel border for its unpadded 5x5 conv, / 8: ZN 6x6)."""
+    return (shape[0] // 8, shape[1] // 8), (math.ceil((shape[0] + 4) / 8), math.ceil((shape[1] + 4) / 8))
+
+
+class ConvEncoder(nn.Module):
+    """log1p image (n, 1, H, W) [and condition (n, c)] -> tokens (n, T, 4w [+ c]): three stages of (1x1 conv to w,
+    2w, 4w channels, two bottleneck blocks, BatchNorm, 2x2 average pooling; w = 64 in the thesis), LeakyReLU(0.1),
+    the condition concatenated to every token."""
+
+    def __init__(self, width=64, n_cond=0):
+        super().__init__()
+        layers, ci = [], 1
+        for c in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(ci, c, 1), BottleneckBlock(c), BottleneckBlock(c), nn.BatchNorm2d(c), nn.AvgPool2d(2)]
+            ci = c
+        self.net, self.n_cond = nn.Sequential(*layers), n_cond
+
+    def forward(self, x, cond=None):
+        h = F.leaky_relu(self.net(x).flatten(2).transpose(1, 2), 0.1)
+        return torch.cat([h, cond[:, None].expand(-1, h.shape[1], -1)], 2) if self.n_cond else h
+
+
+class ConvDecoder(nn.Module):
+    """Tokens (n, T, d_in) [and condition (n, c)] -> log1p image (n, 1, H, W) >= 0: the condition concatenated to
+    every token, dense to 4w, the tokens as the decoder grid of conv_grids, three stages of (1x1 conv to 4w, 2w, w
+    channels, nearest x2 upsampling, two bottleneck blocks, BatchNorm), an unpadded 5x5 conv to one channel,
+    ReLU(. + offset) (exact zeros; straight-through gradient with straight_through), centre crop (ZN: none)."""
+
+    def __init__(self, shape, d_in, width=64, n_cond=0, offset=0.0, straight_through=False):
+        super().__init__()
+        self.shape, self.grid, self.n_cond = tuple(shape), conv_grids(shape)[1], n_cond
+        self.offset, self.st = offset, straight_through
+        self.proj = nn.Linear(d_in + n_cond, 4 * width)
+        layers, ci = [], 4 * width
+        for c in (4 * width, 2 * width, width):
+            layers += [nn.Conv2d(ci, c, 1), nn.Upsample(scale_factor=2), BottleneckBlock(c), BottleneckBlock(c),
+                       nn.BatchNorm2d(c)]
+            ci = c
+        self.net = nn.Sequential(*layers, nn.Conv2d(ci, 1, 5))
+
+    def forward(self, z, cond=None):
+        (H, W), (gh, gw) = self.shape, self.grid
+        if self.n_cond:
+            z = torch.cat([z, cond[:, None].expand(-1, z.shape[1], -1)], 2)
+        img = self.net(self.proj(z).transpose(1, 2).unflatten(2, (gh, gw))) + self.offset
+        img = img + (F.relu(img) - img).detach() if self.st else F.relu(img)     # straight-through: gradient as if linear
+        top, left = (img.shape[-2] - H) // 2, (img.shape[-1] - W) // 2
+        return img[..., top:top + H, left:left + W]
+
+
 class VAE(nn.Module):
     """Encoder q(z | x, c) and decoder D(z, c) on either backbone. variant "embedding": c is joined by a learned
     embedding of the particle type (cond carries the type index as a 10th column); "supervised": the latent is
@@ -290,12 +365,16 @@ class VAE(nn.Module):
         self.type_embed = nn.Embedding(len(data.PARTICLES) + 1, TYPE_DIM) if variant == "embedding" else None
         c_dim = n_cond + (TYPE_DIM if variant == "embedding" else 0)
         enc_c, enc_out = (0, n_cond) if self.supervised else (c_dim, 2 * latent)
-        if arch == "vit":
-            T = vit_grid(shape)[0] * vit_grid(shape)[1]
-            self.enc = ViTEncoder(shape, width, blocks, enc_c)
-            self.enc_head = nn.Sequential(nn.Linear(width, hidden), nn.Flatten(), nn.Linear(T * hidden, enc_out))
-            self.dec_head = nn.Sequential(nn.Linear(self.latent + c_dim, T * hidden), nn.Unflatten(1, (T, hidden)))
-            self.dec = ViTDecoder(shape, hidden, width, blocks, c_dim, offset)
+        if arch in ("vit", "vdvae"):      # tokens: the encoder's, a dense per token, flattened; the decoder's
+            vit = arch == "vit"
+            (eh, ew), (gh, gw) = (vit_grid(shape),) * 2 if vit else conv_grids(shape)
+            self.enc = ViTEncoder(shape, width, blocks, enc_c) if vit else ConvEncoder(width, enc_c)
+            d_tok = width if vit else 4 * width + enc_c
+            self.enc_head = nn.Sequential(nn.Linear(d_tok, hidden), nn.Flatten(), nn.Linear(eh * ew * hidden, enc_out))
+            self.dec_head = nn.Sequential(nn.Linear(self.latent + c_dim, gh * gw * hidden),
+                                          nn.Unflatten(1, (gh * gw, hidden)))
+            self.dec = (ViTDecoder(shape, hidden, width, blocks, c_dim, offset) if vit
+                        else ConvDecoder(shape, hidden, width, c_dim, offset))
             return
         self.h0, self.w0 = math.ceil(shape[0] / 4), math.ceil(shape[1] / 4)
         flat = 2 * width * self.h0 * self.w0
@@ -322,7 +401,7 @@ class VAE(nn.Module):
         """(mu, logvar), each (n, latent), of q(z | x, c); the supervised autoencoder: (E(x) (n, 9), None)."""
         H, W = self.shape
         c = self.condition(cond)
-        if self.arch == "vit":
+        if self.arch in ("vit", "vdvae"):
             out = self.enc_head(self.enc(x, None if self.supervised else c))
         else:
             if self.enc_cond == "image":        # what the decoder draws from the condition alone, as a fixed input
@@ -343,7 +422,7 @@ class VAE(nn.Module):
     def decode(self, z, cond):
         """log1p(counts) images (n, 1, H, W) >= 0."""
         c = self.condition(cond)
-        if self.arch == "vit":
+        if self.arch in ("vit", "vdvae"):
             return self.dec(self.dec_head(torch.cat([z, c], 1)), c)
         if self.cond == "every":
             e = self.embed(c)

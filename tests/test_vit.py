@@ -2,6 +2,7 @@
 missing Table 4.3 rows (--variant embedding | supervised)."""
 import inspect
 import json
+import re
 
 import numpy as np
 import pytest
@@ -211,3 +212,71 @@ def test_vit_vae_trains_with_the_thesis_vit_optimiser_and_resumes_its_schedule(t
     cli("vae.py", "--train", "--smoke", "--out", cnn, "--max-steps", 2)
     g = torch.load(cnn / "ckpt.pt", weights_only=True)["opt"]["param_groups"][0]
     assert g["lr"] == 1.4e-3 and g["weight_decay"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The thesis' CNN pair (--arch vdvae): VDVAE-style bottleneck blocks, BatchNorm, average pooling
+# ----------------------------------------------------------------------------------------------------------
+CONV = ["BottleneckBlock", "conv_grids", "ConvEncoder", "ConvDecoder"]
+
+
+def test_the_cnn_pair_is_the_same_words_in_every_script():
+    for name in CONV:
+        assert len({inspect.getsource(getattr(m, name)) for m in (vae, sae_ng, gan)}) == 1, f"{name} differs"
+
+
+def test_a_bottleneck_block_is_a_residual_of_four_convs_at_a_quarter_width():
+    torch.manual_seed(0)
+    b = vae.BottleneckBlock(16)
+    convs = [m for m in b.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == \
+        [(16, 4, (1, 1)), (4, 4, (3, 3)), (4, 4, (3, 3)), (4, 16, (1, 1))]
+    x = torch.randn(2, 16, 6, 6)
+    torch.nn.init.zeros_(convs[-1].weight), torch.nn.init.zeros_(convs[-1].bias)
+    assert torch.equal(b(x), x)                                             # the residual path alone
+
+
+@pytest.mark.parametrize("det,enc_grid,dec_grid", [("neutron", (5, 5), (6, 6)), ("proton", (7, 3), (8, 5))])
+def test_cnn_pair_shapes_condition_at_every_token_and_exact_zeros(det, enc_grid, dec_grid):
+    torch.manual_seed(0)
+    shape = data.SHAPES[det]
+    assert vae.conv_grids(shape) == (enc_grid, dec_grid)
+    enc, dec = vae.ConvEncoder(8, n_cond=9).eval(), vae.ConvDecoder(shape, 6, 8, n_cond=9, offset=0.5).eval()
+    x, c = torch.rand(3, 1, *shape), torch.randn(3, 9)
+    tokens = enc(x, c)
+    assert tokens.shape == (3, enc_grid[0] * enc_grid[1], 32 + 9)
+    assert torch.equal(tokens[:, :, 32:], c[:, None].expand(-1, tokens.shape[1], -1))   # the condition at every token
+    z = torch.randn(3, dec_grid[0] * dec_grid[1], 6)
+    out = dec(z, c)
+    assert out.shape == (3, 1) + shape and (out >= 0).all()
+    c2 = c.clone()
+    c2[:, 0] += 1.0
+    assert not torch.allclose(dec(z, c2), out)                              # the decoder reads the condition
+    with torch.no_grad():
+        dec.net[-1].bias.fill_(-100.0)
+    assert torch.equal(dec(z, c), torch.zeros_like(out))                    # ReLU output: exact zeros
+
+
+def test_arch_vdvae_builds_the_thesis_cnn_in_every_autoencoder_and_the_gan():
+    for m in (vae, sae_ng, gan):
+        a = m.get_args(["--train", "--paper", "--arch", "vdvae"])
+        assert a.arch == "vdvae" and a.width == 64 and a.epochs == m.PAPER["epochs"]
+        nets = m.build_networks(vars(a))
+        kinds = {type(x) for n in nets.values() for x in n.modules()}
+        assert m.ConvDecoder in kinds and m.BottleneckBlock in kinds and m.ViTEncoder not in kinds
+        if m is not vae:                                  # the discriminator and sae_ng's encoder: the CNN encoder
+            assert m.ConvEncoder in kinds
+    s = sae_ng.get_args(["--train", "--paper", "--arch", "vdvae"])        # Table A.1's CNN column, as --arch cnn
+    assert (s.lr, s.betas, s.nesterov) == (1.4e-3, [0.76, 0.88], True)
+    assert vae.build_model(vars(vae.get_args(["--train", "--arch", "vdvae"]))).enc.__class__ is vae.ConvEncoder
+
+
+@pytest.mark.parametrize("script", ["vae.py", "sae_ng.py", "gan.py"])
+def test_arch_vdvae_trains_and_samples_from_the_command_line(tmp_path, script):
+    cli(script, "--train", "--smoke", "--arch", "vdvae", "--detector", "proton", "--out", tmp_path)
+    cli(script, "--sample", "--ckpt", tmp_path / "ckpt.pt", "--n", 10, "--out", tmp_path / "s.npz")
+    check_samples(tmp_path / "s.npz", data.SHAPES["proton"], 10)
+    pytest.importorskip("onnxruntime")          # the exported sampler (dynamic batch) equals PyTorch's
+    out = cli(script, "--export", tmp_path / "m.onnx", "--ckpt", tmp_path / "ckpt.pt").stdout
+    rel = [float(x) for x in re.findall(r"max rel ([0-9.e+-]+)", out)]
+    assert len(rel) >= 2 and max(rel) < 1e-4, out

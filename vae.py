@@ -92,6 +92,10 @@ farther from the nearest posterior mean (median 1.89) than another event's poste
 samples fall between the codes the decoder was trained on. Condition-disjoint split (`--split disjoint --out
 runs/vae_v2_disjoint`, 7.9 min of training): W 40.38 +- 0.17, 23.9x the floor (1.69; lookup 9.4x), 43 % empty,
 reconstruction W 13.8, val KL 11.0, 10/10 active (before: W 31.74, 18.8x, 51 % empty).
+Three times the budget (`--split disjoint --epochs 6 --out runs/vae_3x_disjoint`, 11.2 min; `--eval --max-test
+2000 --plot`; results/variants/vae_3x_budget_neutron_disjoint.json): W 35.82 +- 0.22, 21.2x (lookup 9.4x), 42 %
+empty, AUC 0.999; validation W falls slowly (59 -> 50 over 9,288 steps, eval.curve.png): more CPU time alone
+will not reach the lookup; the prior samples between the codes (above) are the limit, not the budget.
 ViT backbone at the same recipe (`python vae.py --arch vit --train`, 2 epochs, trained on an H200 in 1.7 min by
 `bash tools/gpu_table43_vit.sh`; evaluated here, `--eval --max-test 2000`; results/*_vit_neutron_random.json):
 W 44.27 +- 0.51, 21.4x (CNN 21.9x), 39 % empty; --variant embedding 20.2x (CNN 21.4x); --variant supervised

@@ -733,7 +733,8 @@ def table43(folder):
     folder = Path(folder)
     runs = {}
     for _, _, _, stem, _ in TABLE43:
-        for arch, name in (("CNN", f"{stem}_neutron_random.json"), ("ViT", f"{stem}_vit_neutron_random.json")):
+        for arch, name in (("CNN", f"{stem}_neutron_random.json"), ("ViT", f"{stem}_vit_neutron_random.json"),
+                           ("vdvae", f"{stem}_vdvae_neutron_random.json")):
             if (folder / name).exists():
                 r = json.loads((folder / name).read_text())
                 runs[stem, arch] = r if {"model", "floor"} <= set(r) else None
@@ -776,13 +777,22 @@ def table43(folder):
     for arch, thesis in (("CNN", "Sinkhorn"), ("ViT", "l2")):
         lines.append(f"- {arch}, l2 vs Sinkhorn noise generator (thesis: {thesis}): "
                      + better(runs.get(("sae_ng_l2", arch)), runs.get(("sae_ng", arch)), "l2", "Sinkhorn"))
+    lines += ["", "The thesis' own CNN (`--arch vdvae`: VDVAE-style bottleneck blocks, BatchNorm, average pooling; the "
+              "CNN columns above are this repository's compact conv pair, `--arch cnn`):", "",
+              "| model | W / floor | W | separation | AUC | ViT vs the thesis' CNN (lower W) |", "|---" * 6 + "|"]
+    for label, w_cnn, w_vit, stem, _ in TABLE43:
+        d = runs.get((stem, "vdvae"))
+        lines.append(f"| {label} | {cell(d, 'ratio')} | {cell(d, 'W', '.2f')} | {cell(d, 'separation')} | "
+                     f"{cell(d, 'auc')} | {better(runs.get((stem, 'ViT')), d, 'ViT', 'CNN')} |")
     lines += ["", "Files and the commands that write them (train, then `--eval --ckpt RUN/ckpt.pt --max-test 2000`, "
               "and copy RUN/eval.json to the file):", ""]
     for label, _, _, stem, cmd in TABLE43:
         lines.append(f"- {label}: `{stem}_neutron_random.json` (`python {cmd} --train`), "
-                     f"`{stem}_vit_neutron_random.json` (`python {cmd} --arch vit --train`)")
-    lines += ["", "`bash tools/gpu_table43_vit.sh` trains the five ViT runs side by side on one GPU (the same commands "
-              "with --device cuda, ~2 min each on an H200; on 2 CPU cores a ViT step costs ~5x a CNN step)."]
+                     f"`{stem}_vit_neutron_random.json` (`python {cmd} --arch vit --train`), "
+                     f"`{stem}_vdvae_neutron_random.json` (`python {cmd} --arch vdvae --width 64 --train`)")
+    lines += ["", "`bash tools/gpu_table43.sh` (`ARCH=vdvae bash tools/gpu_table43.sh`) trains the five ViT (thesis-CNN) "
+              "runs side by side on one GPU (the same commands with --device cuda; the ViT runs took ~2 min each on "
+              "an H200; on 2 CPU cores a ViT step costs ~5x a CNN step)."]
     return "\n".join(lines) + "\n"
 
 

@@ -96,7 +96,7 @@ results/variants/sae_ng_straight_through_neutron_*.json), so only --matching l2 
 and NG's codes spread less (0.044): samples are smooth blobs at the right place, too faint (photon sums low by
 about a half in the sample grid), and faint particles come out empty.
 Measured, ViT (`python sae_ng.py [--matching l2] --arch vit --train`: the CPU-default recipe, trained on an H200
-in ~2 min each by `bash tools/gpu_table43_vit.sh`; evaluated here, `--eval --max-test 2000`;
+in ~2 min each by `bash tools/gpu_table43.sh`; evaluated here, `--eval --max-test 2000`;
 results/sae_ng*_vit_neutron_random.json). With plain ReLUs on its code and output, both runs died within 25
 steps (every code and pixel 0, no gradient left; val W 55.3 = an empty detector): the first steps teach the
 decoder to dim its 0.5 offset, and the push reaches the code. The ViT therefore uses straight-through ReLUs on

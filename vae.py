@@ -97,7 +97,7 @@ Three times the budget (`--split disjoint --epochs 6 --out runs/vae_3x_disjoint`
 empty, AUC 0.999; validation W falls slowly (59 -> 50 over 9,288 steps, eval.curve.png): more CPU time alone
 will not reach the lookup; the prior samples between the codes (above) are the limit, not the budget.
 ViT backbone at the same recipe (`python vae.py --arch vit --train`, 2 epochs, trained on an H200 in 1.7 min by
-`bash tools/gpu_table43_vit.sh`; evaluated here, `--eval --max-test 2000`; results/*_vit_neutron_random.json):
+`bash tools/gpu_table43.sh`; evaluated here, `--eval --max-test 2000`; results/*_vit_neutron_random.json):
 W 44.27 +- 0.51, 21.4x (CNN 21.9x), 39 % empty; --variant embedding 20.2x (CNN 21.4x); --variant supervised
 11.24, 5.4x (CNN 9.6x; smooth blobs at the right place, 8x8 patch edges in faint ones). Both columns:
 `python metrics.py --results results --table43`.

@@ -173,6 +173,11 @@ def test_table43_layout_marks_missing_cells_and_answers_the_thesis_questions(tmp
     assert "- ViT, l2 vs Sinkhorn noise generator (thesis: l2): within noise (5.10 vs 5.00)" in md
     assert "- CNN, l2 vs Sinkhorn noise generator (thesis: Sinkhorn): not yet measured" in md
     assert "vae_vit" not in metrics.results_summary(str(tmp_path))        # variant files are no script rows
+    thesis_cnn = md[md.index("The thesis' own CNN"):]
+    assert thesis_cnn.count("| missing | missing | missing | missing |") == 5 and "vae_vdvae_neutron_random" in md
+    write("vae_vdvae", 9.0)
+    row = next(s for s in metrics.table43(tmp_path).splitlines() if s.startswith("| VAE | 4.50 |"))
+    assert row.endswith("| ViT (6.00 vs 9.00) |")
 
 
 def test_vqgan_vit_tokenizer_trains_both_stages_and_samples(tmp_path):

@@ -29,3 +29,19 @@ def test_ablation_names_runs_by_their_change_and_keeps_the_rows(tmp_path):
     bad = subprocess.run([sys.executable, "tools/ablation.py", str(tmp_path / "nope")], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "needs metrics.jsonl and ckpt.pt" in bad.stderr
+
+
+def test_gpu_table43_names_a_wrong_arch_and_stops_at_once_without_a_gpu():
+    import os
+    import subprocess
+    import pytest
+    import torch
+    from conftest import ROOT
+    run = lambda **env: subprocess.run(["bash", "tools/gpu_table43.sh"], cwd=ROOT, capture_output=True, text=True,
+                                       timeout=120, env={**os.environ, **env})
+    bad = run(ARCH="cnn")
+    assert bad.returncode == 2 and "ARCH=cnn: vit or vdvae" in bad.stderr
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the runs would start")
+    out = run(ARCH="vdvae")
+    assert out.returncode == 2 and "no CUDA GPU" in out.stderr

@@ -192,19 +192,36 @@ def vit_grid(shape):
     return math.ceil(shape[0] / PATCH), math.ceil(shape[1] / PATCH)
 
 
+class TokenAttention(nn.Module):
+    """Multi-head self-attention (n, T, dim) -> (n, T, dim): nn.MultiheadAttention's parameters, names and
+    initialisation, written out so that an ONNX export keeps the batch size dynamic (the module's own traced path
+    fixes it, and its fused inference kernel has no ONNX op)."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.out_proj = heads, nn.Linear(dim, dim)
+        self.in_proj_weight, self.in_proj_bias = nn.Parameter(torch.empty(3 * dim, dim)), nn.Parameter(torch.zeros(3 * dim))
+        nn.init.xavier_uniform_(self.in_proj_weight), nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x):
+        T, d = x.shape[1:]
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(-1, T, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, T, d))
+
+
 class ViTBlock(nn.Module):
     """Pre-LayerNorm transformer block: 4-head self-attention, then an MLP 4x wide with GELU and dropout."""
 
     def __init__(self, dim, heads=4, dropout=0.1):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.attn = TokenAttention(dim, heads)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
                                  nn.Linear(4 * dim, dim), nn.Dropout(dropout))
 
     def forward(self, x):
-        h = self.ln1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
 
@@ -226,7 +243,7 @@ class ViTEncoder(nn.Module):
         (H, W), (gh, gw) = self.shape, self.grid
         ph, pw = gh * PATCH - H, gw * PATCH - W
         x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-        x = x.reshape(len(x), gh, PATCH, gw, PATCH).transpose(2, 3).reshape(len(x), gh * gw, PATCH * PATCH)
+        x = x.reshape(-1, gh, PATCH, gw, PATCH).transpose(2, 3).reshape(-1, gh * gw, PATCH * PATCH)   # batch: -1 (ONNX)
         h = self.patch(x) + self.pos
         if self.cond is not None:
             h = torch.cat([self.cond(cond)[:, None], h], 1)
@@ -256,7 +273,7 @@ class ViTDecoder(nn.Module):
             h = torch.cat([self.cond(cond)[:, None], h], 1)
         h = self.blocks(h)
         h = h[:, 1:] if self.cond is not None else h
-        img = self.unpatch(h.transpose(1, 2).reshape(len(h), -1, gh, gw)) + self.offset
+        img = self.unpatch(h.transpose(1, 2).unflatten(2, (gh, gw))) + self.offset
         img = img + (F.relu(img) - img).detach() if self.st else F.relu(img)     # straight-through: gradient as if linear
         top, left = (gh * PATCH - H) // 2, (gw * PATCH - W) // 2
         return img[..., top:top + H, left:left + W]

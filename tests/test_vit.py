@@ -16,7 +16,7 @@ import vqgan
 from helpers import check_samples, cli
 
 SCRIPTS = [vae, sae_ng, gan, vqgan]
-VIT = ["vit_grid", "ViTBlock", "ViTEncoder", "ViTDecoder"]
+VIT = ["vit_grid", "TokenAttention", "ViTBlock", "ViTEncoder", "ViTDecoder"]
 
 
 def test_the_vit_pair_is_the_same_words_in_every_script():
@@ -276,9 +276,23 @@ def test_arch_vdvae_builds_the_thesis_cnn_in_every_autoencoder_and_the_gan():
     assert vae.build_model(vars(vae.get_args(["--train", "--arch", "vdvae"]))).enc.__class__ is vae.ConvEncoder
 
 
+def test_token_attention_is_torchs_multihead_attention_written_out():
+    """The same parameters, names and initialisation as nn.MultiheadAttention (checkpoints from before load), and
+    the same outputs; written out only so that the ONNX export keeps the batch dynamic."""
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    torch.manual_seed(0)
+    ours = vae.TokenAttention(16, 4).eval()
+    assert list(ref.state_dict()) == list(ours.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), ours.state_dict().values()))
+    x = torch.randn(3, 7, 16)
+    torch.testing.assert_close(ours(x), ref(x, x, x, need_weights=False)[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["vdvae", "vit"])
 @pytest.mark.parametrize("script", ["vae.py", "sae_ng.py", "gan.py"])
-def test_arch_vdvae_trains_and_samples_from_the_command_line(tmp_path, script):
-    cli(script, "--train", "--smoke", "--arch", "vdvae", "--detector", "proton", "--out", tmp_path)
+def test_arch_trains_samples_and_exports_from_the_command_line(tmp_path, script, arch):
+    cli(script, "--train", "--smoke", "--arch", arch, "--detector", "proton", "--out", tmp_path)
     cli(script, "--sample", "--ckpt", tmp_path / "ckpt.pt", "--n", 10, "--out", tmp_path / "s.npz")
     check_samples(tmp_path / "s.npz", data.SHAPES["proton"], 10)
     pytest.importorskip("onnxruntime")          # the exported sampler (dynamic batch) equals PyTorch's

@@ -1,10 +1,10 @@
 """ViT vs CNN on this machine (issue 15): seconds per training step and ms per generated sample of vae.py,
-sae_ng.py and gan.py with `--arch cnn` (their CPU default sizes) and `--arch vit` (the thesis' ViT), on ZN toy
-batches at each script's default batch size. A training step is what the script's train() does per batch (loss,
+sae_ng.py and gan.py with `--arch cnn` (their CPU default sizes), `--arch vit` (the thesis' ViT) and `--arch vdvae`
+(the thesis' CNN; `vdvae:64` at its published width), on ZN toy batches at each script's default batch size. A training step is what the script's train() does per batch (loss,
 backward, optimiser step; GAN: one D and one G step); sampling is the script's `sample` at batch 256.
 Median over --steps timed steps after one warm-up step; sampling: median of 3.
 
-    OMP_NUM_THREADS=2 python tools/time_arch.py [--steps 5] [--json results/time_arch_cpu.json]
+    OMP_NUM_THREADS=2 python tools/time_arch.py [--steps 5] [--archs cnn,vit,vdvae,vdvae:64] [--json FILE]
 """
 import argparse
 import json
@@ -54,13 +54,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=5, help="timed training steps per row (after one warm-up step)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--archs", default="cnn,vit,vdvae,vdvae:64",
+                   help="backbones to time, comma-separated; ARCH:W sets --width W (default: %(default)s)")
     a = p.parse_args()
     split = data.load_split(dict(detector="neutron", data="toy", limit=None, seed=0, split="random"), progress=False)
     x_all, c_all = split.x("train"), split.cond("train")
     rows = []
     for name, mod in (("vae", vae), ("sae_ng", sae_ng), ("gan", gan)):
-        for arch in ("cnn", "vit"):
-            args = mod.get_args(["--train", "--arch", arch])
+        for spec in a.archs.split(","):
+            arch, _, width = spec.partition(":")
+            args = mod.get_args(["--train", "--arch", arch] + (["--width", width] if width else []))
             torch.manual_seed(0)
             step, sampler, n = step_fn(name, mod, args)
             b = args.batch_size
@@ -79,10 +82,10 @@ def main():
                     t0 = time.perf_counter()
                     mod.sample(sampler, cond, torch.Generator().manual_seed(0))
                     ms.append((time.perf_counter() - t0) / len(cond) * 1e3)
-            row = dict(model=name, arch=arch, params=n, batch=b, s_per_step=statistics.median(times[1:]),
+            row = dict(model=name, arch=spec, params=n, batch=b, s_per_step=statistics.median(times[1:]),
                        ms_per_sample=statistics.median(ms), threads=torch.get_num_threads())
             rows.append(row)
-            print(f"{name:7s} {arch}: {n:>9,} parameters, batch {b}: {row['s_per_step']:.3f} s per training step, "
+            print(f"{name:7s} {spec}: {n:>9,} parameters, batch {b}: {row['s_per_step']:.3f} s per training step, "
                   f"{row['ms_per_sample']:.3f} ms per sample (batch 256), {row['threads']} threads", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(dict(rows=rows, command=" ".join(sys.argv)), indent=1))

@@ -72,6 +72,9 @@ D pulls away (D(real) 0.61 -> 0.86, D(fake) 0.39 -> 0.14 over 4,641 steps) and v
 1,500 (34 -> 41-47): the D/G balance, not the CPU time, is the limit. About 1 % of samples are overbright
 (up to 45,000 photons, pixels up to 5,400; the data's brightest pixel is 614), mostly for high-energy particles,
 but clamping pixels at the data's maximum (an evaluation-only probe) moves the disjoint W only 14.2x -> 13.5x.
+A weaker D the other way (`--split disjoint --d-lr 5e-5 --out runs/gan_dlr_disjoint`; results/variants/
+gan_d_lr_5e-5_neutron_disjoint.json) is far worse: D(real) ~ D(fake) ~ 0.50 throughout, the best validation W
+(30.4, step 750, 1,000 events) hides test outliers: 36.7x, RMSE 20. The balance lies between the two.
 """
 import argparse
 import math

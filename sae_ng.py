@@ -95,6 +95,11 @@ results/variants/sae_ng_straight_through_neutron_*.json), so only --matching l2 
 28.50 / 16.9x / 41 %. End to end, the codes shrink (per-dimension std 0.07 after 500 steps, 0.055 at the end)
 and NG's codes spread less (0.044): samples are smooth blobs at the right place, too faint (photon sums low by
 about a half in the sample grid), and faint particles come out empty.
+Three times the budget (`--split disjoint --epochs 12 --out runs/sae_ng_3x_disjoint`, 2026-12-04) died before
+step 500 (code std 0, every output pixel 0, val W 65.7 = an empty detector; stopped at step 1,000): the longer
+one-cycle warm-up (5 % of 9,288 steps) reaches the plain output ReLU's dead state that the default's shorter one
+escapes. So this default is fragile, and the straight-through output that keeps it alive costs W at 1x (above):
+the next step is an output that cannot die without costing the 1x run, not more CPU time.
 Measured, ViT (`python sae_ng.py [--matching l2] --arch vit --train`: the CPU-default recipe, trained on an H200
 in ~2 min each by `bash tools/gpu_table43.sh`; evaluated here, `--eval --max-test 2000`;
 results/sae_ng*_vit_neutron_random.json). With plain ReLUs on its code and output, both runs died within 25

@@ -45,3 +45,21 @@ def test_gpu_table43_names_a_wrong_arch_and_stops_at_once_without_a_gpu():
         pytest.skip("a GPU is present: the runs would start")
     out = run(ARCH="vdvae")
     assert out.returncode == 2 and "no CUDA GPU" in out.stderr
+
+
+def test_round_probe_evaluates_whole_photons_and_restores_the_sampler(monkeypatch):
+    import importlib.util
+    sys.path.insert(0, str(ROOT))
+    import flow_matching as fm
+    spec = importlib.util.spec_from_file_location("round_probe", ROOT / "tools" / "round_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    seen = {}
+    monkeypatch.setattr(fm, "sample", lambda *a, **k: torch.tensor([0.3, 1.6, 2.5001]))
+    monkeypatch.setattr(fm, "evaluate", lambda args: seen.update(ckpt=args.ckpt, counts=fm.sample()))
+    probe.main(["--ckpt", "some/ckpt.pt", "--max-test", "50"])
+    assert seen["ckpt"] == "some/ckpt.pt" and seen["counts"].tolist() == [0.0, 2.0, 3.0]   # what --eval sees
+    assert torch.equal(fm.sample(), torch.tensor([0.3, 1.6, 2.5001]))                     # the sampler put back
+    out = subprocess.run([sys.executable, "tools/round_probe.py", "--ckpt", "none.pt"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr

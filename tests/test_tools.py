@@ -60,6 +60,10 @@ def test_round_probe_evaluates_whole_photons_and_restores_the_sampler(monkeypatc
     probe.main(["--ckpt", "some/ckpt.pt", "--max-test", "50"])
     assert seen["ckpt"] == "some/ckpt.pt" and seen["counts"].tolist() == [0.0, 2.0, 3.0]   # what --eval sees
     assert torch.equal(fm.sample(), torch.tensor([0.3, 1.6, 2.5001]))                     # the sampler put back
+    monkeypatch.setattr(fm, "sample", lambda *a, **k: torch.full((4000,), 0.3))
+    probe.main(["--stochastic", "--ckpt", "some/ckpt.pt"])                    # floor(x + u): whole photons, same mean
+    c = seen["counts"]
+    assert set(c.unique().tolist()) == {0.0, 1.0} and abs(c.mean().item() - 0.3) < 0.03
     out = subprocess.run([sys.executable, "tools/round_probe.py", "--ckpt", "none.pt"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr

@@ -5,6 +5,7 @@ every pixel. On ZP (median 2 photons per event) that haze carried 53 % of the ge
 the script's own --eval with `sample` wrapped in round(), writing eval.json beside the checkpoint:
 
     python tools/round_probe.py --ckpt runs/fm_proton/ckpt.pt --max-test 2000     (any --eval flags)
+    python tools/round_probe.py --stochastic --ckpt ...      # floor(x + u), u ~ U[0, 1): keeps the expected sum
 
 It changes nothing in flow_matching.py: a measurement, to decide whether rounding belongs in the sampler.
 """
@@ -12,13 +13,21 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+
 import data  # noqa: E402
 import flow_matching as fm  # noqa: E402
 
 
 def main(argv):
+    stochastic = "--stochastic" in argv
+    argv = [a for a in argv if a != "--stochastic"]
     unrounded = fm.sample
-    fm.sample = lambda *a, **k: unrounded(*a, **k).round()
+    if stochastic:                      # the uniform draws from their own seeded generator: reproducible
+        g = torch.Generator().manual_seed(0)
+        fm.sample = lambda *a, **k: (lambda x: torch.floor(x + torch.rand(x.shape, generator=g).to(x)))(unrounded(*a, **k))
+    else:
+        fm.sample = lambda *a, **k: unrounded(*a, **k).round()
     try:
         return fm.evaluate(fm.get_args(["--eval", *argv]))
     except data.DataError as e:

@@ -56,6 +56,13 @@ Budget, not method: twice the default budget (`python flow_matching.py --train -
 min alone on 2 cores; `--eval --max-test 2000`; results/variants/flow_matching_2x_budget_neutron_random.json) gives
 W 5.56 +- 0.28, 2.69x the floor, AUC 0.915 (one epoch: 3.20x, AUC 0.943); its validation W still falls at the end
 (7.06 after one epoch, 6.25, 6.03, 5.86 every 500 steps after), so the 2.0x target is a question of CPU time.
+Sub-photon haze (2026-12-04, `python tools/round_probe.py [--stochastic] --ckpt CKPT --max-test 2000`, the --eval
+with generated counts made whole photons; results/variants/flow_matching_*round*): the 11-step sampler leaves a
+fraction of a photon on most pixels (ZP: 53 % of the generated sum, median sum 12.8 vs the data's 2; ZN: 7-10 %).
+Rounding to the nearest photon: ZP 8.2x -> 5.5x, AUC 0.989 -> 0.786; ZN disjoint (a copy of the probe, before it
+was committed) 5.5x -> 6.6x but AUC 0.950 -> 0.803. Stochastic rounding floor(x + u) keeps the sums: ZN disjoint
+5.51x, AUC 0.901; ZP 8.3x, AUC 0.938. The sampler itself keeps continuous counts until a rule is measured on both
+detectors and splits.
 """
 import argparse
 import copy

@@ -1196,13 +1196,15 @@ def export_onnx(sampler, ckpt, path, name, batches=(3, 5), seed=0):
     cond = sampler.example_cond(2, g)
     names = ["cond", *sampler.noise_shapes(2)]
     fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)   # nn.MultiheadAttention's fused eval kernel has no ONNX op (ViTs)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")              # deprecation of the TorchScript path; tracer notes on constants
-        torch.onnx.export(sampler, (cond, *sampler.draw(2, g).values()), str(path), input_names=names,
-                          output_names=list(sampler.outputs), opset_version=17, dynamo=False,
-                          dynamic_axes={k: {0: "batch"} for k in names + list(sampler.outputs)})
-    torch.backends.mha.set_fastpath_enabled(fastpath)
+    torch.backends.mha.set_fastpath_enabled(False)   # nn.MultiheadAttention's fused eval kernel has no ONNX op (vqgan)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # deprecation of the TorchScript path; tracer notes on constants
+            torch.onnx.export(sampler, (cond, *sampler.draw(2, g).values()), str(path), input_names=names,
+                              output_names=list(sampler.outputs), opset_version=17, dynamo=False,
+                              dynamic_axes={k: {0: "batch"} for k in names + list(sampler.outputs)})
+    finally:                                         # a failed export leaves the process as it found it
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     m = onnx.load(str(path))
     stats = {} if ckpt is None else dict(detector=ckpt["data"]["detector"], shape=ckpt["data"].get("shape"),
                                          feature_mean=np.asarray(ckpt["data"]["mean"]).tolist(),

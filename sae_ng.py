@@ -264,7 +264,7 @@ class Decoder(nn.Module):
 
 class STReLU(nn.Module):
     """ReLU with a straight-through gradient (the same outputs; the gradient passes as if linear), so a unit whose
-    input turned negative for every event can recover. The ViT's code uses it (docstring, 'Measured, ViT')."""
+    input turned negative for every event can recover. The noise generator's codes and the ViT's use it."""
 
     def forward(self, h):
         return h + (F.relu(h) - h).detach()
@@ -283,8 +283,7 @@ class NoiseGenerator(nn.Module):
 
     def forward(self, z, cond):
         """ReLU codes like the encoder's; straight-through gradient, so an output that is 0 everywhere can recover."""
-        h = self.out(torch.cat([self.z(z), self.c(cond)], 1))
-        return h + (F.relu(h) - h).detach()
+        return STReLU()(self.out(torch.cat([self.z(z), self.c(cond)], 1)))
 
 
 # The thesis' ViT pair (Sec. 4.4; --arch vit), written out in the same words in vae.py, sae_ng.py, gan.py, vqgan.py

@@ -22,12 +22,12 @@ import flow_matching as fm  # noqa: E402
 def main(argv):
     stochastic = "--stochastic" in argv
     argv = [a for a in argv if a != "--stochastic"]
-    unrounded = fm.sample
-    if stochastic:                      # the uniform draws from their own seeded generator: reproducible
-        g = torch.Generator().manual_seed(0)
-        fm.sample = lambda *a, **k: (lambda x: torch.floor(x + torch.rand(x.shape, generator=g).to(x)))(unrounded(*a, **k))
-    else:
-        fm.sample = lambda *a, **k: unrounded(*a, **k).round()
+    unrounded, g = fm.sample, torch.Generator().manual_seed(0)   # the uniforms' own seeded generator: reproducible
+
+    def whole_photons(*a, **k):
+        x = unrounded(*a, **k)
+        return torch.floor(x + torch.rand(x.shape, generator=g).to(x)) if stochastic else x.round()
+    fm.sample = whole_photons
     try:
         return fm.evaluate(fm.get_args(["--eval", *argv]))
     except data.DataError as e:

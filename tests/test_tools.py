@@ -64,6 +64,14 @@ def test_round_probe_evaluates_whole_photons_and_restores_the_sampler(monkeypatc
     probe.main(["--stochastic", "--ckpt", "some/ckpt.pt"])                    # floor(x + u): whole photons, same mean
     c = seen["counts"]
     assert set(c.unique().tolist()) == {0.0, 1.0} and abs(c.mean().item() - 0.3) < 0.03
+    import latent_fm
+    monkeypatch.setattr(latent_fm, "sample", lambda *a, **k: torch.tensor([0.4, 0.6]))   # --script: another model
+    monkeypatch.setattr(latent_fm, "evaluate", lambda args: seen.update(ckpt=args.ckpt, counts=latent_fm.sample()))
+    probe.main(["--script", "latent_fm", "--ckpt", "lfm/ckpt.pt"])
+    assert seen["ckpt"] == "lfm/ckpt.pt" and seen["counts"].tolist() == [0.0, 1.0]
     out = subprocess.run([sys.executable, "tools/round_probe.py", "--ckpt", "none.pt"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "error: none.pt: checkpoint not found" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "tools/round_probe.py", "--script", "gan", "--ckpt", "x.pt"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "--script takes one of flow_matching, latent_fm, ddpm (got 'gan')" in out.stderr

@@ -86,18 +86,18 @@ def _shape(ck, detector):
     return tuple(ck["data"]["shape"]) if ck else data.SHAPES[detector]
 
 
-def make_sampler(name, mod, nets, ck, detector, steps):
+def make_sampler(name, mod, nets, ck, detector, steps, paper=False):
     """The script's own Sampler (data.Sampler: forward(cond, *noise) -> counts, noise_shapes(n), run(cond)) for
     these networks, and its NFE: network evaluations per sample (the steps; one GPT call per token for VQ-GAN; 1
     for the single-pass models). Only the constructors differ; every mode below calls the one signature."""
     shape = lambda: _shape(ck, detector)                 # only the samplers that need it ask (joint: two shapes)
-    build = {"flow_matching": lambda: mod.Sampler(nets[0], shape(), steps),
+    build = {"flow_matching": lambda: mod.Sampler(nets[0], shape(), steps, *_default_sampler(mod, paper)[1:]),
              "ddpm": lambda: mod.Sampler(nets[0], shape(), steps),
              "latent_fm": lambda: mod.Sampler(nets[0], nets[1], shape(), ck["state"]["scale"] if ck else 1.0, steps),
              "gan": lambda: mod.Sampler(nets[0], ck["scale"] if ck else 1.0),
              "vqgan": lambda: mod.Sampler(nets[0], nets[-1], shape())}
     s = build.get(name, lambda: mod.Sampler(nets[0]))().eval()
-    return s, s.meta.get("steps", 1)
+    return s, s.meta.get("nfe", s.meta.get("steps", 1))
 
 
 def load_nets(name, mod, detector, runs, paper, device):
@@ -253,7 +253,8 @@ def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
           + (" at the published size" if args.paper else ""))
     rows = []
     for steps in (args.steps if name in ITERATIVE else [None]):
-        sampler, nfe = make_sampler(name, mod, nets, ck, detector, steps or _default_steps(mod))
+        sampler, nfe = make_sampler(name, mod, nets, ck, detector, steps or _default_sampler(mod, args.paper)[0],
+                                    args.paper)
         base, built = sampler.run, {}                    # built: the compiled module / ONNX session, once per sampler
         flops = flops_per_sample(torch.no_grad()(base), sampler.example_cond(8, None).to(device))
         for batch in args.batch:
@@ -311,8 +312,13 @@ def fp32_exact(device):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _default_steps(mod):
-    return getattr(mod.get_args(["--sample"]), "steps", None)
+def _default_sampler(mod, paper):
+    """(steps, ...) a script samples with by default, at the published setting with --paper (flow_matching:
+    (steps, solver, rounding))."""
+    a = mod.get_args(["--sample"] + (["--paper"] if paper else []))
+    if hasattr(mod, "sampler_for"):                   # flow_matching: the paper's Euler 11, the CPU default's midpoint 4
+        return mod.sampler_for(a, paper)
+    return getattr(a, "steps", None), None
 
 
 def _mode_fn(mode, sampler, name, cond, built):

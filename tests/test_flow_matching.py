@@ -37,6 +37,10 @@ def test_smoke_train_sample_eval(run):
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert [(r["solver"], r["steps"]) for r in rows] == [("euler", 1), ("euler", 3), ("midpoint", 1), ("midpoint", 3)]
     assert all(r["ms_per_sample"] > 0 and r["W"][0] >= 0 for r in rows)
+    cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 60, "--reps", 1)          # no sampler flags: the default
+    d = check_eval(out / "eval.json")
+    assert (d["steps"], d["solver"], d["rounding"]) == (4, "midpoint", "nearest")
+    assert d["name"] == "flow_matching (midpoint 4, whole photons)"
 
 
 def test_wrong_checkpoints_give_clear_errors(run, tmp_path):
@@ -86,8 +90,11 @@ def test_euler_integrates_a_known_velocity_field():
             return torch.ones_like(x)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn((4, 1, 44, 44), generator=torch.Generator().manual_seed(0))
-    out = fm.sample(Constant(), torch.zeros(4, 9), (44, 44), g, steps=7)
-    torch.testing.assert_close(out, torch.expm1(torch.relu(x0[:, 0] + 1)))
+    want = torch.expm1(torch.relu(x0[:, 0] + 1))
+    for solver in ("euler", "midpoint"):
+        out = fm.sample(Constant(), torch.zeros(4, 9), (44, 44), torch.Generator().manual_seed(0), 7, solver, "none")
+        torch.testing.assert_close(out, want)
+    torch.testing.assert_close(fm.sample(Constant(), torch.zeros(4, 9), (44, 44), g, steps=7), want.round())  # default
 
 
 def n_params(m):
@@ -171,3 +178,26 @@ def test_paper_smoke_trains_the_published_unet(tmp_path):
     assert ck["n_params"] == n_params(fm.build_model(ck["args"]))
     cli(S, "--sample", "--ckpt", tmp_path / "p" / "ckpt.pt", "--n", 20, "--out", tmp_path / "s.npz")
     check_samples(tmp_path / "s.npz", (44, 44), 20)
+
+
+def test_default_sampler_is_midpoint_4_and_the_paper_keeps_euler_11():
+    assert fm.sampler_for(fm.get_args(["--sample"]), False) == (4, "midpoint", "nearest")   # CPU default: 8 calls
+    assert fm.sampler_for(fm.get_args(["--sample"]), True) == (11, "euler", "none")          # a --paper checkpoint
+    assert fm.sampler_for(fm.get_args(["--sample", "--steps", "7"]), True) == (7, "euler", "none")   # flags win
+    assert fm.sampler_for(fm.get_args(["--sample", "--solver", "euler", "--rounding", "none"]), False) == (4, "euler", "none")
+    a, p = fm.get_args(["--train"]), fm.get_args(["--train", "--paper"])             # validation samples the same way
+    assert (a.steps, a.solver, a.rounding, p.steps, p.solver, p.rounding) == (4, "midpoint", "nearest", 11, "euler", "none")
+    s = fm.Sampler(torch.nn.Identity(), (44, 44))
+    assert (s.meta["steps"], s.meta["solver"], s.meta["nfe"]) == (4, "midpoint", 8)  # bench.py's NFE column
+
+
+class Ramp(torch.nn.Module):                   # v = a fixed image of fractional log counts: x(1) = x(0) + ramp
+    def forward(self, x, t, cond):
+        return torch.linspace(0, 3, x[0].numel()).reshape(x.shape[1:]).expand_as(x)
+
+
+def test_rounding_gives_whole_photons_and_none_keeps_the_continuous_counts():
+    cond, g = torch.zeros(3, 9), lambda: torch.Generator().manual_seed(0)
+    c = fm.sample(Ramp(), cond, (4, 5), g(), steps=2, solver="euler", rounding="none")
+    r = fm.sample(Ramp(), cond, (4, 5), g(), steps=2, solver="euler")                # default: nearest
+    assert (c != c.round()).any() and torch.equal(r, c.round()) and (r >= 0).all()

@@ -75,3 +75,18 @@ def test_round_probe_evaluates_whole_photons_and_restores_the_sampler(monkeypatc
     out = subprocess.run([sys.executable, "tools/round_probe.py", "--script", "gan", "--ckpt", "x.pt"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "--script takes one of flow_matching, latent_fm, ddpm (got 'gan')" in out.stderr
+
+
+def test_sampler_features_prints_each_sampler_and_rejects_bad_specs(tmp_path):
+    subprocess.run([sys.executable, "flow_matching.py", "--train", "--smoke", "--out", str(tmp_path / "fm")], cwd=ROOT,
+                   check=True, capture_output=True, timeout=300)
+    out = subprocess.run([sys.executable, "tools/sampler_features.py", "--ckpt", str(tmp_path / "fm" / "ckpt.pt"),
+                          "--n", "40", "--samplers", "euler2,midpoint1r"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [ln.split()[0] for ln in lines[1:] if not ln.startswith(" ")] == ["data", "euler2", "midpoint1r"]
+    assert "haze 0.000 of the photons" in lines[-1]             # whole photons: nothing below half a photon
+    bad = subprocess.run([sys.executable, "tools/sampler_features.py", "--ckpt", "x.pt", "--samplers", "rk4"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "rk4 is not SOLVER STEPS [r]" in bad.stderr

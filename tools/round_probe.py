@@ -9,7 +9,8 @@ the script's own --eval with `sample` wrapped in round(), writing eval.json besi
     python tools/round_probe.py --script latent_fm --ckpt runs/latent_fm/ckpt.pt ...   # any script whose
                                                              # --eval draws through its module-level sample()
 
-It changes nothing in the model script: a measurement, to decide whether rounding belongs in the sampler.
+It changes nothing in the model script: a measurement, to decide whether rounding belongs in the sampler. For
+flow_matching.py it did (its CPU default now rounds: --rounding); its rows were measured with this probe.
 """
 import importlib
 import sys

@@ -10,6 +10,8 @@ Modes (one row each):
   eager      torch.no_grad, fp32: the scripts' code as it is.
   inference  the same under torch.inference_mode (CPU default).
   bf16       (CPU default) bf16 autocast (this CPU generation has avx512_bf16); outputs cast back to fp32.
+  channels_last (--channels-last, CPU) fp32 with the Sampler's 4-d weights in channels-last (NHWC) memory
+             format, a copy: oneDNN's NHWC convolutions; the same arithmetic, so the same counts.
   compile    (--compile) the whole Sampler module (every network call and the solver loop) in torch.compile;
              compilation happens in the warm-up and takes minutes on a small CPU, so it is opt-in.
   onnx       (--onnx, CPU) the Sampler exported by data.export_onnx (what --export writes) run in ONNX Runtime's
@@ -46,12 +48,13 @@ Usage:
     python bench.py                                     # quick (~1 min on a CPU): batch 32, one measurement per row
     python bench.py --full                              # the published setting: batch 256 (CPU) / 256,4096 (GPU)
     python bench.py --models flow_matching,ddpm --steps 1,11,50 --batch 256,1024
-    python bench.py --device cpu --compile --onnx --json runs/bench_cpu.json
+    python bench.py --device cpu --compile --onnx --channels-last --json runs/bench_cpu.json
     python bench.py --detector proton                   # the ZP versions (sdigan_proton.py is ZP only)
     python bench.py --models gan,sdigan_proton,sdigan_joint  # the joint model against the two separate ones
 """
 import argparse
 import contextlib
+import copy
 import importlib
 import json
 import math
@@ -331,6 +334,10 @@ def _mode_fn(mode, sampler, name, cond, built):
         return torch.inference_mode()(base), None
     if mode in ("amp", "bf16"):                          # bf16 autocast (GPU: fp16 where bf16 is unsupported)
         return torch.no_grad()(lambda c: _amp(base, c)), None
+    if mode == "channels_last":                          # a copy: the other rows keep the contiguous weights
+        if "channels_last" not in built:
+            built["channels_last"] = copy.deepcopy(sampler).to(memory_format=torch.channels_last)
+        return torch.no_grad()(built["channels_last"].run), None
     if mode == "compile":                                # the whole Sampler: every network call and the solver
         if "compiled" not in built:
             built["compiled"] = torch.compile(sampler)
@@ -451,6 +458,7 @@ def get_args(argv=None):
     p.add_argument("--full", action="store_true", help="the published setting on a CPU: batch 256, 3 repeats "
                    "(minutes: DDPM's 50 steps and VQ-GAN's 121 tokens dominate); the default answers in about a minute")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd Sampler (slow to compile)")
+    p.add_argument("--channels-last", action="store_true", help="also time fp32 with channels-last weights (CPU)")
     p.add_argument("--onnx", action="store_true", help="also time the Sampler exported to ONNX in ONNX Runtime (CPU; "
                    "needs onnx and onnxruntime; the export takes seconds, VQ-GAN's unrolled 121 steps minutes)")
     p.add_argument("--paper", action="store_true", help="fresh weights at the reference (paper) sizes")
@@ -487,7 +495,8 @@ def main(argv=None):
         torch.cuda.set_device(device)
     args.batch = args.batch or ([256, 4096] if cuda else [256] if args.full else [32])
     args.repeats = args.repeats or (3 if cuda or args.full else 1)
-    modes = (["eager", "amp", "graph"] if cuda else ["eager", "inference", "bf16"] + (["compile"] if args.compile else [])
+    modes = (["eager", "amp", "graph"] if cuda else ["eager", "inference", "bf16"]
+             + (["channels_last"] if args.channels_last else []) + (["compile"] if args.compile else [])
              + (["onnx"] if args.onnx else []))                # on a GPU: a row that says it is CPU-only
     info = dict(device=torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})",
                 threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version())

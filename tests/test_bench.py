@@ -110,20 +110,27 @@ def test_gpu_report_stops_at_once_without_a_gpu():
     assert out.returncode == 2 and "no CUDA GPU" in out.stderr
 
 
-def test_onnx_and_compile_rows_time_the_sampler_module(monkeypatch, tmp_path):
+def test_onnx_compile_and_channels_last_rows_time_the_sampler_module(monkeypatch, tmp_path):
     """--onnx times the exported Sampler in ONNX Runtime, same noise as eager: the same counts up to float32
-    rounding; --compile compiles the Sampler module itself (its forward: every network call and the solver)."""
+    rounding; --compile compiles the Sampler module itself (its forward: every network call and the solver);
+    --channels-last times an NHWC copy: the same counts, the other rows' weights untouched."""
     import pytest
     pytest.importorskip("onnxruntime")
     compiled = []
     monkeypatch.setattr(bench.torch, "compile", lambda m: compiled.append(m) or m)   # no minutes of compiling
     rows = bench.main(["--models", "vae,flow_matching", "--batch", "3", "--steps", "2", "--device", "cpu", "--onnx",
-                       "--compile", "--no-toy", "--runs", str(tmp_path), "--json", str(tmp_path / "b.json")])
+                       "--compile", "--channels-last", "--no-toy", "--runs", str(tmp_path), "--json",
+                       str(tmp_path / "b.json")])
+    assert [x["mode"] for x in rows if x["model"] == "vae"] == ["eager", "inference", "bf16", "channels_last",
+                                                                 "compile", "onnx"]
+    for x in (x for x in rows if x["mode"] == "channels_last"):
+        assert x["ms_per_sample"] > 0 and x["check_rel_sum"] < 1e-5, x
     onnx = [x for x in rows if x["mode"] == "onnx"]
     assert [x["model"] for x in onnx] == ["vae", "flow_matching"]
     for x in onnx:
         assert x["ms_per_sample"] > 0 and x["onnx_export_s"] > 0 and x["check_rel_sum"] < 1e-5, x
     assert [type(m).__name__ for m in compiled] == ["Sampler", "Sampler"]
+    assert all(p.is_contiguous() for m in compiled for p in m.parameters())   # the NHWC copy left them alone
 
 
 def test_joint_model_is_timed_per_particle_beside_the_two_separate_models(tmp_path):

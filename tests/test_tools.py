@@ -50,31 +50,31 @@ def test_gpu_table43_names_a_wrong_arch_and_stops_at_once_without_a_gpu():
 def test_round_probe_evaluates_whole_photons_and_restores_the_sampler(monkeypatch):
     import importlib.util
     sys.path.insert(0, str(ROOT))
+    import data
     import flow_matching as fm
+    import vqgan
     spec = importlib.util.spec_from_file_location("round_probe", ROOT / "tools" / "round_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
-    seen = {}
-    monkeypatch.setattr(fm, "sample", lambda *a, **k: torch.tensor([0.3, 1.6, 2.5001]))
-    monkeypatch.setattr(fm, "evaluate", lambda args: seen.update(ckpt=args.ckpt, counts=fm.sample()))
+    seen, to_counts = {}, data.to_counts
+    log = torch.log1p(torch.tensor([0.3, 1.6, 2.5001]))                       # counts 0.3, 1.6, 2.5001 in log space
+    monkeypatch.setattr(fm, "evaluate", lambda args: seen.update(ckpt=args.ckpt, counts=data.to_counts(log)))
     probe.main(["--ckpt", "some/ckpt.pt", "--max-test", "50"])
     assert seen["ckpt"] == "some/ckpt.pt" and seen["counts"].tolist() == [0.0, 2.0, 3.0]   # what --eval sees
-    assert torch.equal(fm.sample(), torch.tensor([0.3, 1.6, 2.5001]))                     # the sampler put back
-    monkeypatch.setattr(fm, "sample", lambda *a, **k: torch.full((4000,), 0.3))
+    assert data.to_counts is to_counts                                                    # the original put back
+    monkeypatch.setattr(fm, "evaluate", lambda args: seen.update(counts=data.to_counts(torch.full((4000,), 0.3).log1p())))
     probe.main(["--stochastic", "--ckpt", "some/ckpt.pt"])                    # floor(x + u): whole photons, same mean
     c = seen["counts"]
     assert set(c.unique().tolist()) == {0.0, 1.0} and abs(c.mean().item() - 0.3) < 0.03
-    import latent_fm
-    monkeypatch.setattr(latent_fm, "sample", lambda *a, **k: torch.tensor([0.4, 0.6]))   # --script: another model
-    monkeypatch.setattr(latent_fm, "evaluate", lambda args: seen.update(ckpt=args.ckpt, counts=latent_fm.sample()))
-    probe.main(["--script", "latent_fm", "--ckpt", "lfm/ckpt.pt"])
-    assert seen["ckpt"] == "lfm/ckpt.pt" and seen["counts"].tolist() == [0.0, 1.0]
+    monkeypatch.setattr(vqgan, "evaluate", lambda args: seen.update(ckpt=args.ckpt, counts=data.to_counts(log)))
+    probe.main(["--script", "vqgan", "--ckpt", "vq/ckpt.pt"])                 # --script: any model script
+    assert seen["ckpt"] == "vq/ckpt.pt" and seen["counts"].tolist() == [0.0, 2.0, 3.0]
     out = subprocess.run([sys.executable, "tools/round_probe.py", "--ckpt", "none.pt"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "error: none.pt: checkpoint not found" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run([sys.executable, "tools/round_probe.py", "--script", "gan", "--ckpt", "x.pt"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "tools/round_probe.py", "--script", "bench", "--ckpt", "x.pt"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and "--script takes one of flow_matching, latent_fm, ddpm (got 'gan')" in out.stderr
+    assert out.returncode == 1 and "--script takes one of flow_matching, latent_fm" in out.stderr and "(got 'bench')" in out.stderr
 
 
 def test_sampler_features_prints_each_sampler_and_rejects_bad_specs(tmp_path):

@@ -1,14 +1,16 @@
 """Probe (issue 21): evaluate a checkpoint with its generated counts rounded to whole photons.
 
-The toy's responses are integer photon counts; flow matching's 11-step sampler leaves a sub-photon haze over
-every pixel. On ZP (median 2 photons per event) that haze carried 53 % of the generated photon sum. This runs
-the script's own --eval with `sample` wrapped in round(), writing eval.json beside the checkpoint:
+The toy's responses are integer photon counts; a network's decoder or sampler gives continuous ones: flow
+matching's 11-step sampler left a sub-photon haze over every pixel (on ZP 53 % of the generated photon sum). This
+runs a script's own --eval with data.to_counts (the last step of every script's sampler: log space -> counts)
+rounding its output, and writes eval.json beside the checkpoint as --eval does:
 
     python tools/round_probe.py --ckpt runs/fm_proton/ckpt.pt --max-test 2000     (any --eval flags)
     python tools/round_probe.py --stochastic --ckpt ...      # floor(x + u), u ~ U[0, 1): keeps the expected sum
-    python tools/round_probe.py --script latent_fm --ckpt runs/latent_fm/ckpt.pt ...   # any script whose
-                                                             # --eval draws through its module-level sample()
+    python tools/round_probe.py --script vqgan --ckpt runs/vqgan_disjoint/ckpt.pt ...   # any model script
 
+Reconstructions that go through to_counts (vae.py's, latent_fm.py's reconstruction W) are rounded too; gan.py
+multiplies by its brightness scale after to_counts, so its counts are whole photons times that scale.
 It changes nothing in the model script: a measurement, to decide whether rounding belongs in the sampler. For
 flow_matching.py it did (its CPU default now rounds: --rounding); its rows were measured with this probe.
 """
@@ -21,7 +23,8 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 
-SCRIPTS = ("flow_matching", "latent_fm", "ddpm")   # their --eval samples through a module-level sample()
+SCRIPTS = ("flow_matching", "latent_fm", "ddpm", "vae", "sae_ng", "gan", "sdigan_proton", "vqgan", "corrvae",
+           "sdigan_joint")
 
 
 def main(argv):
@@ -34,19 +37,19 @@ def main(argv):
         del argv[i:i + 2]
         if script not in SCRIPTS:
             sys.exit(f"error: --script takes one of {', '.join(SCRIPTS)} (got {script!r})")
-    fm = importlib.import_module(script)
-    unrounded, g = fm.sample, torch.Generator().manual_seed(0)   # the uniforms' own seeded generator: reproducible
+    mod = importlib.import_module(script)
+    unrounded, g = data.to_counts, torch.Generator().manual_seed(0)   # the uniforms' own seeded generator
 
-    def whole_photons(*a, **k):
-        x = unrounded(*a, **k)
+    def whole_photons(x):
+        x = unrounded(x)
         return torch.floor(x + torch.rand(x.shape, generator=g).to(x)) if stochastic else x.round()
-    fm.sample = whole_photons
+    data.to_counts = whole_photons
     try:
-        return fm.evaluate(fm.get_args(["--eval", *argv]))
+        return mod.evaluate(mod.get_args(["--eval", *argv]))
     except data.DataError as e:
         sys.exit(f"error: {e}")
     finally:
-        fm.sample = unrounded
+        data.to_counts = unrounded
 
 
 if __name__ == "__main__":

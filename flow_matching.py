@@ -411,6 +411,12 @@ def build_model(cfg):
     return build_networks(cfg)["unet"]
 
 
+# The convolution weights in channels-last (NHWC) memory format: the same arithmetic, and on this project's 2-core
+# CPU 1.33x faster training steps (0.392 -> 0.295 s at batch 128) and 1.37x faster sampling (oneDNN's NHWC kernels
+# suit the UNet's 8-16 channels); measured in docs/models/flow_matching.md.
+CHANNELS_LAST = torch.channels_last
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Method: loss and sampler
 # ----------------------------------------------------------------------------------------------------------
@@ -509,7 +515,7 @@ def train(args):
     shape = data.SHAPES[args.detector]
     x_tr, c_tr = split.x("train"), split.cond("train")
     x_va, c_va = split.x("val")[:2000], split.cond("val")[:2000]
-    model = build_model(vars(args)).to(dev)
+    model = build_model(vars(args)).to(dev, memory_format=CHANNELS_LAST)
     ema = copy.deepcopy(model).requires_grad_(False)
     betas = tuple(float(b) for b in args.betas.split(","))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=betas, weight_decay=0.0)   # = Adam
@@ -595,7 +601,7 @@ def train(args):
 def load_model(args):
     ck = data.load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", NAME, args.detector)
     dev = data.pick_device(args.device)
-    model = build_model(ck["args"]).to(dev)
+    model = build_model(ck["args"]).to(dev, memory_format=CHANNELS_LAST)
     model.load_state_dict(ck["ema"])
     args.steps, args.solver, args.rounding = sampler_for(args, ck["args"].get("paper", False))
     return ck, model.eval(), dev

@@ -16,6 +16,14 @@ def test_results_md_is_generated_from_the_committed_json():
         "RESULTS.md is stale: run `python metrics.py --results results/ > RESULTS.md`"
 
 
+def test_variants_readme_is_generated_from_the_committed_json():
+    out = subprocess.run([sys.executable, "metrics.py", "--results", "results/variants"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (ROOT / "results" / "variants" / "README.md").read_text(), \
+        "results/variants/README.md is stale: run `python metrics.py --results results/variants > results/variants/README.md`"
+
+
 def test_table43_md_is_generated_from_the_committed_json():
     assert metrics.table43(ROOT / "results") == (ROOT / "docs" / "table43.md").read_text().replace(
         "--results results ", f"--results {(ROOT / 'results').as_posix()} "), \

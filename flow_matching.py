@@ -22,7 +22,7 @@ samples; --ema 0 samples the trained weights. Both networks (`--unet`) take any 
   Width 4, mults 2/3/4, attention at the lowest level: 89,289 parameters.
 
 Usage:
-    python flow_matching.py --train                      # ZN, CPU default (14.4 min alone on 2 cores, 2026-12-04)
+    python flow_matching.py --train                      # ZN, CPU default (2 epochs: 20.2 min on 2 cores, 2026-12-04)
     python flow_matching.py --train --detector proton --out runs/fm_proton
     python flow_matching.py --train --split disjoint     # test particles never seen in training
     python flow_matching.py --train --paper              # the paper: published UNet, Adam 4.4e-4, 50 epochs
@@ -39,7 +39,7 @@ U[0, 0.99], sampling from the trained weights (the authors' code never samples i
 block drops the first pixel instead of the condition token, shifting the map by one pixel per block; here each
 pixel keeps its own output, the conditioning the paper describes. CPU default (measured, kept): the compact
 UNet, attention at the lowest level only, 1 head (1.7x faster on a CPU than two levels), AdamW lr 2e-3, 100
-warm-up steps, cosine decay, gradient norm clipped to 1, batch 128, one epoch, t ~ U[0, 1), EMA 0.999.
+warm-up steps, cosine decay, gradient norm clipped to 1, batch 128, two epochs, t ~ U[0, 1), EMA 0.999.
 `--t-dist logit-normal` is an option of this script, not of the paper.
 
 Ablation of the differences from the authors' code (ZN random, 500 steps each, one setting changed from the CPU
@@ -54,27 +54,17 @@ default run (`python flow_matching.py --train --betas 0.7,0.88 --out runs/fm_bet
 2000`; results/variants/flow_matching_betas_neutron_random.json): W 6.30 +- 0.41, 3.05x the floor, AUC 0.911,
 against the default's 6.60 +- 0.43, 3.20x, AUC 0.943: within the repetition spread, so the default stays
 (0.9, 0.999). None of the six differences closes the gap to issue 21's 2.0x on its own.
-Budget, not method: twice the default budget (`python flow_matching.py --train --epochs 2 --out runs/fm_2x`, 25.6
-min alone on 2 cores; `--eval --max-test 2000`; results/variants/flow_matching_2x_budget_neutron_random.json) gives
-W 5.56 +- 0.28, 2.69x the floor, AUC 0.915 (one epoch: 3.20x, AUC 0.943); its validation W still falls at the end
-(7.06 after one epoch, 6.25, 6.03, 5.86 every 500 steps after), so the 2.0x target is a question of CPU time.
-Sub-photon haze (2026-12-04, `python tools/round_probe.py [--stochastic] --ckpt CKPT --max-test 2000`, the --eval
-with generated counts made whole photons; results/variants/flow_matching_*round*): the 11-step sampler leaves a
-fraction of a photon on most pixels (ZP: 53 % of the generated sum, median sum 12.8 vs the data's 2; ZN: 7-10 %).
-Rounding to the nearest photon: ZP 8.2x -> 5.5x, AUC 0.989 -> 0.786; ZN disjoint (a copy of the probe, before it
-was committed) 5.5x -> 6.6x but AUC 0.950 -> 0.803. Stochastic rounding floor(x + u) keeps the sums: ZN disjoint
-5.51x, AUC 0.901; ZP 8.3x, AUC 0.938.
-The default sampler (2026-12-04, same checkpoints, `--eval --max-test 2000 [--steps 4 --solver midpoint]`; the
-rounded rows with tools/round_probe.py, 2 repetitions): the haze is spread over the whole image, so every
-generated shower was too wide (ZN 2x budget, `python tools/sampler_features.py --ckpt runs/fm_2x/ckpt.pt`: median
-width_x 6.9 px Euler 11, 7.2 midpoint 4, 6.7 Euler 20, data 4.1) and the classifier saw it. Midpoint with 4 steps (8 network calls instead
-of 11) moves the channel sums closer to the data, rounding removes the haze; together they fix both:
-| ZN, W / floor (AUC) | Euler 11 | midpoint 4 | midpoint 4, whole photons |
-|---|---|---|---|
-| 2x budget, random split (runs/fm_2x) | 2.69 (0.915) | 2.22 (0.967) | **1.80 (0.690)** |
-| default, disjoint split (lookup 9.41, AUC 0.809) | 5.53 (0.950) | 3.40 (0.972) | **3.67 (0.788)** |
-Midpoint alone makes the shower features worse (widths), rounding alone the sums (disjoint Euler 11 rounded:
-6.6x, AUC 0.803); both beat the lookup on the condition-disjoint split on W and AUC. Hence the CPU default.
+Sub-photon haze and the default sampler (issue 21, 2026-12-04; every row, command and file in
+docs/models/flow_matching.md, "The default sampler"): the 11-step Euler sampler left a fraction of a photon on
+most pixels (ZP: 53 % of the generated sum; ZN 7-10 %), spread over the whole image, so every generated shower
+was too wide (`python tools/sampler_features.py --ckpt runs/fm_2x/ckpt.pt`: median width_x 6.9 px, data 4.1)
+and the classifier saw it. Midpoint with 4 steps (8 network calls instead of 11) moves the channel sums closer
+to the data, rounding to whole photons removes the haze; each alone helps one metric and hurts the other,
+together they fix both (same checkpoints, `--eval --max-test 2000`): ZN condition-disjoint 5.53x -> 3.76x the
+floor, classifier AUC 0.950 -> 0.783 (the lookup: 9.41x, 0.809); ZP 8.22x -> 3.34x, AUC 0.989 -> 0.826.
+Budget: on the ZN random split one epoch reaches 2.52x (AUC 0.736; results/variants/flow_matching_1_epoch_*),
+two epochs 1.86x (AUC 0.691; results/flow_matching_neutron_random.json); channels-last weights (1.33x faster
+steps) fit the two epochs into 20.2 minutes, hence the CPU default of two epochs.
 """
 import argparse
 import copy
@@ -94,7 +84,7 @@ import data
 import metrics
 
 NAME = "flow_matching"
-DEFAULTS = dict(epochs=1, batch_size=128, lr=2e-3, unet="compact", width=4, mults="2,3,4", n_res=2, attn_levels=1,
+DEFAULTS = dict(epochs=2, batch_size=128, lr=2e-3, unet="compact", width=4, mults="2,3,4", n_res=2, attn_levels=1,
                 heads=1, t_max=1.0, betas="0.9,0.999", schedule="cosine", warmup="100", grad_clip=1.0, ema=0.999)
 PAPER = dict(epochs=50, batch_size=256, lr=4.4e-4, unet="published", width=4, mults="2,3,4", n_res=2, attn_levels=2,
              heads=2, t_max=0.99, betas="0.7,0.88", schedule="constant", warmup="0", grad_clip=0.0, ema=0.0)

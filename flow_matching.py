@@ -10,7 +10,8 @@ U[0, --t-max). Sampling integrates dx/dt = v from t = 0 to 1 with Euler (NFE = s
 (NFE = 2 steps), then applies ReLU and expm1, and (`--rounding nearest`, the CPU default) rounds to whole photons.
 Sampler defaults: midpoint 4 with whole photons (CPU default), the paper's Euler 11 with continuous counts for a
 model trained with --paper; explicit --steps / --solver / --rounding win. An EMA of the weights (decay
-min(--ema, (1 + step) / (10 + step))) samples; --ema 0 samples the trained weights. Both networks (`--unet`) take any number of levels (`--mults`).
+min(--ema, (1 + step) / (10 + step))) samples; --ema 0 samples the trained weights. Both networks (`--unet`) take
+any number of levels (`--mults`).
 - `published` (`--paper`): the paper's UNet (faster_zdc zdc/architectures/unet.py) in torch, with its
   initialisation: bias-free convolutions, per-pixel LayerNorm, SiLU; the time embedding (sinusoidal on t itself,
   then an MLP) enters every residual block, the particle features (their own MLP) only the attention token;

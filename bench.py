@@ -255,9 +255,9 @@ def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
     tqdm.write(f"  {name}: {'trained weights from ' + source if ck else 'random initialisation (' + source + ')'}"
           + (" at the published size" if args.paper else ""))
     rows = []
+    paper = args.paper or bool(ck and ck.get("args", {}).get("paper"))   # a --paper checkpoint: the paper's sampler
     for steps in (args.steps if name in ITERATIVE else [None]):
-        sampler, nfe = make_sampler(name, mod, nets, ck, detector, steps or _default_sampler(mod, args.paper)[0],
-                                    args.paper)
+        sampler, nfe = make_sampler(name, mod, nets, ck, detector, steps or _default_sampler(mod, paper)[0], paper)
         base, built = sampler.run, {}                    # built: the compiled module / ONNX session, once per sampler
         flops = flops_per_sample(torch.no_grad()(base), sampler.example_cond(8, None).to(device))
         for batch in args.batch:

@@ -167,3 +167,11 @@ def test_table_is_regenerated_from_the_committed_gpu_json(tmp_path):
     bad.write_text("{}")
     err = cli("bench.py", "--table", bad, ok=False).stderr
     assert "is not a bench.py JSON" in err and "Traceback" not in err
+
+
+def test_a_paper_checkpoint_is_timed_with_the_papers_sampler(tmp_path):
+    cli("flow_matching.py", "--train", "--smoke", "--paper", "--out", tmp_path / "runs" / "flow_matching")
+    rows = bench.main(["--models", "flow_matching", "--batch", "2", "--device", "cpu", "--no-toy", "--runs",
+                       str(tmp_path / "runs"), "--json", str(tmp_path / "b.json")])
+    assert rows and all(x["weights"].endswith("flow_matching/ckpt.pt") for x in rows)
+    assert {x["steps"] for x in rows} == {11}                 # Euler 11 (its --eval's sampler), not midpoint 4's 8

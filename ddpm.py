@@ -287,6 +287,12 @@ def build_model(cfg):
     return build_networks(cfg)["unet"]
 
 
+# The convolution weights in channels-last (NHWC) memory format, as flow_matching.py: the same arithmetic, and on
+# this project's 2-core CPU a 1.3x faster training step (0.86 -> 0.66 s at batch 128, 3 interleaved rounds of 5
+# steps, one thread while another run shared the cores).
+CHANNELS_LAST = torch.channels_last
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Method: loss and samplers
 # ----------------------------------------------------------------------------------------------------------
@@ -423,7 +429,7 @@ def train(args):
     shape = data.SHAPES[args.detector]
     x_tr, c_tr = split.x("train"), split.cond("train")
     x_va, c_va = split.x("val")[:2000], split.cond("val")[:2000]
-    model = build_model(vars(args)).to(dev)
+    model = build_model(vars(args)).to(dev, memory_format=CHANNELS_LAST)
     model.x_max.fill_(x_tr.max()), model.x_std.fill_(x_tr.std())  # data range (x0 clipping), scale (eps skip)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(float(b) for b in args.betas.split(",")),
@@ -509,7 +515,7 @@ def train(args):
 def load_model(args):
     ck = data.load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", NAME, args.detector)
     dev = data.pick_device(args.device)
-    model = build_model(ck["args"]).to(dev)
+    model = build_model(ck["args"]).to(dev, memory_format=CHANNELS_LAST)
     model.load_state_dict(ck["ema"])
     return ck, model.eval(), dev
 

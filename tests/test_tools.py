@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +67,12 @@ def test_round_probe_evaluates_whole_photons_and_restores_the_sampler(monkeypatc
     probe.main(["--stochastic", "--ckpt", "some/ckpt.pt"])                    # floor(x + u): whole photons, same mean
     c = seen["counts"]
     assert set(c.unique().tolist()) == {0.0, 1.0} and abs(c.mean().item() - 0.3) < 0.03
+    monkeypatch.setattr(fm, "evaluate", lambda args: seen.update(counts=data.to_counts(torch.full((4000,), 2.0).log1p())))
+    probe.main(["--poisson", "--ckpt", "some/ckpt.pt"])                       # Poisson(mean 2): its mean and variance
+    c = seen["counts"]
+    assert torch.equal(c, c.round()) and abs(c.mean().item() - 2) < 0.1 and abs(c.var().item() - 2) < 0.25
+    with pytest.raises(SystemExit, match="two different roundings"):
+        probe.main(["--poisson", "--stochastic", "--ckpt", "some/ckpt.pt"])
     monkeypatch.setattr(vqgan, "evaluate", lambda args: seen.update(ckpt=args.ckpt, counts=data.to_counts(log)))
     probe.main(["--script", "vqgan", "--ckpt", "vq/ckpt.pt"])                 # --script: any model script
     assert seen["ckpt"] == "vq/ckpt.pt" and seen["counts"].tolist() == [0.0, 2.0, 3.0]

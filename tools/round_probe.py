@@ -7,6 +7,8 @@ rounding its output, and writes eval.json beside the checkpoint as --eval does:
 
     python tools/round_probe.py --ckpt runs/fm_proton/ckpt.pt --max-test 2000     (any --eval flags)
     python tools/round_probe.py --stochastic --ckpt ...      # floor(x + u), u ~ U[0, 1): keeps the expected sum
+    python tools/round_probe.py --poisson --ckpt ...         # a Poisson draw with the output as its mean (the
+                                                             # toy's pixels are Poisson given the shower)
     python tools/round_probe.py --script vqgan --ckpt runs/vqgan_disjoint/ckpt.pt ...   # any model script
 
 Reconstructions that go through to_counts (vae.py's, latent_fm.py's reconstruction W) are rounded too; gan.py
@@ -28,8 +30,10 @@ SCRIPTS = ("flow_matching", "latent_fm", "ddpm", "vae", "sae_ng", "gan", "sdigan
 
 
 def main(argv):
-    stochastic = "--stochastic" in argv
-    argv = [a for a in argv if a != "--stochastic"]
+    stochastic, poisson = "--stochastic" in argv, "--poisson" in argv
+    if stochastic and poisson:
+        sys.exit("error: --stochastic and --poisson are two different roundings: give one")
+    argv = [a for a in argv if a not in ("--stochastic", "--poisson")]
     script = "flow_matching"
     if "--script" in argv:
         i = argv.index("--script")
@@ -42,6 +46,8 @@ def main(argv):
 
     def whole_photons(x):
         x = unrounded(x)
+        if poisson:
+            return torch.poisson(x.clamp(min=0).cpu(), generator=g).to(x)
         return torch.floor(x + torch.rand(x.shape, generator=g).to(x)) if stochastic else x.round()
     data.to_counts = whole_photons
     try:

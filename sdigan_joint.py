@@ -527,6 +527,7 @@ def evaluate(args):
             png, true = path.with_name(f"eval_{det}.png"), split.ds.images[det][idx]
             metrics.plot_grid(true, kept, png.with_suffix(".grid.png"), 8, title=f"{NAME} {det}: test vs generated")
             metrics.plot_histograms(true, kept, png.with_suffix(".hist.png"), title=f"{NAME} {det}: channel sums")
+            metrics.plot_features(true, kept, png.with_suffix(".features.png"), title=f"{NAME} {det}: shower features")
         fl, lk = floors[det], metrics.lookup(view, args.reps, max_test)
         sep = separate.get(det, {})
         print(f"\n{det} detector (joint set), split '{split.mode}', {len(idx)} test events, {args.reps} repetitions")
@@ -539,6 +540,10 @@ def evaluate(args):
                             ms_per_particle=ms, threads=torch.get_num_threads())
         path.with_name(f"eval_{det}.json").write_text(json.dumps(results[det], indent=1))
     path.write_text(json.dumps(results, indent=1))
+    if args.plot and (path.parent / "metrics.jsonl").exists():      # validation W of both parts against steps
+        metrics.plot_curve([path.parent / "metrics.jsonl"], path.with_suffix(".curve.png"), [NAME],
+                           f"{NAME}: validation W during training")
+        print(f"training curve: {path.with_suffix('.curve.png')}")
     print(f"\n{ms:.4f} ms per particle (both responses, batch 256, {dev}, {torch.get_num_threads()} threads)\n"
           f"written {path} and eval_neutron.json / eval_proton.json beside it")
     return results

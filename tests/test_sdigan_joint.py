@@ -49,8 +49,10 @@ def test_smoke_train_sample_eval(run):
 def test_compare_with_separate_models_on_the_same_particles(run, tmp_path):
     cli("gan.py", "--train", "--smoke", "--out", tmp_path / "gan")
     cli("sdigan_proton.py", "--train", "--smoke", "--out", tmp_path / "sdi")
-    cli(S, "--eval", "--ckpt", run / "ckpt.pt", "--max-test", 60, "--reps", 1,
+    cli(S, "--eval", "--ckpt", run / "ckpt.pt", "--max-test", 60, "--reps", 1, "--plot",
         "--compare-ckpt", tmp_path / "gan" / "ckpt.pt", tmp_path / "sdi" / "ckpt.pt")
+    pngs = [f"eval_{d}.{k}.png" for d in ("neutron", "proton") for k in ("grid", "hist", "features")] + ["eval.curve.png"]
+    assert all((run / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)   # --plot: the curve from both val_W keys
     for det, model in (("neutron", "gan"), ("proton", "sdigan_proton")):
         r = json.loads((run / f"eval_{det}.json").read_text())
         row = r["separate"][f"{model} (separate)"]

@@ -9,7 +9,10 @@ script's default configuration is freshly initialised (`--paper`: the reference 
 Modes (one row each):
   eager      torch.no_grad, fp32: the scripts' code as it is.
   inference  the same under torch.inference_mode (CPU default).
-  bf16       (CPU default) bf16 autocast (this CPU generation has avx512_bf16); outputs cast back to fp32.
+  bf16       (CPU default) bf16 autocast (this CPU generation has avx512_bf16); outputs cast back to fp32. On a
+             CPU with the 4-d weights in contiguous (NCHW) memory format, a copy: oneDNN's bf16 convolutions are
+             slower on NHWC weights than fp32 (flow_matching, batch 256: bf16 NHWC 8.7, fp32 NHWC 7.0, bf16
+             contiguous 5.2 ms / sample), so the row times the layout bf16 is fast in (flow_matching --amp too).
   channels_last (--channels-last, CPU) fp32 with the Sampler's 4-d weights in channels-last (NHWC) memory
              format, a copy: oneDNN's NHWC convolutions; the same arithmetic, so the same counts.
   compile    (--compile) the whole Sampler module (every network call and the solver loop) in torch.compile;
@@ -332,7 +335,11 @@ def _mode_fn(mode, sampler, name, cond, built):
         return torch.no_grad()(base), None
     if mode == "inference":
         return torch.inference_mode()(base), None
-    if mode in ("amp", "bf16"):                          # bf16 autocast (GPU: fp16 where bf16 is unsupported)
+    if mode == "bf16":                                   # CPU bf16 autocast on a contiguous copy (see the top)
+        if "bf16" not in built:
+            built["bf16"] = copy.deepcopy(sampler).to(memory_format=torch.contiguous_format)
+        return torch.no_grad()(lambda c: _amp(built["bf16"].run, c)), None
+    if mode == "amp":                                    # GPU bf16 autocast (fp16 where bf16 is unsupported)
         return torch.no_grad()(lambda c: _amp(base, c)), None
     if mode == "channels_last":                          # a copy: the other rows keep the contiguous weights
         if "channels_last" not in built:

@@ -175,3 +175,20 @@ def test_a_paper_checkpoint_is_timed_with_the_papers_sampler(tmp_path):
                        str(tmp_path / "runs"), "--json", str(tmp_path / "b.json")])
     assert rows and all(x["weights"].endswith("flow_matching/ckpt.pt") for x in rows)
     assert {x["steps"] for x in rows} == {11}                 # Euler 11 (its --eval's sampler), not midpoint 4's 8
+
+
+def test_cpu_bf16_row_times_a_contiguous_copy_and_agrees_with_fp32():
+    """oneDNN's bf16 convolutions are slow on NHWC weights: the bf16 row times a contiguous copy of a channels-last
+    Sampler (flow_matching loads NHWC weights), leaving the other rows' weights alone; same noise, close counts."""
+    torch.manual_seed(0)
+    net = fm.build_model(vars(fm.get_args(["--train"]))).to(memory_format=torch.channels_last).eval()
+    sampler = fm.Sampler(net, (44, 44), 2, "euler", "none").eval()
+    cond, built = torch.randn(3, 9), {}
+    fn, why = bench._mode_fn("bf16", sampler, "flow_matching", cond, built)
+    assert why is None and all(p.is_contiguous() for p in built["bf16"].parameters())
+    assert any(not p.is_contiguous() for p in sampler.parameters())    # the eager rows' weights: still NHWC
+    torch.manual_seed(1)
+    low = fn(cond)
+    torch.manual_seed(1)
+    ref = sampler.run(cond)
+    assert low.dtype == torch.float32 and (low.sum() - ref.sum()).abs() / ref.sum() < 0.02

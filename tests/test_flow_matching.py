@@ -201,3 +201,15 @@ def test_rounding_gives_whole_photons_and_none_keeps_the_continuous_counts():
     c = fm.sample(Ramp(), cond, (4, 5), g(), steps=2, solver="euler", rounding="none")
     r = fm.sample(Ramp(), cond, (4, 5), g(), steps=2, solver="euler")                # default: nearest
     assert (c != c.round()).any() and torch.equal(r, c.round()) and (r >= 0).all()
+
+
+def test_amp_on_a_cpu_samples_with_contiguous_weights(run):
+    """bf16 autocast is slow on channels-last weights on a CPU (oneDNN): --amp loads them contiguous, fp32 NHWC."""
+    det, out = run
+    is_nhwc = lambda m: all(p.is_contiguous(memory_format=torch.channels_last) for p in m.parameters() if p.dim() == 4)
+    is_flat = lambda m: all(p.is_contiguous() for p in m.parameters())
+    _, model, _ = fm.load_model(fm.get_args(["--sample", "--ckpt", str(out / "ckpt.pt")]))
+    assert is_nhwc(model) and not is_flat(model)
+    _, bf, _ = fm.load_model(fm.get_args(["--sample", "--amp", "--ckpt", str(out / "ckpt.pt")]))
+    assert is_flat(bf)
+    assert fm.weight_format("cuda", True) is fm.CHANNELS_LAST          # a GPU keeps its NHWC tensor-core layout

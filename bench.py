@@ -99,7 +99,8 @@ def make_sampler(name, mod, nets, ck, detector, steps, paper=False):
     shape = lambda: _shape(ck, detector)                 # only the samplers that need it ask (joint: two shapes)
     build = {"flow_matching": lambda: mod.Sampler(nets[0], shape(), steps, *_default_sampler(mod, paper)[1:]),
              "ddpm": lambda: mod.Sampler(nets[0], shape(), steps),
-             "latent_fm": lambda: mod.Sampler(nets[0], nets[1], shape(), ck["state"]["scale"] if ck else 1.0, steps),
+             "latent_fm": lambda: mod.Sampler(nets[0], nets[1], shape(), ck["state"]["scale"] if ck else 1.0, steps,
+                                              mod.rounding_for(argparse.Namespace(rounding=None), paper)),
              "gan": lambda: mod.Sampler(nets[0], ck["scale"] if ck else 1.0),
              "vqgan": lambda: mod.Sampler(nets[0], nets[-1], shape())}
     s = build.get(name, lambda: mod.Sampler(nets[0]))().eval()

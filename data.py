@@ -579,6 +579,29 @@ def to_counts(x):
     return torch.expm1(x.float()).clamp_min(0)
 
 
+POISSON_EXACT_BELOW, POISSON_TERMS = 12.0, 40
+
+
+def poisson_counts(mean, u, z):
+    """Poisson photon counts with the given means (N, H, W), from explicit noise of the same shape: u ~ U(0, 1) and
+    z ~ N(0, 1), so that a sampler stays deterministic given its noise and exports to ONNX (which has no Poisson
+    op). Means below 12: the exact inverse CDF (the number of the first 40 cumulative probabilities that u
+    exceeds; P(X >= 40) < 1e-9 there). From 12 up: the Cornish-Fisher expansion of the Poisson quantile,
+    round(mean + sqrt(mean) z + (z^2 - 1) / 6), whose mean, variance and skewness are the Poisson ones to
+    O(mean^-1/2). The toy's fibre counts are Poisson given the shower (DATA.md), so a decoder that predicts the
+    expected counts gets the data's pixel-to-pixel fluctuations from this."""
+    mean = mean.float().clamp_min(0)
+    small = mean.clamp_max(POISSON_EXACT_BELOW)
+    p = torch.exp(-small)
+    cdf, k = p, (u > p).float()
+    for j in range(1, POISSON_TERMS):
+        p = p * small / j
+        cdf = cdf + p
+        k = k + (u > cdf).float()
+    big = torch.floor(mean + mean.sqrt() * z + (z * z - 1) / 6 + 0.5).clamp_min(0)
+    return torch.where(mean < POISSON_EXACT_BELOW, k, big)
+
+
 class Split:
     """The standard view every model trains on: split indices, feature standardisation fitted on the
     training part, and tensors. `state()` is what a checkpoint stores to rebuild it."""

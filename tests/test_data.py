@@ -268,3 +268,19 @@ def test_track_best_keeps_a_copy_of_the_lowest_score():
     assert data.pick_weights(ck)[1] == "best validation, step 2 of 4"
     w, label = data.pick_weights(ck, "last")
     assert label == "last, step 4" and (w["weight"] == 4).all()
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.05, 1.0, 5.0, 11.9, 12.0, 40.0, 400.0])
+def test_poisson_counts_from_explicit_noise_have_the_poisson_law(lam):
+    g = torch.Generator().manual_seed(0)
+    mean = torch.full((100_000,), lam)
+    u, z = torch.rand(mean.shape, generator=g), torch.randn(mean.shape, generator=g)
+    k = data.poisson_counts(mean, u, z)
+    assert torch.equal(k, data.poisson_counts(mean, u, z)) and torch.equal(k, k.round()) and (k >= 0).all()
+    sd = max(lam, 1e-3) ** 0.5
+    assert abs(k.mean().item() - lam) < 5 * sd / 100_000 ** 0.5 + 1e-3         # Poisson mean ...
+    assert abs(k.var().item() - lam) < 0.03 * lam + 1e-3                        # ... and variance
+    if lam <= 5:                                                                # the exact inverse CDF below 12
+        ref = torch.poisson(mean, generator=g)
+        for j in range(4):
+            assert abs((k == j).float().mean() - (ref == j).float().mean()) < 0.006

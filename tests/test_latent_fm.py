@@ -1,4 +1,5 @@
 """latent_fm.py through its command line, and its pieces directly."""
+import argparse
 import json
 
 import pytest
@@ -96,3 +97,31 @@ def test_stage2_times_lie_in_0_t_max():
     rec = Recorder()
     lfm.fm_loss(rec, torch.zeros(20_000, 4, 2, 2), torch.zeros(20_000, 9), torch.Generator().manual_seed(0), t_max=0.99)
     assert rec.t.min() >= 0 and 0.985 < rec.t.max() < 0.99
+
+
+def test_poisson_counts_by_default_the_paper_keeps_the_decoder_output(run, tmp_path):
+    det, out = run
+    shape = data.SHAPES[det]
+    vae, unet = lfm.build_model(dict(vae_width=4, width=4))
+    s = lfm.Sampler(vae, unet, shape, 1.0, 2)
+    assert list(s.noise_shapes(3)) == ["z0", "u_counts", "z_counts"] and s.meta["rounding"] == "poisson"
+    assert list(lfm.Sampler(vae, unet, shape, 1.0, 2, "none").noise_shapes(3)) == ["z0"]
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        lfm.Sampler(vae, unet, shape, 1.0, 2, "floor")
+    cond, g = torch.randn(4, 9), lambda: torch.Generator().manual_seed(1)
+    for rounding in ("poisson", "nearest"):
+        c = lfm.sample(vae, unet, cond, shape, 1.0, g(), 2, rounding)
+        assert torch.equal(c, c.round())
+    mean = lfm.sample(vae, unet, cond, shape, 1.0, g(), 2, "none")
+    assert not torch.equal(mean, mean.round())
+    assert torch.equal(lfm.sample(vae, unet, cond, shape, 1.0, g(), 2, "nearest"), mean.round())   # same z0 first
+    none = argparse.Namespace(rounding=None)
+    assert (lfm.rounding_for(none, False), lfm.rounding_for(none, True)) == ("poisson", "none")
+    assert lfm.rounding_for(argparse.Namespace(rounding="nearest"), True) == "nearest"     # an explicit flag wins
+    a = lfm.get_args(["--eval", "--ckpt", str(out / "ckpt.pt")])
+    lfm.load_model(a)
+    assert a.rounding == "poisson"                                     # a CPU-default checkpoint
+    cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 60, "--reps", 1, "--rounding", "none")
+    r = check_eval(out / "eval_euler8_none.json")                     # not the default: its own file
+    assert r["rounding"] == "none" and "(euler 8)" in r["name"]
+    assert "invalid choice: 'floor'" in cli(S, "--eval", "--rounding", "floor", ok=False).stderr

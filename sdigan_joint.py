@@ -49,7 +49,11 @@ format). Logged every --val-every steps: d_loss, g_loss, d_real / d_fake, div_<d
 mean d_I), int_<det> (L_in, unweighted), val_W_<det> on 1000 validation events. The generator of the best
 validation score (geometric mean of val_W ZN and ZP) is kept in the checkpoint beside the last one: adversarial
 training drifts (the default run's val W was best at step 200 of 600, `python metrics.py --curve runs/sdigan_joint`),
-and --sample/--eval/--export use the best unless --weights last.
+and --sample/--eval/--export use the best unless --weights last. Three times the budget on the condition-disjoint
+split (`--split disjoint --epochs 3 --max-steps 1800 --out runs/sdigan_joint_3x_disjoint`, 15.1 min; `--eval
+--max-test 2000 --plot`, variants/sdigan_joint_3x_budget_*): ZP 7.40x -> 4.51x the floor, but ZN 16.8x -> 63.8x
+(W 82 +- 26: overbright outliers in some repetitions; AUC 0.970): validation W spikes twice (steps 400 and 900)
+and then sits at the default's level (eval.curve.png): D/G balance, not the budget, is the limit.
 
 Deviations: the authors' code trains on events where both responses have >= 15 photons and puts d_I on D's
 feature layer; here issue 17's data (either passes) and the paper's d_I on the images. No auxiliary regressor

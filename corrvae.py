@@ -57,7 +57,7 @@ AUC 0.992; the control holds on unseen particles: 0.973 / 0.990 / 0.964 / 0.916.
 (`--split disjoint --epochs 6 --out runs/corrvae_3x_disjoint`, 14.1 min; variants/corrvae_3x_budget_*): W 19.03
 +- 0.96, 11.3x, AUC 0.989: validation W stops falling after ~1,500 of 9,288 steps (eval.curve.png), so the
 recipe, not the budget, is the limit. Poisson counts around the decoder's output (`tools/round_probe.py
---poisson`, 2 repetitions): 12.9x, AUC 0.962 (its blobs stay blobs).
+--poisson`, 2 repetitions): 13.1x, AUC 0.962 (its blobs stay blobs).
 What the numbers do not show, the pictures do: many generated showers are two or three blurred blobs where the
 data has one (their centre of gravity is where it was asked to be), so the classifier still tells them apart.
 A probe (beta 1) found where they come from: the same test images encoded and decoded (posterior means) are

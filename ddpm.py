@@ -64,7 +64,11 @@ narrow. Validation W stalled at 20.1 between steps 1,000 and 1,532 (eval.curve.p
 (`--split disjoint --out runs/ddpm_disjoint`, 13.3 min; `--eval ... --max-test 2000 --reps 2 --plot`, 2 repetitions
 to halve the 24-min evaluation: results/ddpm_neutron_disjoint.json): W 14.14 +- 0.24, 8.3x the floor, just
 ahead of the lookup (9.4x) on W and far behind it on the classifier (AUC 0.999 vs 0.80); the same picture:
-realistic texture, wrong place.
+realistic texture, wrong place. Three times the budget (`--split disjoint --epochs 3 --out runs/ddpm_3x_disjoint`,
+35.4 min with channels-last weights while tests shared the cores part of the time; `--eval --max-test 2000 --reps
+2 --plot`, results/variants/ddpm_3x_budget_neutron_disjoint.json): W 7.67 +- 0.05, 4.5x the floor, AUC 0.939,
+showers now at the right place (still too narrow: widths are the worst features); validation W still falling
+at the end (26.9 -> 13.9): for ddpm the CPU budget is the limit (docs/budget.md).
 """
 import argparse
 import copy

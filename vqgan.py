@@ -71,6 +71,8 @@ results/vqgan_neutron_random.json): W 21.72 +- 0.43, 10.5x the floor, classifier
 their cores smoother and wider than the data's; faint particles get scattered single photons, as in the data.
 Condition-disjoint (`--split disjoint --out runs/vqgan_disjoint`, stage 2 7.8 min; results/vqgan_neutron_disjoint.json):
 W 17.22 +- 0.29, 10.2x (lookup 9.4x: not yet beaten), AUC 0.997, FPD 2.67; tokenizer reconstruction W 9.0.
+Three times the budget (`--split disjoint --epochs 3 --epochs2 3 --out runs/vqgan_3x_disjoint`, 58 min;
+results/variants/vqgan_3x_budget_neutron_disjoint.json): W 15.13 +- 0.40, 9.0x, AUC 0.987 (docs/budget.md).
 """
 import argparse
 import json

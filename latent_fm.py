@@ -15,8 +15,8 @@ Gaussian noise (t = 0) to latents (t = 1), exactly as in flow_matching.py. Sampl
 (default 8) in latent space, unscale, decode, expm1. The decoder gives smooth expected counts; the toy's (and a
 real ZDC's) fibre counts are Poisson given the shower, so the CPU default draws them (`--rounding poisson`,
 data.poisson_counts, from explicit noise: ONNX-exportable): on the condition-disjoint split the same checkpoint
-goes from W 2.84x the floor and classifier AUC 0.986 (smooth) to 2.80x and 0.773 (lookup: 9.41x, 0.809;
-docs/models/latent_fm.md). A `--paper` checkpoint keeps the paper's continuous decoder output (`none`).
+goes from W 2.84x the floor and classifier AUC 0.986 (smooth) to 2.94x and 0.775 (lookup: 9.41x, 0.809;
+results/latent_fm_neutron_disjoint.json, docs/models/latent_fm.md). A `--paper` checkpoint keeps the paper's continuous decoder output (`none`).
 
 Usage:
     python latent_fm.py --train                     # both stages, ZN (25.6 min alone, 2 cores)

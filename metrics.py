@@ -375,12 +375,7 @@ def run_eval(generate, split, path, args, name, extra=None):
         if "auc" in row:
             plot_features(true, kept, path.with_suffix(".features.png"), title=f"{name}: shower features, {split.mode} split")
         print(f"plots: {path.with_suffix('.grid.png')}, {path.with_suffix('.hist.png')}, {path.with_suffix('.features.png')}")
-        log = path.parent / "metrics.jsonl"              # the training run's log, when evaluating in its folder
-        try:
-            plot_curve([log], path.with_suffix(".curve.png"), [name], f"{name}: validation W during training")
-            print(f"training curve: {path.with_suffix('.curve.png')}")
-        except (FileNotFoundError, ValueError) as e:
-            print(f"no training curve: {e}")
+        plot_run_curve(path, name)
     return result
 
 
@@ -526,6 +521,17 @@ def read_curve(run):
     if not rows:
         raise ValueError(f"{f}: no validation rows with a val_W entry")
     return rows
+
+
+def plot_run_curve(path, name):
+    """--eval --plot: the validation W of the training run beside the eval file `path` (its metrics.jsonl, when
+    evaluating in the run's folder) into <path>.curve.png."""
+    log = path.parent / "metrics.jsonl"
+    try:
+        plot_curve([log], path.with_suffix(".curve.png"), [name], f"{name}: validation W during training")
+        print(f"training curve: {path.with_suffix('.curve.png')}")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"no training curve: {e}")
 
 
 def plot_curve(runs, path, labels=None, title=""):

@@ -544,10 +544,8 @@ def evaluate(args):
                             ms_per_particle=ms, threads=torch.get_num_threads())
         path.with_name(f"eval_{det}.json").write_text(json.dumps(results[det], indent=1))
     path.write_text(json.dumps(results, indent=1))
-    if args.plot and (path.parent / "metrics.jsonl").exists():      # validation W of both parts against steps
-        metrics.plot_curve([path.parent / "metrics.jsonl"], path.with_suffix(".curve.png"), [NAME],
-                           f"{NAME}: validation W during training")
-        print(f"training curve: {path.with_suffix('.curve.png')}")
+    if args.plot:                                                    # validation W of both parts against steps
+        metrics.plot_run_curve(path, NAME)
     print(f"\n{ms:.4f} ms per particle (both responses, batch 256, {dev}, {torch.get_num_threads()} threads)\n"
           f"written {path} and eval_neutron.json / eval_proton.json beside it")
     return results

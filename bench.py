@@ -100,7 +100,8 @@ def make_sampler(name, mod, nets, ck, detector, steps, paper=False):
     build = {"flow_matching": lambda: mod.Sampler(nets[0], shape(), steps, *_default_sampler(mod, paper)[1:]),
              "ddpm": lambda: mod.Sampler(nets[0], shape(), steps),
              "latent_fm": lambda: mod.Sampler(nets[0], nets[1], shape(), ck["state"]["scale"] if ck else 1.0, steps,
-                                              mod.rounding_for(argparse.Namespace(rounding=None), paper)),
+                                              solver=_default_sampler(mod, paper)[1],
+                                              rounding=_default_sampler(mod, paper)[2]),
              "gan": lambda: mod.Sampler(nets[0], ck["scale"] if ck else 1.0),
              "vqgan": lambda: mod.Sampler(nets[0], nets[-1], shape())}
     s = build.get(name, lambda: mod.Sampler(nets[0]))().eval()
@@ -323,7 +324,7 @@ def _default_sampler(mod, paper):
     """(steps, ...) a script samples with by default, at the published setting with --paper (flow_matching:
     (steps, solver, rounding))."""
     a = mod.get_args(["--sample"] + (["--paper"] if paper else []))
-    if hasattr(mod, "sampler_for"):                   # flow_matching: the paper's Euler 11, the CPU default's midpoint 4
+    if hasattr(mod, "sampler_for"):                   # flow_matching, latent_fm: the paper's Euler, the CPU default's midpoint
         return mod.sampler_for(a, paper)
     return getattr(a, "steps", None), None
 

@@ -684,6 +684,29 @@ def results_markdown(folder):
     return "\n".join(lines) + "\n"
 
 
+def sweep_markdown(paths):
+    """The quality-vs-speed tables (markdown) of run_sweep JSON files (a script's `--eval --sweep`): one per file,
+    one row per setting, NFE (network calls per sample) where the setting names a solver."""
+    lines = []
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        if "rows" not in r or not r["rows"]:
+            raise ValueError(f"{path}: not a sweep.json (no rows)")
+        keys = [k for k in r["rows"][0] if k not in ("W", "MAE", "ms_per_sample")]
+        fw = r["floor"]["W"][0] if r.get("floor") else None
+        lines += [f"`{path}`: {r['detector']}, {r['split']} split, {r['n_test']:,} test events, {r['reps']} repetitions, "
+                  f"batch {r['batch']}, {r['threads']} threads; `python {r['command']}`", "",
+                  "| " + " | ".join(keys) + " | NFE | W | W / floor | MAE | ms / sample |",
+                  "|" + "---|" * (len(keys) + 5)]
+        for row in r["rows"]:
+            nfe = row["steps"] * (2 if row.get("solver") == "midpoint" else 1) if "steps" in row else "-"
+            ratio = f"{row['W'][0] / fw:.2f}" if fw else "n/a"
+            lines.append("| " + " | ".join(str(row[k]) for k in keys) + f" | {nfe} | {row['W'][0]:.2f} ± {row['W'][1]:.2f}"
+                         f" | {ratio} | {row['MAE'][0]:.2f} | {row['ms_per_sample']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def results_summary(folder):
     """The README's summary table (markdown): one row per model script with ZN results (file names
     <script>_neutron_<split>.json), W / floor on the random and the condition-disjoint split, the classifier AUC
@@ -887,7 +910,15 @@ def main(argv=None):
     p.add_argument("--curve", nargs="+", default=None, metavar="RUN", help="plot the validation W of these training "
                    "runs (folders with metrics.jsonl) against steps into --out PNG and exit")
     p.add_argument("--out", default="curve.png", help="with --curve: the PNG to write")
+    p.add_argument("--sweep-table", nargs="+", default=None, metavar="JSON", help="print the quality-vs-speed tables "
+                   "(markdown) of these sweep.json files (a script's --eval --sweep)")
     args = p.parse_args(argv)
+    if args.sweep_table:
+        try:
+            sys.stdout.write(sweep_markdown(args.sweep_table))
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            sys.exit(f"error: --sweep-table: {e}")
+        return
     if args.curve:
         try:
             plot_curve(args.curve, args.out, title="validation W during training")

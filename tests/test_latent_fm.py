@@ -29,9 +29,10 @@ def test_smoke_train_sample_eval(run):
     e = cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 100, "--reps", 2)
     assert "reconstruction Wasserstein" in e.stdout
     r = check_eval(out / "eval.json")
-    assert r["reconstruction_W"] >= 0 and r["steps"] == 8
+    assert r["reconstruction_W"] >= 0 and (r["steps"], r["solver"]) == lfm.SAMPLER["default"]
     cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 60, "--reps", 1, "--sweep", "1,2")
-    assert [r["steps"] for r in json.loads((out / "sweep.json").read_text())["rows"]] == [1, 2]
+    assert [(r["solver"], r["steps"]) for r in json.loads((out / "sweep.json").read_text())["rows"]] == [
+        ("euler", 1), ("euler", 2), ("midpoint", 1), ("midpoint", 2)]
 
 
 def test_stages_resume_and_determinism(tmp_path):
@@ -120,8 +121,26 @@ def test_poisson_counts_by_default_the_paper_keeps_the_decoder_output(run, tmp_p
     assert lfm.rounding_for(argparse.Namespace(rounding="nearest"), True) == "nearest"     # an explicit flag wins
     a = lfm.get_args(["--eval", "--ckpt", str(out / "ckpt.pt")])
     lfm.load_model(a)
-    assert a.rounding == "poisson"                                     # a CPU-default checkpoint
+    assert (a.steps, a.solver, a.rounding) == lfm.SAMPLER["default"] + ("poisson",)   # a CPU-default checkpoint
+    assert lfm.sampler_for(none, True) == (8, "euler", "none")         # the paper's sampler
+    assert lfm.sampler_for(argparse.Namespace(rounding=None, steps=3, solver="euler"), False)[:2] == (3, "euler")
     cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 60, "--reps", 1, "--rounding", "none")
-    r = check_eval(out / "eval_euler8_none.json")                     # not the default: its own file
-    assert r["rounding"] == "none" and "(euler 8)" in r["name"]
+    steps, solver = lfm.SAMPLER["default"]
+    r = check_eval(out / f"eval_{solver}{steps}_none.json")           # not the default: its own file
+    assert r["rounding"] == "none" and f"({solver} {steps})" in r["name"]
     assert "invalid choice: 'floor'" in cli(S, "--eval", "--rounding", "floor", ok=False).stderr
+
+
+def test_midpoint_solver_integrates_a_linear_velocity_exactly_euler_does_not():
+    class Ramp(torch.nn.Module):                       # dz/dt = t: z(1) = z(0) + 1/2
+        def forward(self, z, t, c):
+            return t.view(-1, 1, 1, 1).expand_as(z)
+    vae, _ = lfm.build_model(dict(vae_width=4, width=4))
+    cond, z0 = torch.zeros(3, 9), torch.zeros(3, 4, 11, 11)
+    mid = lfm.Sampler(vae, Ramp(), data.SHAPES["neutron"], 1.0, 2, solver="midpoint")
+    euler = lfm.Sampler(vae, Ramp(), data.SHAPES["neutron"], 1.0, 2, solver="euler")
+    assert torch.allclose(mid.integrate(cond, z0), torch.full_like(z0, 0.5))
+    assert torch.allclose(euler.integrate(cond, z0), torch.full_like(z0, 0.25))
+    assert (mid.meta["nfe"], euler.meta["nfe"]) == (4, 2)
+    with pytest.raises(ValueError, match="solver one of"):
+        lfm.Sampler(vae, Ramp(), data.SHAPES["neutron"], 1.0, 2, solver="rk4")

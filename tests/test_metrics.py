@@ -240,3 +240,18 @@ def test_training_curve_errors_name_the_problem(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     with pytest.raises(SystemExit, match="no validation rows"):
         metrics.main(["--curve", str(tmp_path), "--out", str(tmp_path / "c.png")])
+
+
+def test_sweep_table_known_answer_and_errors(tmp_path):
+    rows = [dict(solver="euler", steps=8, W=[4.0, 0.4], MAE=[17.0, 0.1], ms_per_sample=3.0),
+            dict(solver="midpoint", steps=2, W=[3.0, 0.2], MAE=[16.0, 0.1], ms_per_sample=2.0)]
+    f = tmp_path / "sweep.json"
+    f.write_text(json.dumps(dict(rows=rows, floor=dict(W=[2.0, 0.1]), detector="neutron", split="disjoint",
+                                 n_test=2000, reps=5, batch=256, threads=2, command="latent_fm.py --eval --sweep 2,8")))
+    md = metrics.sweep_markdown([f])
+    assert "| euler | 8 | 8 | 4.00 ± 0.40 | 2.00 | 17.00 | 3.00 |" in md
+    assert "| midpoint | 2 | 4 | 3.00 ± 0.20 | 1.50 | 16.00 | 2.00 |" in md            # NFE: 2 calls per midpoint step
+    bad = tmp_path / "eval.json"
+    bad.write_text(json.dumps(dict(W=[1, 0])))
+    r = subprocess.run([sys.executable, "metrics.py", "--sweep-table", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "not a sweep.json" in r.stderr and "Traceback" not in r.stderr

@@ -92,3 +92,10 @@ def test_separate_models_of_a_joint_eval_get_their_own_rows(tmp_path):
     lines = metrics.results_markdown(str(tmp_path)).splitlines()
     r = next(s for s in lines if s.startswith("| gan (separate), 63 % of these particles seen in training |"))
     assert "| 2.50 |" in r and "0.800 ± 0.010" in r
+
+
+def test_latent_fm_sweep_tables_in_the_run_notes_are_generated_from_the_committed_json(monkeypatch):
+    monkeypatch.chdir(ROOT)                            # the tables name the files relative to the repository
+    table = metrics.sweep_markdown([f"results/variants/latent_fm_sweep_neutron_{s}.json" for s in ("random", "disjoint")])
+    assert table in (ROOT / "docs" / "models" / "latent_fm.md").read_text(), (
+        "docs/models/latent_fm.md's sweep tables are stale: rerun `python metrics.py --sweep-table ...` (see there)")

@@ -44,33 +44,12 @@ val_W (1000 generated) and the control Spearman per property on 500 validation p
 Deviations (docs/fidelity/corrvae.md): the decoder does not see c, and w has a conditional prior p(w | c), not
 N(0, I): a decoder that reads c can place the shower from the impact point and ignore w, and w ~ N(0, I) would put
 unsteered showers anywhere (design reasons, not ablated). Linear pooling (authors: an 8-16-1 MLP) makes the w of a
-request closed form. Loss weights are set for this scale (the authors' are in the fidelity table).
+request closed form. Loss weights are set for this scale (the authors' are in the fidelity table); --beta 4
+(not 1) pulls q(w) onto p(w | c): fewer samples are two or three blurred blobs where the data has one.
 
-Measured (2026-12-04, ZN random, `python corrvae.py --train --out runs/corrvae_random3`, 3,064 steps, ~5 min
-alone on 2 cores; `--eval --ckpt runs/corrvae_random3/ckpt.pt --max-test 2000 --plot`,
-results/corrvae_neutron_random.json): W 23.01 +- 1.06, 11.1x the floor, classifier AUC 0.991, separation 0.079,
-FPD 1.26, no empty responses; control Spearman / MAE: cog_x 0.980 / 2.0 px, cog_y 0.987 / 1.4 px, photon sum
-0.970 / 107, lit pixels 0.899 / 27 (unsteered: ~0 / 12 px, 365, 74). The traversal (docs/corrvae_traversal.png)
-follows each request: sum 7.8 -> 11, 98 -> 101, 1,110 -> 1,060. Condition-disjoint (`--split disjoint --out
-runs/corrvae_disjoint3`, results/corrvae_neutron_disjoint.json): W 21.70 +- 0.63, 12.9x (the lookup: 9.4x),
-AUC 0.992; the control holds on unseen particles: 0.973 / 0.990 / 0.964 / 0.916. Three times the budget
-(`--split disjoint --epochs 6 --out runs/corrvae_3x_disjoint`, 14.1 min; variants/corrvae_3x_budget_*): W 19.03
-+- 0.96, 11.3x, AUC 0.989: validation W stops falling after ~1,500 of 9,288 steps (eval.curve.png), so the
-recipe, not the budget, is the limit. Poisson counts around the decoder's output (`tools/round_probe.py
---poisson`, 2 repetitions): 13.1x, AUC 0.962 (its blobs stay blobs).
-What the numbers do not show, the pictures do: many generated showers are two or three blurred blobs where the
-data has one (their centre of gravity is where it was asked to be), so the classifier still tells them apart.
-A probe (beta 1) found where they come from: the same test images encoded and decoded (posterior means) are
-single sharp blobs, while decoding the conditional prior's mean w = mu(c) (z = 0) already gives the blobs; z
-barely matters (scaling it by 0, 0.5, 1 moves W 20.3 -> 20.7 on 2,000 events), w's prior noise does: p(w | c)
-does not land where the encoder puts these particles (for the first test particles the prior mean differs from
-the posterior mean by up to 0.9 on a dimension whose prior std is 0.5-1.8), and the decoder draws between modes.
-Hence --beta 4 (was 1): the tighter KL pulls q(w) onto p(w | c); fewer multi-blob samples, W unchanged (22.96 ->
-23.01), FPD 1.98 -> 1.26, KPD 0.53 -> 0.31, sum Spearman 0.945 -> 0.970 (one run each). A stronger conditional
-prior is the next step. History of the same command: without the two decoded-property losses (beta 1,
---consist 0 --consist-prior 0) W 19.8x, 44 % empty, Spearman 0.93 / 0.95 / 0.76 / 0.60, the sum ~10x below
-the request at high sums (the decoder drew the blurred log-space mean); --consist 10 alone 17.6x, 0.94 / 0.96 /
-0.88 / 0.69; with --consist-prior 10 too 11.1x, 0.98 / 0.99 / 0.95 / 0.88.
+Measured (2026-12-04, CPU default, 3,064 steps): ZN random W 23.01 +- 1.06, 11.1x the floor, AUC 0.991, control
+Spearman 0.980 / 0.987 / 0.970 / 0.899 (results/corrvae_neutron_random.json); disjoint W 21.70 +- 0.63, 12.9x,
+AUC 0.992 (results/corrvae_neutron_disjoint.json). Details and history: docs/models/corrvae.md.
 """
 import argparse
 import math

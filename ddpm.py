@@ -15,18 +15,18 @@ same noise draws in the same order). Each step clips the predicted x0 to the dat
 count of the training set] and recomputes eps from it (Ho et al.'s clip_denoised); the last step returns
 that x0, and expm1 gives the counts.
 
-Network: flow_matching.py's compact UNet. Channels `--width` x `--mults` (CPU default 4 x 2/3/4 = 8/12/16 over
-ZN 44x44 -> 22x22 -> 11x11, 89k parameters; --paper 16 x 1/2/4/8 = 16/32/64/128 over 48 -> 24 -> 12 -> 6,
-4,046,913 parameters, the thesis' "four million"), `--n-res` residual blocks per level, self-attention
-(`--heads`) with the condition as an extra token at the lowest `--attn-levels` levels and in the middle. Time embedding: sinusoidal on the integer step t itself (0..999,
-not rescaled: the range of flow_matching.py's t * 1000). The 9 standardised features go through an MLP added
-to the time embedding (and projected to the attention token). Images are zero-padded to a multiple of
-2^(levels - 1) and cropped back. EMA decay min(0.999, (1 + step) / (10 + step)). The eps output has a
-fixed skip from the input (EDM-style preconditioning written for eps): with s the pixel std of the training
-set (a buffer) and v = abar s^2 + 1 - abar, eps = sqrt(1 - abar) / v * x_t + sqrt(abar / v) * s * UNet(x_t, t, c),
-the best linear guess plus a unit-scale correction. Near t = 999 it makes eps ~ x_t exactly, so the x0
-implied there stays of the order of s instead of the network's error times 1 / sqrt(abar) ~ 160 (a plain eps
-network trained for 20 CPU minutes never learns that identity well enough, and its samples saturate).
+Network: flow_matching.py's compact UNet. Channels `--width` x `--mults` (CPU default 4 x 2/3/4 = 8/12/16 over ZN
+44x44 -> 22x22 -> 11x11, 89k parameters; --paper 16 x 1/2/4/8 = 16/32/64/128 over 48 -> 24 -> 12 -> 6, 4,046,913
+parameters, the thesis' "four million"), `--n-res` residual blocks per level, self-attention (`--heads`) with the
+condition as an extra token at the lowest `--attn-levels` levels and in the middle. Time embedding: sinusoidal on
+the integer step t itself (0..999, not rescaled: the range of flow_matching.py's t * 1000). The 9 standardised
+features go through an MLP added to the time embedding (and projected to the attention token). Images are
+zero-padded to a multiple of 2^(levels - 1) and cropped back. EMA decay min(0.999, (1 + step) / (10 + step)). The
+eps output has a fixed skip from the input (EDM-style preconditioning written for eps): with s the pixel std of
+the training set (a buffer) and v = abar s^2 + 1 - abar, eps = sqrt(1 - abar) / v * x_t + sqrt(abar / v) * s *
+UNet(x_t, t, c), the best linear guess plus a unit-scale correction. Near t = 999 it makes eps ~ x_t exactly, so
+the x0 implied there stays of the order of s instead of the network's error times 1 / sqrt(abar) ~ 160 (a plain
+eps network trained for 20 CPU minutes never learns that identity well enough, and its samples saturate).
 
 Usage:
     python ddpm.py --train                      # ZN, CPU default (~15-20 min on 2 cores), runs/ddpm
@@ -54,21 +54,9 @@ batch 128: the thesis' lr 2.8e-5 is far too small for one CPU epoch. Data are lo
 [-1, 1] (so x0 is clipped to [0, x_max]; the thesis' code clips x0 to [-7, 7]); the eps network has the fixed
 input skip above; DDIM steps include t = 0 (the thesis' code: "trailing" spacing, 999 ... 19).
 
-Measured (2026-12-04, ZN random, `python ddpm.py --train --out runs/ddpm_random`, 1,532 steps, 11.6 min on 2
-cores; `--eval --ckpt runs/ddpm_random/ckpt.pt --max-test 2000 --plot`, 23.7 min at 50 DDIM steps:
-results/ddpm_neutron_random.json): W 18.39 +- 0.55, 8.9x the floor, classifier AUC 0.999, separation 0.196
-(shower widths worst: 0.38 / 0.36), 0.1 % empty responses (data 0), diversity error 2.58 (floor 0.68). The
-sample grid shows sharp showers with the single-photon speckle, often at the wrong place or brightness for the
-particle (one epoch learns what a shower looks like before it learns where the particle puts it), and too
-narrow. Validation W stalled at 20.1 between steps 1,000 and 1,532 (eval.curve.png). Condition-disjoint
-(`--split disjoint --out runs/ddpm_disjoint`, 13.3 min; `--eval ... --max-test 2000 --reps 2 --plot`, 2 repetitions
-to halve the 24-min evaluation: results/ddpm_neutron_disjoint.json): W 14.14 +- 0.24, 8.3x the floor, just
-ahead of the lookup (9.4x) on W and far behind it on the classifier (AUC 0.999 vs 0.80); the same picture:
-realistic texture, wrong place. Three times the budget (`--split disjoint --epochs 3 --out runs/ddpm_3x_disjoint`,
-35.4 min with channels-last weights while tests shared the cores part of the time; `--eval --max-test 2000 --reps
-2 --plot`, results/variants/ddpm_3x_budget_neutron_disjoint.json): W 7.67 +- 0.05, 4.5x the floor, AUC 0.939,
-showers now at the right place (still too narrow: widths are the worst features); validation W still falling
-at the end (26.9 -> 13.9): for ddpm the CPU budget is the limit (docs/budget.md).
+Measured (2026-12-04, CPU default, 1 epoch, `--eval --max-test 2000`): ZN random W 18.39 +- 0.55, 8.9x the floor
+(results/ddpm_neutron_random.json); condition-disjoint W 14.14 +- 0.24, 8.3x the floor
+(results/ddpm_neutron_disjoint.json). Details and history: docs/models/ddpm.md.
 """
 import argparse
 import copy

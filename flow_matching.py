@@ -43,30 +43,12 @@ UNet, attention at the lowest level only, 1 head (1.7x faster on a CPU than two 
 warm-up steps, cosine decay, gradient norm clipped to 1, batch 128, two epochs, t ~ U[0, 1), EMA 0.999.
 `--t-dist logit-normal` is an option of this script, not of the paper.
 
-Ablation of the differences from the authors' code (ZN random, 500 steps each, one setting changed from the CPU
-default; `python flow_matching.py --train --max-steps 500 --val-every 250 [FLAG] --out runs/abl_fm/NAME`,
-collected by `python tools/ablation.py` into results/flow_matching_ablation_cpu.json): validation W at step 500
-(1000 samples) and validation loss: default 18.15 / 0.0801, another seed 22.40 / 0.0821 (the spread to beat);
-sampling the trained weights instead of the EMA (--ema 0) 33.92 / 0.0822, the published UNet (LayerNorm, the
-particle only in the attention token) 31.53 / 0.0855: both clearly worse, so the EMA and a condition in every
-block are kept; betas (0.7, 0.88) 17.05 / 0.0741, no warm-up 17.84 / 0.0782, constant LR 20.97 / 0.0793, no
-clipping 20.83 / 0.0871: within the seed spread on W (betas lowest on the loss). The betas taken to a full
-default run (`python flow_matching.py --train --betas 0.7,0.88 --out runs/fm_betas`, 13.9 min; `--eval --max-test
-2000`; results/variants/flow_matching_betas_neutron_random.json): W 6.30 +- 0.41, 3.05x the floor, AUC 0.911,
-against the default's 6.60 +- 0.43, 3.20x, AUC 0.943: within the repetition spread, so the default stays
-(0.9, 0.999). None of the six differences closes the gap to issue 21's 2.0x on its own.
-Sub-photon haze and the default sampler (issue 21, 2026-12-04; every row, command and file in
-docs/models/flow_matching.md, "The default sampler"): the 11-step Euler sampler left a fraction of a photon on
-most pixels (ZP: 53 % of the generated sum; ZN 7-10 %), spread over the whole image, so every generated shower
-was too wide (`python tools/sampler_features.py --ckpt runs/fm_2x/ckpt.pt`: median width_x 6.9 px, data 4.1)
-and the classifier saw it. Midpoint with 4 steps (8 network calls instead of 11) moves the channel sums closer
-to the data, rounding to whole photons removes the haze; each alone helps one metric and hurts the other,
-together they fix both (same checkpoints, `--eval --max-test 2000`): ZN condition-disjoint 5.53x -> 3.76x the
-floor, classifier AUC 0.950 -> 0.783 (the lookup: 9.41x, 0.809); ZP 8.22x -> 3.34x, AUC 0.989 -> 0.826.
-Budget: on the ZN random split one epoch reaches 2.52x (AUC 0.736; results/variants/flow_matching_1_epoch_*),
-two epochs 1.86x (AUC 0.691; results/flow_matching_neutron_random.json); channels-last weights (1.33x faster
-steps) fit the two epochs into 20.2 minutes, hence the CPU default of two epochs; on the condition-disjoint
-split they reach 2.73x, AUC 0.728 (`--split disjoint`, 20.6 min; results/flow_matching_neutron_disjoint.json).
+Why (500-step ablation, results/flow_matching_ablation_cpu.json): sampling the trained weights or the published
+UNet was clearly worse; the paper's betas, no warm-up, a constant LR and no clipping were within the seed spread.
+Sampler: Euler 11 leaves a sub-photon haze that widens every shower; midpoint 4 with whole photons took a one-epoch
+ZN disjoint model from 5.53x to 3.76x the floor, AUC 0.950 -> 0.783. Current default (two epochs), ZN random: 1.86x
+the floor, AUC 0.691 (results/flow_matching_neutron_random.json); condition-disjoint 2.73x, AUC 0.728
+(results/flow_matching_neutron_disjoint.json). Details and history: docs/models/flow_matching.md.
 """
 import argparse
 import copy

@@ -18,9 +18,8 @@ two 3x3 convs (w, 2w channels) each with 2x2 max pooling, flatten, concatenate c
 Both use BatchNorm, dropout (--dropout) and LeakyReLU(0.1) as in the thesis; G samples in eval mode. The CPU
 default drops BatchNorm from D (`--d-norm none`): D sees the real batch and the fake batch separately, and a
 conv followed by BatchNorm over a batch of fakes is blind to their overall brightness (scaling the input
-scales the batch mean and std alike), so with it D never penalised faint images: the generated photon sums
-stayed ~7x too small (median 12 vs 86 photons, val W flat at ~51); without it the sums matched (median 82)
-within 300 steps. --paper keeps the thesis' BatchNorm.
+scales the batch mean and std alike), so with it D never penalised faint images (photon sums ~7x too small).
+--paper keeps the thesis' BatchNorm.
 
 Postprocessing. After training, a scalar s in [0.9, 1.1] is fitted on --pp-samples training events so that
 the channel-sum Wasserstein of s * (generated raw counts) against the true counts is minimal, by golden-section
@@ -55,26 +54,18 @@ parameters; D = the ViT encoder of width 128 with the condition token, a dense 1
 thesis' CNN pair (Sec. 4.4, VDVAE-style bottleneck blocks, BatchNorm; vae.py's docstring describes it): G = dense
 (z, c) -> 6x6 tokens of w, the CNN decoder with the condition at every token; D = the CNN encoder with the
 condition at every token, the ViT D's head; `--paper --arch vdvae`: w = 64, G 455,585, D 775,585 (the thesis
-reports its GAN only on the ViT). cnn: the conv GAN below (CPU
-default; the ViT pair took 6x longer per D + G step on 2 cores: 1.28 s vs 0.21 s at batch 128, tools/time_arch.py). Deviations from the paper (docs/fidelity/gan.md): `--arch cnn` is the conditional conv GAN of the
-authors' earlier code, whose generator starts from a 13x13 dense layer with "valid" convs (5.6M parameters);
-here the start is H/4 x W/4 with padded convs, so one network serves both detectors, and widths are chosen to
-land near the reference sizes with --paper (ZN: G 0.89M, D 1.41M). torch's NAdam (Dozat's momentum schedule)
-stands in for optax's Nesterov Adam. The CPU default keeps G (0.89M) but has a narrower D (--d-width 8, 0.26M)
-without BatchNorm, no dropout (25 % of the CPU time), one epoch instead of 100, batch 128, and faster Adam
-settings at a constant rate (lr 2e-4 for both, betas .5/.9, eps 1e-8): with the published ones (D lr 1.4e-5,
-b1 .97) D did not move in 400 steps (D(real) ~ D(fake) ~ 0.51, val W flat at ~145), with these val W fell
-from ~140 to ~40-50 in 300 steps. --paper restores the published settings.
+reports its GAN only on the ViT). cnn: the conv GAN below (CPU default; the ViT pair took 6x longer per D + G
+step on 2 cores: 1.28 s vs 0.21 s at batch 128, tools/time_arch.py).
+Deviations from the paper (docs/fidelity/gan.md): `--arch cnn` is the conditional conv GAN of the authors' earlier
+code, whose generator starts from a 13x13 dense layer with "valid" convs (5.6M parameters); here the start is
+H/4 x W/4 with padded convs, so one network serves both detectors, and widths are chosen to land near the reference
+sizes with --paper (ZN: G 0.89M, D 1.41M). torch's NAdam (Dozat's momentum schedule) stands in for optax's
+Nesterov Adam. The CPU default keeps G (0.89M) but has a narrower D (--d-width 8, 0.26M) without BatchNorm, no
+dropout (25 % of the CPU time), one epoch instead of 100, batch 128, and faster Adam settings at a constant rate
+(lr 2e-4 for both, betas .5/.9, eps 1e-8): with the published ones D did not move in 400 CPU steps. --paper
+restores the published settings.
 Measured (ZN, `--eval --max-test 2000`, results/gan_neutron_*.json): random split 9.4x the floor, AUC 0.93;
-condition-disjoint 14.2x (lookup 9.4x), AUC 0.94. Three times the budget does not help (`--split disjoint --epochs
-3 --out runs/gan_3x_disjoint`, 17.7 min; results/variants/gan_3x_budget_neutron_disjoint.json): 15.9x, AUC 0.93;
-D pulls away (D(real) 0.61 -> 0.86, D(fake) 0.39 -> 0.14 over 4,641 steps) and validation W rises after step
-1,500 (34 -> 41-47): the D/G balance, not the CPU time, is the limit. About 1 % of samples are overbright
-(up to 45,000 photons, pixels up to 5,400; the data's brightest pixel is 614), mostly for high-energy particles,
-but clamping pixels at the data's maximum (an evaluation-only probe) moves the disjoint W only 14.2x -> 13.5x.
-A weaker D the other way (`--split disjoint --d-lr 5e-5 --out runs/gan_dlr_disjoint`; results/variants/
-gan_d_lr_5e-5_neutron_disjoint.json) is far worse: D(real) ~ D(fake) ~ 0.50 throughout, the best validation W
-(30.4, step 750, 1,000 events) hides test outliers: 36.7x, RMSE 20. The balance lies between the two.
+condition-disjoint 14.2x (lookup 9.4x), AUC 0.94. Details and history: docs/models/gan.md.
 """
 import argparse
 import math

@@ -28,14 +28,11 @@ Numerics: at eps 1e-10 the softmin is a hard minimum (C / eps ~ 1e10), exact thr
 the potentials to ~1e-6, so the solver runs in float32 under autocast. The thesis names neither eps nor the
 schedule (these are the authors' values). Starting at eps 1e-4, the updates are hard from the start: on clouds
 of spread 0.1 shifted by 0.6 the 137 updates stop short (S 0.147, exact 0.195); at spreads >= 1 they are exact.
-CPU default --scaling 0.5 (12 updates, each call ~11x cheaper): on 256 random 29-d pairs with code spreads
-0.3 / 1 / 3, S agreed with 0.95's to 1e-4, its gradient exactly for 0.3 and 1 (30-40 % apart for 3, where
-near-ties make the hard plan depend on the path).
+CPU default --scaling 0.5 (12 updates, each call ~11x cheaper; on random 29-d pairs S agreed with 0.95's to 1e-4).
 
 Stage 2 (ours, optional: `--ng-steps N`, default 0): then N steps of the noise generator alone on the frozen
 encoder's codes of the training set (same matching term; `--ng-batch`, Adam at `--ng-lr`, cosine decay);
-`--resume --ng-steps N` adds it to a finished run. Not yet measured on top of the end-to-end run (CPU
-budget); in the earlier, detached version it took W from ~50 to 20.9.
+`--resume --ng-steps N` adds it to a finished run. Not yet measured on top of the end-to-end run (CPU budget).
 
 `--arch vdvae`: the thesis' CNN pair (Sec. 4.4; vae.py's docstring) in the ViT's places: encoder 5x5 tokens of 4w,
 flattened, dense to 20, ReLU; decoder dense 20 -> 6x6 tokens of 64, the CNN decoder; `--paper --arch vdvae`: w = 64,
@@ -63,14 +60,9 @@ validation events), code_std / ng_std (mean per-dimension std of the encoder's /
 to a point shows here), val_W (1000 generated samples) and rec_W (encode -> decode of the same 1000: the best
 the decoder can do). --eval adds the reconstruction W (eval.json: reconstruction_W).
 
-Measured, l2 (2026-12-04, `python sae_ng.py --matching l2 --train --out runs/sae_ng_l2_st`, 8.7 min alone on 2
-cores, `--eval --max-test 2000`: results/sae_ng_l2_neutron_random.json): W 32.19 +- 0.15, 15.6x the floor, 64 %
-empty responses (data: 0), classifier AUC 1.00. eq. 3.7 asks NG(z, c) to hit each event's own code, so it learns
-the code's conditional mean and ignores z: every particle gets one smooth mean shower, too faint to hold a
-photon for most low-energy particles (the grid PNG). Before the decoder's straight-through output (the same
-command, plain ReLU) the run collapsed instead: by step 250 the decoder's output was 0 at every pixel, so no
-reconstruction gradient reached anything, and the l2 pull shrank every code to a point (code_std 2e-4, 27.9x, all
-responses empty; a 500-step probe with the straight-through output: code_std 0.07, rec W 8.8).
+Measured, l2 (results/sae_ng_l2_neutron_random.json): W 32.19 +- 0.15, 15.6x the floor, 64 % empty (data: 0),
+AUC 1.00 (NG ignores z: one mean shower per particle); with a plain output ReLU the decoder's output died (0 at
+every pixel) and the codes collapsed to a point, hence its straight-through output. History: docs/models/sae_ng.md.
 
 --paper: 100 epochs, batch 256 (Table 4.2); AdamW lr 3.5e-3, betas (0.64, 0.73), eps 1.5e-7, weight decay
 0.068, one-cycle cosine (warm-up 32 %, div 35, final div 770; Table A.1, ViT column); beta 20 and eps
@@ -85,30 +77,14 @@ weight decay, one-cycle 5 % / 100 / 100, gradient norm clipped at 10, --scaling 
 (290,369); the ViT took 5.3x longer per training step on 2 cores (0.91 s vs 0.17 s at batch 256;
 `tools/time_arch.py`). Deviation: `--arch cnn` is this repository's conv pair, not the thesis' VDVAE-style CNN.
 Measured (ZN toy, first 2,000 test events, 5 repetitions; results/sae_ng_neutron_*.json): random split W
-27.38 +- 0.07, 13.3x the floor, 54 % empty responses (no pixel reaches one photon: faint blurred blobs),
-classifier AUC 1.00, diversity error 0.89, reconstruction W 7.38 (`python sae_ng.py --train`, 14.8 min);
-condition-disjoint 31.29 +- 0.03, 18.6x, 58 % empty (13.5 min). The decoder's straight-through output that
-rescued the l2 run (above) made the Sinkhorn run worse on both splits (2026-12-04, the same commands with it:
-32.99 +- 0.07, 16.0x, 66 % empty, 8.4 min; disjoint 34.81 +- 0.05, 20.6x, 70 % empty;
-results/variants/sae_ng_straight_through_neutron_*.json), so only --matching l2 uses it. The earlier version
-(encoder detached in the matching term, eps 10 -> 0.5 in batch-std units, 20,000 steps of stage 2) scored 20.90 / 10.1x / 30 % and
-28.50 / 16.9x / 41 %. End to end, the codes shrink (per-dimension std 0.07 after 500 steps, 0.055 at the end)
-and NG's codes spread less (0.044): samples are smooth blobs at the right place, too faint (photon sums low by
-about a half in the sample grid), and faint particles come out empty.
-Three times the budget (`--split disjoint --epochs 12 --out runs/sae_ng_3x_disjoint`, 2026-12-04) died before
-step 500 (code std 0, every output pixel 0, val W 65.7 = an empty detector; stopped at step 1,000): the longer
-one-cycle warm-up (5 % of 9,288 steps) reaches the plain output ReLU's dead state that the default's shorter one
-escapes. So this default is fragile, and the straight-through output that keeps it alive costs W at 1x (above):
-the next step is an output that cannot die without costing the 1x run, not more CPU time.
-Measured, ViT (`python sae_ng.py [--matching l2] --arch vit --train`: the CPU-default recipe, trained on an H200
-in ~2 min each by `bash tools/gpu_table43.sh`; evaluated here, `--eval --max-test 2000`;
-results/sae_ng*_vit_neutron_random.json). With plain ReLUs on its code and output, both runs died within 25
-steps (every code and pixel 0, no gradient left; val W 55.3 = an empty detector): the first steps teach the
-decoder to dim its 0.5 offset, and the push reaches the code. The ViT therefore uses straight-through ReLUs on
-both (the same outputs; tested). Then: Sinkhorn W 46.24 +- 0.07, 22.4x, 88 % empty, reconstruction W 43.3; l2
-34.93 +- 0.02, 16.9x, 65 % empty, reconstruction W 27.2 (CNN: 13.3x and 15.6x, reconstruction W 7.4): in 3,064
-steps the ViT autoencoder does not yet reconstruct (the thesis trained 100 epochs), so the thesis' ViT row is
-a budget question here; l2 does beat Sinkhorn on the ViT, as in the thesis.
+27.38 +- 0.07, 13.3x the floor, 54 % empty, reconstruction W 7.38 (`python sae_ng.py --train`, 14.8 min);
+condition-disjoint 31.29 +- 0.03, 18.6x, 58 % empty. Only --matching l2 uses the straight-through output: it made
+this run worse (32.99, results/variants/sae_ng_straight_through_neutron_*.json), though at 3x the epochs the plain
+output ReLU died (every pixel 0): the default is fragile.
+Measured, ViT (the CPU-default recipe; results/sae_ng*_vit_neutron_random.json): Sinkhorn W 46.24 +- 0.07, 22.4x;
+l2 34.93 +- 0.02, 16.9x (in 3,064 steps the ViT autoencoder does not yet reconstruct). Plain ReLUs on its code and
+output died within 25 steps (every code and pixel 0), so the ViT uses straight-through ReLUs on both.
+Details and history of these runs: docs/models/sae_ng.md.
 """
 import argparse
 import functools

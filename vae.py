@@ -65,42 +65,9 @@ initial div 35, final div 770, warm-up 32 % of --epochs' steps). CPU default: th
 256 and 100; the ViT took 4.2x longer per training step on 2 cores (0.41 s vs 0.10 s at batch 128; 0.43 vs 0.19
 ms per sample at batch 256; `OMP_NUM_THREADS=2 python tools/time_arch.py`), so it stays the --paper backbone.
 
-Does the faithful cVAE use its condition? Measured on ZN (500-1,000 steps, 2,000 validation events; decoding
-the posterior mean, prior draws, posterior draws of other events, and prior draws with shuffled conditions).
-- The latent is alive and regular: KL ~10 nats, 10/10 dimensions active, aggregate posterior per dimension
-  mean |mu| <= 0.12, variance 0.8-1.3 (N(0, I): 0, 1); z is not linearly predictable from c (R^2 <= 0.11).
-- The decoder does read c: with the right c a prior sample's centre of mass lies a median 7-13 px from the
-  true one, with shuffled conditions 20 px. The encoder hardly reads c (shuffling it moves mu by 0.06, 0.20
-  with --enc-cond image, against a spread of 0.9): z holds the event's own picture, not its residual given c.
-- What fails is brightness: prior samples have a median photon sum of ~11 (data 85; reconstructions 55-62;
-  posterior draws of *other* events 19-30; z = 0: 5-12, 93-98 % empty), so W 47-51 against rec W 13-17. A
-  deterministic L2 decoder in log space draws bright showers only for z on the posterior manifold of its own
-  event; elsewhere it averages displaced showers into a faint blur.
-- Tried (500 steps each, val W; reference conditioning 48.7): an MLP embedding of c at each decoder layer
-  (--cond every) 50.2, and its output died (all 0) in 2 of 3 runs; encoder given the decoder's picture of c
-  (--enc-cond image) 47.6; KL weight annealed 70 -> 0.7 over 300 steps 42.5 while KL was 3 nats, 49.4 once it
-  reached 0.7 (KL 8.9). None beats the reference by more than noise, so the default keeps the reference's
-  conditioning. The previous default (--reduction mean) scored W 9.69 on test because it collapsed into a
-  conditional-mean regressor; the faithful loss trades that for an informative latent that the short CPU
-  schedule does not turn into good prior samples.
-The default run (`python vae.py --train --epochs 2 --cond input --out runs/vae_v2_random`: the defaults spelled
-out; 7.5 min of training, 7.7 min wall, one thread, OMP_NUM_THREADS=1; `--eval --ckpt runs/vae_v2_random/ckpt.pt --max-test 2000 --plot`): test W
-45.33 +- 0.37, 21.9x the floor (2.07), 39 % empty responses, reconstruction W 12.4, val KL 9.3 nats, 10/10
-dimensions active (the collapsed `--reduction mean` default before: W 9.69, 4.7x, 36 % empty, KL 0). Its
-aggregate posterior is N(0, I) to second order (covariance eigenvalues 0.86-1.13), yet a prior draw lies
-farther from the nearest posterior mean (median 1.89) than another event's posterior draw does (1.40): prior
-samples fall between the codes the decoder was trained on. Condition-disjoint split (`--split disjoint --out
-runs/vae_v2_disjoint`, 7.9 min of training): W 40.38 +- 0.17, 23.9x the floor (1.69; lookup 9.4x), 43 % empty,
-reconstruction W 13.8, val KL 11.0, 10/10 active (before: W 31.74, 18.8x, 51 % empty).
-Three times the budget (`--split disjoint --epochs 6 --out runs/vae_3x_disjoint`, 11.2 min; `--eval --max-test
-2000 --plot`; results/variants/vae_3x_budget_neutron_disjoint.json): W 35.82 +- 0.22, 21.2x (lookup 9.4x), 42 %
-empty, AUC 0.999; validation W falls slowly (59 -> 50 over 9,288 steps, eval.curve.png): more CPU time alone
-will not reach the lookup; the prior samples between the codes (above) are the limit, not the budget.
-ViT backbone at the same recipe (`python vae.py --arch vit --train`, 2 epochs, trained on an H200 in 1.7 min by
-`bash tools/gpu_table43.sh`; evaluated here, `--eval --max-test 2000`; results/*_vit_neutron_random.json):
-W 44.27 +- 0.51, 21.4x (CNN 21.9x), 39 % empty; --variant embedding 20.2x (CNN 21.4x); --variant supervised
-11.24, 5.4x (CNN 9.6x; smooth blobs at the right place, 8x8 patch edges in faint ones). Both columns:
-`python metrics.py --results results --table43`.
+Measured (ZN, `--eval --max-test 2000`): random split 21.9x the floor, condition-disjoint 23.9x (lookup 9.4x), 39-43 %
+empty responses: prior samples fall between the codes the decoder was trained on (results/vae_neutron_*.json);
+3x the budget 21.2x. Details and history (the condition-use study, the runs): docs/models/vae.md.
 """
 import argparse
 import math

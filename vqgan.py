@@ -43,7 +43,7 @@ drops the adversarial term for the VQ-VAE row. --paper stays the flow-matching p
 Usage:
     python vqgan.py --train --arch vit           # the thesis' ViT VQ-GAN (36 tokens, codebook 256 x 256)
     python vqgan.py --train                      # both stages, ZN, CPU default (stage 1 ~0.9 s per step on 2 shared
-                                                 # cores: ~23 min per epoch; 1.4x the old plain tokenizer)
+                                                 # cores: ~23 min per epoch)
     python vqgan.py --train --stage 1            # only the tokenizer (--stage 2 then reuses it)
     python vqgan.py --train --detector proton --out runs/vqgan_proton
     python vqgan.py --train --paper              # the published setting (50 + 50 epochs: a GPU job)
@@ -59,20 +59,13 @@ discriminator (no pretrained weights offline): D is a small patch discriminator 
 reference tokenises the particle features with a separate VQ-VAE (2 tokens), here a learned projection to
 --prefix embeddings (--paper: 2) trains with the GPT; the decoder's output ReLU acts when decoding to counts,
 not in training (it dies on the mostly empty ZP images: latent_fm.py). The CPU default: 1 + 1 epochs, batch
-128, larger learning rates (2e-3 for all three networks) with the earlier default's betas, clipping at 1.0 per
-network, the adversarial gradient equal to the L2's (0.1, published 1.0), dead-code restarts, and a smaller
-GPT (embed 64, 4 layers, 4 prefix tokens, no dropout).
+128, larger learning rates (2e-3 for all three networks) with Adam betas (0.5, 0.9; GPT 0.9, 0.95), clipping at
+1.0 per network, the adversarial gradient equal to the L2's (0.1, published 1.0), dead-code restarts, and a
+smaller GPT (embed 64, 4 layers, 4 prefix tokens, no dropout).
 
-Measured (2026-12-04, ZN random, `python vqgan.py --train --out runs/vqgan_random`: stage 1 9.9 min, stage 2
-8.1 min on 2 cores; `--eval --ckpt runs/vqgan_random/ckpt.pt --max-test 2000 --plot`, 43 s:
-results/vqgan_neutron_random.json): W 21.72 +- 0.43, 10.5x the floor, classifier AUC 0.996, separation 0.104
-(shower widths worst, 0.28), no empty responses, diversity error 1.40 (floor 0.68); tokenizer reconstruction W
-13.0, codebook perplexity 200 (512 codes, all in use). The grid shows showers at the right place with a speckled halo,
-their cores smoother and wider than the data's; faint particles get scattered single photons, as in the data.
-Condition-disjoint (`--split disjoint --out runs/vqgan_disjoint`, stage 2 7.8 min; results/vqgan_neutron_disjoint.json):
-W 17.22 +- 0.29, 10.2x (lookup 9.4x: not yet beaten), AUC 0.997, FPD 2.67; tokenizer reconstruction W 9.0.
-Three times the budget (`--split disjoint --epochs 3 --epochs2 3 --out runs/vqgan_3x_disjoint`, 58 min;
-results/variants/vqgan_3x_budget_neutron_disjoint.json): W 15.13 +- 0.40, 9.0x, AUC 0.987 (docs/budget.md).
+Measured (2026-12-04, CPU default, ZN): random split W 21.72 +- 0.43, 10.5x the floor, AUC 0.996
+(results/vqgan_neutron_random.json); condition-disjoint W 17.22 +- 0.29, 10.2x (results/vqgan_neutron_disjoint.json).
+Details and history: docs/models/vqgan.md.
 """
 import argparse
 import json

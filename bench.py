@@ -100,8 +100,7 @@ def make_sampler(name, mod, nets, ck, detector, steps, paper=False):
     build = {"flow_matching": lambda: mod.Sampler(nets[0], shape(), steps, *_default_sampler(mod, paper)[1:]),
              "ddpm": lambda: mod.Sampler(nets[0], shape(), steps),
              "latent_fm": lambda: mod.Sampler(nets[0], nets[1], shape(), ck["state"]["scale"] if ck else 1.0, steps,
-                                              solver=_default_sampler(mod, paper)[1],
-                                              rounding=_default_sampler(mod, paper)[2]),
+                                              **dict(zip(("solver", "rounding"), _default_sampler(mod, paper)[1:]))),
              "gan": lambda: mod.Sampler(nets[0], ck["scale"] if ck else 1.0),
              "vqgan": lambda: mod.Sampler(nets[0], nets[-1], shape())}
     s = build.get(name, lambda: mod.Sampler(nets[0]))().eval()

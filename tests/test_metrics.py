@@ -84,8 +84,8 @@ def test_protocol_rows(split):
     fl = metrics.floor(split, reps=2)
     lk = metrics.lookup(split, reps=2)
     assert fl["below_cut"][0] == 0
-    assert 0 < fl["W"][0] < 10 and fl["W"][1] >= 0
-    assert lk["W"][0] < 3 * fl["W"][0]                              # random split: lookup ~ floor
+    assert 0 < fl["W"][0] < 10 and fl["W"][1] > 0                   # fresh seeds: the repetitions differ
+    assert 0.6 * fl["W"][0] < lk["W"][0] < 3 * fl["W"][0]           # random split: lookup ~ floor, never closer
     # a generator that returns the true test responses scores exactly 0; an empty one is far off
     idx = split.idx["test"]
     pos = {}
@@ -173,11 +173,12 @@ def test_frechet_distance_of_two_gaussians_against_the_closed_form():
     assert metrics.frechet_distance(x, x) == pytest.approx(0, abs=1e-8)
 
 
-def test_kernel_distance_is_unbiased():
+def test_kernel_distance_sees_a_shift():
+    """Unbiasedness (and the paired estimator) is checked against planted bugs in test_metrics_protocol.py."""
     rng = np.random.default_rng(2)
     x, x2 = rng.normal(size=(2000, 12)), rng.normal(size=(2000, 12))
     same, shifted = metrics.kernel_distance(x, x2), metrics.kernel_distance(x, x2 + 0.5)
-    assert abs(same) < 0.01 < 10 * abs(same) < shifted
+    assert 20 * abs(same) < shifted
 
 
 def test_auc_known_answer():

@@ -63,7 +63,10 @@ def test_summary_table_from_hand_made_files(tmp_path):
     md = metrics.results_summary(str(tmp_path)).splitlines()
     fm = next(s for s in md if s.startswith("| `flow_matching.py`"))
     assert "| 2.00 | 5.00 | 0.70 ± 0.01 | 8.000 (batch 256) |" in fm
-    assert md[-1].startswith("| lookup") and "| 1.50 | 1.50 | 0.52 ± 0.01 |" in md[-1]
+    lk = [s for s in md if s.startswith("| lookup")]
+    assert len(lk) == 1 and "| 1.50 | 1.50 | 0.52 ± 0.01 |" in lk[0]
+    assert md[0].startswith("protocol 1 (before issue 36)")                     # no protocol block: labelled old
+    assert "only metric here that checks conditioning" in md[-1]
 
 
 def test_summary_skips_files_that_are_not_eval_json(tmp_path):

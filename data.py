@@ -22,11 +22,22 @@ are reproducible (Poisson + 3 % gain); hadronic ones fluctuate through the first
 (leakage), the electromagnetic fraction, 1-4 displaced sub-cores and the halo; strange hadrons (Lambda,
 K0, Sigma, Xi) additionally lose a random fraction of their energy to decay products.
 Everything tunable is in ``TOY``; its hash names the cache folder, so a change regenerates the data.
+
+Contents
+  Part I   the data: detectors and files, the toy Monte Carlo, loading and validation, preprocessing,
+           splits and batches. Read this to know what a model is trained on.
+  Part II  run plumbing, shared by every model script: no need to read it to learn a model.
+           The command line (common flags, settings and --set, --smoke), devices and seeds, checkpoints,
+           `Run` (one training run: resume, epochs and batches, checkpoints, logging, progress, DDP),
+           several processes (torchrun), the `Sampler` contract, sample files, ONNX export, and `main`,
+           which is every script's `__main__`.
 """
-import builtins
 import hashlib
+import argparse
 import json
+import math
 import os
+import sys
 import time
 from collections import namedtuple
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +48,9 @@ import torch
 from scipy.special import ndtr, ndtri
 from tqdm import tqdm
 
+# ==========================================================================================================
+# PART I. The data
+# ==========================================================================================================
 # ----------------------------------------------------------------------------------------------------------
 # Detectors and file names
 # ----------------------------------------------------------------------------------------------------------
@@ -692,10 +706,30 @@ def batches(tensors, batch_size, generator=None, shuffle=True, device="cpu", sta
 
 
 
+# ==========================================================================================================
+# PART II. Run plumbing: no need to read this to learn a model
+# ==========================================================================================================
 # ----------------------------------------------------------------------------------------------------------
-# Run plumbing shared by the model scripts: command line, devices, seeds, checkpoints, sample files
+# The command line: common flags, settings (DEFAULTS < PAPER < SMOKE < explicit flags and --set)
 # ----------------------------------------------------------------------------------------------------------
-def add_common_args(p, name, detectors=None):
+def parser(doc, name, detectors=None):
+    """The argument parser of a model script: its docstring's first line as the description, the usage lines
+    (from 'Usage:' to the first blank line after them) as the epilog, and the common flags."""
+    usage = doc[doc.index("Usage:"):]
+    usage = usage[:usage.find("\n\n") if "\n\n" in usage else len(usage)]
+    p = argparse.ArgumentParser(description=doc.split("\n")[0], epilog=usage,
+                                usage="%(prog)s --train | --sample | --eval | --export PATH.onnx  [options]",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, name, detectors, run_object=True)
+    p.script_name = name
+    g = p.add_argument_group("settings")
+    g.add_argument("--paper", action="store_true", help="the publication's setting; flags still win")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting in DEFAULTS, e.g. ema=0.99 (repeatable)")
+    return p
+
+
+def add_common_args(p, name, detectors=None, run_object=False):
     """The shared flags, in the same order in every model script (STYLE.md). `detectors`: the --detector
     choices of a script that does not take neutron|proton (sdigan_joint.py: joint only)."""
     g = p.add_argument_group("what to do")
@@ -706,8 +740,8 @@ def add_common_args(p, name, detectors=None):
     g = p.add_argument_group("data and training")
     g.add_argument("--detector", default=None, choices=list(detectors or SHAPES),
                    help=f"{' or '.join(detectors)}: both calorimeters per particle" if detectors else
-                   "neutron (ZN 44x44, the default) or proton (ZP 56x30); --sample/--eval read it from the checkpoint")
-    g.add_argument("--data", default="toy", help="'toy', a folder with the real .npz files, or a sample .npz")
+                   "neutron (ZN 44x44, default) or proton (ZP 56x30)")
+    g.add_argument("--data", default="toy", help="toy, a folder of real .npz files, or a sample .npz")
     g.add_argument("--limit", type=int, default=None, help="use only the first N events")
     g.add_argument("--min-photons", type=int, default=None, help="keep responses with at least this photon sum")
     g.add_argument("--split", default="random", choices=SPLIT_MODES, help="random (published) or condition-disjoint")
@@ -716,22 +750,83 @@ def add_common_args(p, name, detectors=None):
     g.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default: the script's)")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default: the script's)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 + GradScaler where bf16 is unsupported)")
-    g.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation, noise and sampling")
-    g.add_argument("--out", default=None, help=f"run folder for --train (default runs/{name}); .npz file for --sample")
-    g.add_argument("--resume", action="store_true", help="continue training from the checkpoint in the run folder")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 where bf16 is unsupported)")
+    g.add_argument("--seed", type=int, default=0, help="seed of split, initialisation, noise, sampling")
+    g.add_argument("--out", default=None, help=f"run folder (default runs/{name}); --sample: .npz")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--ckpt-every", type=int, default=500, help="also save the checkpoint every N steps")
+    if run_object:
+        g.add_argument("--val-every", type=int, default=500, help="validate (val loss, val W) every N steps")
     g = p.add_argument_group("sampling and evaluation")
-    g.add_argument("--ckpt", default=None, help="checkpoint for --sample / --eval (default: <out>/ckpt.pt)")
+    g.add_argument("--ckpt", default=None, help="checkpoint to use (default <out>/ckpt.pt)")
     g.add_argument("--n", type=int, default=1000, help="--sample: number of responses")
-    g.add_argument("--particles", default=None, help="--sample: .npz with 'particles' (N, 9 or 10) to condition on "
-                   "(default: the first N test particles of the checkpoint's data)")
+    g.add_argument("--particles", default=None, help="--sample: .npz of particles (N, 9 or 10) (default: test)")
     g.add_argument("--reps", type=int, default=5, help="--eval: repetitions with different seeds")
-    g.add_argument("--max-test", type=int, default=10000, help="--eval: evaluate on the first N test events (0: all)")
-    g.add_argument("--plot", action="store_true", help="--eval: also write sample grid and histograms (PNG)")
-    g.add_argument("--export", default=None, metavar="PATH.onnx", help="write the sampler of --ckpt as one ONNX graph "
-                   "(inputs cond and the named noise, output counts; needs onnx and onnxruntime) and check it")
+    g.add_argument("--max-test", type=int, default=10000, help="--eval: the first N test events (0: all)")
+    g.add_argument("--plot", action="store_true", help="--eval: also write sample grids, histograms (PNG)")
+    g.add_argument("--export", default=None, metavar="PATH.onnx", help="the sampler as one ONNX graph, checked "
+                   "against PyTorch (needs onnx, onnxruntime)")
     return p
+
+
+_UNSET = object()
+
+
+def _typed(key, text, like):
+    """--set KEY=TEXT as the type of `like` (the setting's value in DEFAULTS or PAPER)."""
+    if text.lower() == "none":
+        return None
+    if isinstance(like, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{key} is true or false")
+        return text.lower() in ("true", "1")
+    if isinstance(like, (list, tuple)):
+        items = [t for t in text.split(",") if t]
+        return [_typed(key, t, like[0] if like else "") for t in items]
+    return type(like)(text) if like is not None else text
+
+
+def parse(p, argv, defaults, paper=None, smoke=None):
+    """Parse a model script's command line. Each setting takes, from the last layer that has it: argparse's
+    default, `defaults` (the CPU default), `paper` (with --paper), `smoke` (with --smoke), then what the user
+    gave explicitly: a flag or --set KEY=VALUE (type-checked against `defaults`; giving both is an error)."""
+    given = argparse.Namespace(**{a.dest: _UNSET for a in p._actions if a.dest not in ("help", "set")})
+    args = p.parse_args(argv, namespace=given)
+    explicit = {k: v for k, v in vars(args).items() if v is not _UNSET}
+    for k, v in [(a.dest, a.default) for a in p._actions if a.dest not in ("help", "set")]:
+        setattr(args, k, v)
+    paper_on, smoke_on = explicit.get("paper", False), explicit.get("smoke", False)
+    for layer in (defaults, paper if paper_on else None, smoke if smoke_on else None):
+        for k, v in (layer or {}).items():
+            setattr(args, k, v)
+    settable = {**(paper or {}), **defaults}
+    for item in explicit.pop("set", None) or []:
+        key, eq, text = item.partition("=")
+        key = key.replace("-", "_")
+        if not eq or key not in settable:
+            p.error(f"--set {item}: unknown setting {key!r}; the settings are: {', '.join(sorted(settable))}")
+        if key in explicit:
+            p.error(f"--set {key}=...: the setting is also given as a flag; give it once")
+        like = settable[key] if settable[key] is not None else (paper or {}).get(key)
+        try:
+            explicit[key] = _typed(key, text, like)
+        except ValueError as e:
+            p.error(f"--set {item}: not a value of the setting's type ({type(like).__name__}; {e})")
+    for k, v in explicit.items():
+        setattr(args, k, v)
+    check_args(p, args)
+    args.out = args.out or f"runs/{p.script_name}"
+    return args
+
+
+def positive_ints(text):
+    """argparse type: comma-separated positive integers, e.g. 1,2,4,8."""
+    try:
+        v = [int(t) for t in text.split(",")]
+        assert v and min(v) > 0
+        return v
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"positive comma-separated integers, e.g. 1,2,4,8 (got {text!r})") from None
 
 
 def check_args(p, args):
@@ -740,7 +835,7 @@ def check_args(p, args):
         p.error("say what to do: --train, --sample, --eval or --export (see --help)")
     if args.export is not None and not args.export.endswith(".onnx"):
         p.error(f"--export {args.export}: give a file name ending in .onnx")
-    for k in ("limit", "epochs", "max_steps", "batch_size", "n", "reps", "ckpt_every"):
+    for k in ("limit", "epochs", "max_steps", "batch_size", "n", "reps", "ckpt_every", "val_every"):
         v = getattr(args, k, None)
         if v is not None and v <= 0:
             p.error(f"--{k.replace('_', '-')} must be positive (got {v})")
@@ -753,22 +848,25 @@ def check_args(p, args):
 
 
 # flags that may change when a run is resumed; every other one comes from the checkpoint
-RESUMABLE = {"epochs", "max_steps", "device", "ckpt_every", "resume", "train", "sample", "eval", "out", "ckpt", "n",
+RESUMABLE = {"epochs", "max_steps", "device", "ckpt_every", "resume", "stage", "train", "sample", "eval", "out", "ckpt", "n",
              "reps", "max_test", "plot", "particles", "smoke", "export"}
 
 
-def resume_args(args, ckpt, older=None):
-    """Continue with the checkpoint's configuration (model size, data, lr, ...), keeping only RESUMABLE flags.
-    `older`: {flag: value} for flags added after a checkpoint was written whose new default would not fit it
-    (e.g. a D trained with BatchNorm); other missing flags take their current default."""
-    ckpt = {**ckpt, "args": {**(older or {}), **ckpt["args"]}}
+def resume_args(args, ckpt):
+    """Continue with the checkpoint's configuration (model size, data, lr, ...), keeping only RESUMABLE flags."""
     changed = [k for k, v in ckpt["args"].items() if k not in RESUMABLE and getattr(args, k, v) != v]
     if changed:
-        print(f"--resume: using the checkpoint's {', '.join(changed)} (given values ignored)")
+        log(f"--resume: using the checkpoint's {', '.join(changed)} (given values ignored)")
     for k, v in ckpt["args"].items():
         if k not in RESUMABLE:
             setattr(args, k, v)
     return args
+
+
+def log(*a, **k):
+    """print, on rank 0 only: under torchrun the other ranks run the same code and stay quiet."""
+    if main_process():
+        print(*a, **k)
 
 
 def pick_device(name):
@@ -794,6 +892,11 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
 
 
+def grad_scaler(amp, device):
+    """The loss scaler of fp16 autocast (a GPU without bf16); a no-op otherwise (fp32, bf16)."""
+    return torch.amp.GradScaler(enabled=amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+
+
 def noise(shape, generator, device, uniform=False):
     """Standard normal (uniform: U(0, 1)) noise for samplers. With a (CPU) `generator` it is drawn on the CPU and
     moved to `device`, so a seed gives the same samples on any device; with generator=None it is drawn on `device`
@@ -812,12 +915,17 @@ def save_checkpoint(ckpt, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(ckpt, tmp)
+    torch.save(dict(ckpt, format=FORMAT), tmp)
     os.replace(tmp, path)
 
 
+FORMAT = 1   # the checkpoint format of every script; another one is refused with one clear line
+OLDER = "75efdae"   # the last commit whose scripts read the checkpoints written before format numbers
+
+
 def load_checkpoint(path, model, detector=None):
-    """Load a checkpoint written by the script `model`; clear errors for a missing, foreign or mismatched one."""
+    """Load a checkpoint written by the script `model`; clear errors for a missing, foreign, older or mismatched
+    one."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: checkpoint not found (train first with --train, or give --ckpt)")
@@ -829,6 +937,9 @@ def load_checkpoint(path, model, detector=None):
         raise DataError(f"{path}: not a checkpoint of this project")
     if ckpt["model"] != model:
         raise DataError(f"{path}: a checkpoint of {ckpt['model']}.py, not of {model}.py")
+    if ckpt.get("format") != FORMAT:
+        raise DataError(f"{path}: trained by an older version of {model}.py (checkpoint format "
+                        f"{ckpt.get('format', 0)}, this one reads {FORMAT}): retrain, or check out commit {OLDER}")
     if detector is not None and ckpt["data"]["detector"] != detector:
         raise DataError(f"{path}: trained on the {ckpt['data']['detector']} detector, but --detector {detector} "
                         "was given (leave --detector out: the checkpoint knows its detector)")
@@ -887,7 +998,7 @@ _GATHER = {}   # the process group of the gathers (separate from DDP's, so their
 
 def dist_init(device="auto"):
     """Join torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK from the environment); world 1 without it.
-    Ranks other than 0 print nothing (print(..., force=True) still does)."""
+    Training code logs through log(), which prints on rank 0 only."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = pick_device(device)
     if world == 1:
@@ -899,9 +1010,6 @@ def dist_init(device="auto"):
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         _GATHER["group"] = torch.distributed.new_group()
-    if rank != 0:
-        quiet = builtins.print
-        builtins.print = lambda *a, force=False, **k: quiet(*a, **k) if force else None
     return Dist(rank, world, local, rank == 0, dev)
 
 
@@ -962,6 +1070,21 @@ class _Sum(torch.autograd.Function):
 
 class _SyncBatchNormCPU(torch.nn.modules.batchnorm._BatchNorm):
     """SyncBatchNorm for gloo (torch's runs on GPUs only): batch mean and variance over all ranks' shards."""
+
+    @classmethod
+    def convert(cls, module):
+        """`module` with every BatchNorm layer replaced by one of these, holding the same parameters and buffers
+        (as torch.nn.SyncBatchNorm.convert_sync_batchnorm does for CUDA)."""
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            if module.affine:
+                new.weight, new.bias = module.weight, module.bias
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                setattr(new, name, getattr(module, name))
+            return new.train(module.training)
+        for name, child in module.named_children():
+            module.add_module(name, cls.convert(child))
+        return module
 
     def forward(self, x):
         if not self.training:
@@ -1070,9 +1193,8 @@ def wrap_ddp(net, dist):
         return net
     if dist.device.type == "cuda":
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)     # in place below the top module
-    for m in net.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and dist.device.type == "cpu":
-            m.__class__ = _SyncBatchNormCPU                          # same parameters and buffers
+    else:
+        net = _SyncBatchNormCPU.convert(net)                         # the same, for gloo on CPUs
     if dist.rank > 0 and not _GATHER.get("reseeded"):          # own dropout masks on every rank (see above)
         torch.manual_seed(torch.initial_seed() + 7919 * dist.rank)
         _GATHER["reseeded"] = True
@@ -1102,6 +1224,145 @@ def dist_close(dist):
         torch.distributed.destroy_process_group()
         if not dist.is_main:
             raise SystemExit(0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One training run: what every script's train() shares and is not the method
+# ----------------------------------------------------------------------------------------------------------
+class Run:
+    """One training run of a model script: resume, data, epochs and batches, checkpoints, logging, DDP.
+
+    The contract, in the order a train() uses it:
+    - `run = Run(args, NAME)`: joins torchrun (if any), seeds, refuses to overwrite a run folder without
+      --resume (`resume=True`: continue one anyway), takes the checkpoint's settings on --resume (`run.args`),
+      and loads the split (`run.split`).
+    - `planned = run.plan(n_train, batch_size, n_params)`: steps per epoch (`drop_last` for BatchNorm models),
+      `run.planned` = --epochs' steps (the LR schedules span it), `run.total` (--max-steps may stop earlier).
+      A two-stage script plans each stage (`stage=1`, `epochs=...`): each has its own step count and batch
+      order, and `run.step` is the current stage's.
+    - `run.keep(name=obj, ...)`: what a checkpoint holds: modules, optimisers, schedulers, scalers (anything
+      with state_dict) and torch.Generators; restored here on --resume when the checkpoint has them (a stage's
+      optimisers: keep them under their own names). `run.extra` (a dict of plain values, e.g. a GAN's best
+      weights) is saved, and on --resume restored for the keys it holds when keep() is first called.
+    - `net = run.wrap(model)`: the network for the training step (DDP under torchrun, see wrap_ddp).
+    - `for batch in run.batches((x, c)):` the training batches on the device, each epoch in a seeded order,
+      skipping those a resumed run already trained on. After the optimiser step the script calls
+      `run.step_done(name=value, ...)`: it counts the step, stops on a non-finite value, shows progress,
+      saves every --ckpt-every steps and at each epoch's end, and every --val-every steps (and at the last)
+      writes a metrics.jsonl row (step, epoch, the means of the logged values since the last row, what
+      `run.validate()` returns: set it to a function returning a dict; rank 0 only) and prints it.
+    - `run.finish()`: closes torchrun's group (the other ranks exit there) and returns the checkpoint path.
+    """
+
+    def __init__(self, args, name, resume=False):
+        self.dist = dist_init(args.device)
+        self.device, self.name = self.dist.device, name
+        seed_everything(args.seed)
+        self.out = Path(args.out)
+        self.path = self.out / "ckpt.pt"
+        self.ck, self.kept, self.extra, self.steps, self.stage = None, {}, {}, {}, None
+        if self.path.exists() and not (args.resume or resume):
+            raise DataError(f"{self.path} exists: pass --resume to continue it, or --out a new folder")
+        if self.path.exists():
+            self.ck = load_checkpoint(self.path, name)
+            args = resume_args(args, self.ck)
+            self.steps = dict(self.ck["steps"])
+        elif args.resume:
+            log(f"--resume: no checkpoint at {self.path}, starting from scratch")
+        check_batch(args.batch_size, self.dist)
+        self.args, self.validate, self.t0 = args, None, time.time()
+        self.split = load_split(vars(args), dist=self.dist)
+
+    @property
+    def step(self):
+        return self.steps.get(str(self.stage or 1), 0)
+
+    def plan(self, n_train, batch_size, n_params, drop_last=False, about=None, stage=None, epochs=None):
+        self.stage, self.epochs = stage, epochs or self.args.epochs
+        self.n_train, self.batch_size, self.n_params = n_train, batch_size, n_params
+        self.steps_per_epoch = max(n_train // batch_size if drop_last else math.ceil(n_train / batch_size), 1)
+        self.planned = self.epochs * self.steps_per_epoch
+        self.total = min(self.planned, self.args.max_steps or self.planned)
+        self.about = about or f"{n_params:,} parameters"
+        return self.planned
+
+    def keep(self, **objects):
+        first = not self.kept
+        self.kept.update(objects)
+        if self.ck is None:
+            return
+        for k, obj in objects.items():
+            if isinstance(obj, torch.Generator) and k in self.ck["rng"]:
+                obj.set_state(self.ck["rng"][k])
+            elif k in self.ck:
+                obj.load_state_dict(self.ck[k])
+        if first:
+            torch.set_rng_state(self.ck["rng"]["torch"])
+            self.extra.update({k: self.ck[k] for k in self.extra})
+            log(f"resumed from {self.path} at step {self.step}" + (f" of stage {self.stage}" if self.stage else ""))
+
+    def wrap(self, net):
+        return wrap_ddp(net, self.dist)
+
+    def save(self):
+        state = {k: o.state_dict() for k, o in self.kept.items() if not isinstance(o, torch.Generator)}
+        rng = {k: o.get_state() for k, o in self.kept.items() if isinstance(o, torch.Generator)}
+        save_checkpoint(dict(model=self.name, args=vars(self.args), data=self.split.state(), **state,
+                             step=self.step, epoch=self.step // self.steps_per_epoch, steps=self.steps,
+                             n_params=self.n_params, **self.extra, rng=dict(rng, torch=torch.get_rng_state())),
+                        self.path)
+
+    def batches(self, tensors):
+        a, spe, stage = self.args, self.steps_per_epoch, self.stage
+        log(f"{self.name}{f' stage {stage}' if stage else ''}: {self.about}, {self.n_train:,} training responses, "
+            f"{spe} steps per epoch, {self.total} steps in total, device {self.device}, {self.dist.world} process(es)")
+        self.t0, self.logged = time.time(), {}
+        while self.step < self.total:
+            epoch = self.step // spe
+            order = torch.Generator().manual_seed(a.seed * 100_003 + 1000 * (stage or 0) + epoch)   # batch order
+            skip = self.step - epoch * spe                                  # batches done before a resume
+            self.bar = tqdm(batches(tensors, self.batch_size, order, device=self.device, start=skip), total=spe,
+                            initial=skip, desc=f"{f'stage {stage} ' if stage else ''}epoch {epoch + 1}/{self.epochs}",
+                            leave=False, disable=a.smoke or not self.dist.is_main)
+            for i, batch in enumerate(self.bar, skip):
+                if i >= spe:                                                # drop_last
+                    break
+                step = self.step
+                yield batch
+                if self.step != step + 1:
+                    raise RuntimeError("call run.step_done() once after each training step")
+                if self.step >= self.total:
+                    break
+            self.bar.close()
+            self.save()
+
+    def step_done(self, **values):
+        values = {k: float(v.detach() if torch.is_tensor(v) else v) for k, v in values.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"{values} at step {self.step}: training diverged (lower --lr?)")
+        self.steps[str(self.stage or 1)] = self.step + 1
+        for k, v in values.items():
+            self.logged.setdefault(k, []).append(v)
+        self.bar.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
+        if self.step % self.args.ckpt_every == 0:
+            self.save()
+        if (self.step % self.args.val_every == 0 or self.step >= self.total) and self.dist.is_main:
+            self.bar.clear()
+            self.log_row()
+
+    def log_row(self):
+        row = dict(**({"stage": self.stage} if self.stage else {}), step=self.step,
+                   epoch=self.step / self.steps_per_epoch, **{k: float(np.mean(v)) for k, v in self.logged.items()},
+                   **(self.validate() if self.validate else {}), minutes=(time.time() - self.t0) / 60)
+        self.logged = {}
+        log_jsonl(self.out / "metrics.jsonl", **row)
+        log(f"step {self.step:6d}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                  if k != "step" and isinstance(v, (int, float))))
+
+    def finish(self):
+        log(f"done: {self.step} steps in {(time.time() - self.t0) / 60:.1f} min, checkpoint {self.path}")
+        dist_close(self.dist)
+        return self.path
 
 
 def load_split(a, progress=True, dist=None):
@@ -1272,8 +1533,39 @@ def log_jsonl(path, **row):
         f.write(json.dumps(row) + "\n")
 
 
+def generator(sampler, device, amp=False):
+    """The (cond, generator) -> counts callable that metrics.evaluate and sample_to_file take."""
+    def generate(cond, g):
+        with autocast(device, amp):
+            return sampler.run(cond.to(device), g).float()
+    generate.typed = sampler.cond_columns() > len(FEATURES)
+    return generate
+
+
+def main(script):
+    """Every model script's command line: `data.main(sys.modules[__name__])` under `if __name__ == "__main__"`.
+    The script provides NAME, get_args(argv), train(args) -> checkpoint path, load_sampler(ck, args, device)
+    -> its Sampler with the checkpoint's weights, and evaluate(args, ck, sampler, device)."""
+    args = script.get_args()
+    try:
+        if args.train:
+            args.ckpt = str(script.train(args))
+        if not (args.sample or args.eval or args.export):
+            return
+        ck = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", script.NAME, args.detector)
+        device = pick_device(args.device)
+        sampler = script.load_sampler(ck, args, device).eval()
+        if args.sample:
+            sample_to_file(ck, generator(sampler, device, args.amp), args)
+        if args.eval:
+            script.evaluate(args, ck, sampler, device)
+        if args.export:
+            export_onnx(sampler, ck, args.export, script.NAME)
+    except (DataError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
 if __name__ == "__main__":
-    import argparse
     p = argparse.ArgumentParser(description="Generate (and cache) the toy data set, or check a real one.")
     p.add_argument("--data", default="toy", help="'toy' (default), a folder with the real .npz files, or a sample .npz")
     p.add_argument("--seed", type=int, default=0, help="seed of the toy Monte Carlo")

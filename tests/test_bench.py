@@ -34,7 +34,7 @@ def test_cpu_table_end_to_end(tmp_path):
             assert f[max(f)] > f[min(f)]                                   # two steps cost more than one
     fm_rows = [x for x in rows if x["model"] == "flow_matching"]
     assert all(x["weights"].endswith("flow_matching/ckpt.pt") for x in fm_rows)   # the checkpoint was used
-    assert fm_rows[0]["params"] == sum(p.numel() for p in fm.build_model(dict(width=2, attn_levels=1)).parameters())
+    assert fm_rows[0]["params"] == sum(p.numel() for p in fm.build_model({**fm.DEFAULTS, "width": 2}).parameters())
     assert all(x["weights"] == "fresh weights" for x in rows if x["model"] == "vae")
     toy = [x for x in r["rows"] if x["model"].startswith("toy MC")]
     assert len(toy) == 1 and toy[0]["ms_per_sample"] > 0

@@ -7,12 +7,13 @@ import pytest
 SCRIPTS = ["vae", "sae_ng", "gan", "sdigan_proton", "vqgan", "ddpm", "flow_matching", "latent_fm", "corrvae"]
 # counts the publications state that PUBLISHED must carry (flow-matching paper arXiv 2507.18811)
 MUST_PUBLISH = {"flow_matching": [77_372], "latent_fm": [59_348, 127_824], "vqgan": [59_924]}
-# a model flag per script that --paper sets, and a value no preset uses
+# a model setting per script that --paper sets, given explicitly (a flag or --set), and a value no preset uses
 # (vae, sae_ng, gan: a multiple of 4, which the ViT's four heads need under --paper)
-MODEL_FLAG = {"vae": ("--width", 12, "width"), "sae_ng": ("--width", 12, "width"), "gan": ("--width", 12, "width"),
-              "sdigan_proton": ("--width", 6, "width"), "vqgan": ("--embed", 40, "embed"),
-              "ddpm": ("--width", 12, "width"), "flow_matching": ("--width", 8, "width"),
-              "latent_fm": ("--epochs", 3, "epochs"), "corrvae": ("--width", 5, "width")}
+MODEL_FLAG = {"vae": (["--width", "12"], "width", 12), "sae_ng": (["--width", "12"], "width", 12),
+              "gan": (["--width", "12"], "width", 12), "sdigan_proton": (["--width", "6"], "width", 6),
+              "vqgan": (["--embed", "40"], "embed", 40), "ddpm": (["--width", "12"], "width", 12),
+              "flow_matching": (["--set", "width=8"], "width", 8), "latent_fm": (["--epochs", "3"], "epochs", 3),
+              "corrvae": (["--width", "5"], "width", 5)}
 
 
 def n_params(module):
@@ -35,11 +36,11 @@ def test_paper_builds_the_published_networks(name):
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_an_explicit_flag_beats_paper(name):
     mod = importlib.import_module(name)
-    flag, value, attr = MODEL_FLAG[name]
+    flag, attr, value = MODEL_FLAG[name]
     paper, default = mod.get_args(["--train", "--paper"]), mod.get_args(["--train"])
     assert getattr(paper, attr) != value and getattr(default, attr) != value
-    a = mod.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", flag, str(value)])
+    a = mod.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", *flag])
     assert (a.batch_size, a.lr, getattr(a, attr)) == (7, 0.123, value)
-    b = mod.get_args(["--train", "--batch-size", "7", flag, str(value)])
+    b = mod.get_args(["--train", "--batch-size", "7", *flag])
     assert (b.batch_size, getattr(b, attr)) == (7, value)
     assert paper.epochs != default.epochs or paper.batch_size != default.batch_size   # --paper changes something

@@ -181,25 +181,29 @@ PATCH = 8
 
 
 def vit_grid(shape):
-    """Token grid of an image padded to a multiple of 8: ZN 44x44 -> 48x48 -> 6x6 (36 tokens); ZP 56x30 -> 56x32
+    """Token grid of an image padded to a multiple of 8: ZN 44x44 -> 48x48 -> 6x6 (36 tokens);
+    ZP 56x30 -> 56x32
     -> 7x4 (28 tokens)."""
     return math.ceil(shape[0] / PATCH), math.ceil(shape[1] / PATCH)
 
 
 class TokenAttention(nn.Module):
     """Multi-head self-attention (n, T, dim) -> (n, T, dim): nn.MultiheadAttention's parameters, names and
-    initialisation, written out so that an ONNX export keeps the batch size dynamic (the module's own traced path
+    initialisation, written out so that an ONNX export keeps the batch size dynamic (the module's own
+    traced path
     fixes it, and its fused inference kernel has no ONNX op)."""
 
     def __init__(self, dim, heads):
         super().__init__()
         self.heads, self.out_proj = heads, nn.Linear(dim, dim)
-        self.in_proj_weight, self.in_proj_bias = nn.Parameter(torch.empty(3 * dim, dim)), nn.Parameter(torch.zeros(3 * dim))
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         nn.init.xavier_uniform_(self.in_proj_weight), nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x):
         T, d = x.shape[1:]
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(-1, T, 3, self.heads, d // self.heads)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = qkv.reshape(-1, T, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, T, d))
 
@@ -220,7 +224,8 @@ class ViTBlock(nn.Module):
 
 
 class ViTEncoder(nn.Module):
-    """log1p image (n, 1, H, W) [and condition (n, c)] -> tokens (n, T, dim): zero-pad (centred) to a multiple of
+    """log1p image (n, 1, H, W) [and condition (n, c)] -> tokens (n, T, dim): zero-pad (centred) to a
+    multiple of
     8, cut 8x8 patches, project them linearly and add a learned positional embedding; the condition, projected
     linearly, is prepended as the first token; transformer blocks; the condition token dropped; LayerNorm."""
 
@@ -237,7 +242,8 @@ class ViTEncoder(nn.Module):
         (H, W), (gh, gw) = self.shape, self.grid
         ph, pw = gh * PATCH - H, gw * PATCH - W
         x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-        x = x.reshape(-1, gh, PATCH, gw, PATCH).transpose(2, 3).reshape(-1, gh * gw, PATCH * PATCH)   # batch: -1 (ONNX)
+        x = x.reshape(-1, gh, PATCH, gw, PATCH).transpose(2, 3)          # batch: -1 (a dynamic ONNX batch)
+        x = x.reshape(-1, gh * gw, PATCH * PATCH)
         h = self.patch(x) + self.pos
         if self.cond is not None:
             h = torch.cat([self.cond(cond)[:, None], h], 1)
@@ -251,7 +257,8 @@ class ViTDecoder(nn.Module):
     transposed convolution (kernel = stride = 8) to one channel, ReLU(. + offset) (exact zeros; its gradient
     passes as if linear with straight_through: the same outputs), centre crop."""
 
-    def __init__(self, shape, d_in, dim, blocks=4, n_cond=0, offset=0.0, heads=4, dropout=0.1, straight_through=False):
+    def __init__(self, shape, d_in, dim, blocks=4, n_cond=0, offset=0.0, heads=4, dropout=0.1,
+                 straight_through=False):
         super().__init__()
         self.shape, self.grid, self.offset, self.st = tuple(shape), vit_grid(shape), offset, straight_through
         self.proj = nn.Linear(d_in, dim)
@@ -268,19 +275,21 @@ class ViTDecoder(nn.Module):
         h = self.blocks(h)
         h = h[:, 1:] if self.cond is not None else h
         img = self.unpatch(h.transpose(1, 2).unflatten(2, (gh, gw))) + self.offset
-        img = img + (F.relu(img) - img).detach() if self.st else F.relu(img)     # straight-through: gradient as if linear
+        img = img + (F.relu(img) - img).detach() if self.st else F.relu(img)   # straight-through
         top, left = (gh * PATCH - H) // 2, (gw * PATCH - W) // 2
         return img[..., top:top + H, left:left + W]
 
 
 # The thesis' CNN pair (Sec. 4.4; --arch vdvae), written out in the same words in vae.py, sae_ng.py, gan.py
 class BottleneckBlock(nn.Module):
-    """VDVAE-style residual block: GELU, 1x1 conv to c/4, GELU, 3x3, GELU, 3x3, GELU, 1x1 back to c; plus its input."""
+    """VDVAE-style residual block: GELU, 1x1 conv to c/4, GELU, 3x3, GELU, 3x3, GELU, 1x1 back to c; plus its
+    input."""
 
     def __init__(self, c):
         super().__init__()
         q = max(c // 4, 1)
-        self.net = nn.Sequential(nn.GELU(), nn.Conv2d(c, q, 1), nn.GELU(), nn.Conv2d(q, q, 3, padding=1), nn.GELU(),
+        self.net = nn.Sequential(nn.GELU(), nn.Conv2d(c, q, 1), nn.GELU(), nn.Conv2d(q, q, 3, padding=1),
+                                 nn.GELU(),
                                  nn.Conv2d(q, q, 3, padding=1), nn.GELU(), nn.Conv2d(q, c, 1))
 
     def forward(self, x):
@@ -288,21 +297,24 @@ class BottleneckBlock(nn.Module):
 
 
 def conv_grids(shape):
-    """Token grids of the CNN pair: the encoder's (three 2x2 average poolings, floored: ZN 44 -> 22 -> 11 -> 5, 25
-    tokens; ZP 7x3) and the decoder's (the image and a 2-pixel border for its unpadded 5x5 conv, / 8: ZN 6x6)."""
+    """Token grids of the CNN pair: the encoder's (three 2x2 average poolings, floored: ZN 44 -> 22 -> 11
+    -> 5, 25 tokens; ZP 7x3) and the decoder's (the image and a 2-pixel border for its unpadded 5x5 conv,
+    / 8: ZN 6x6)."""
     return (shape[0] // 8, shape[1] // 8), (math.ceil((shape[0] + 4) / 8), math.ceil((shape[1] + 4) / 8))
 
 
 class ConvEncoder(nn.Module):
-    """log1p image (n, 1, H, W) [and condition (n, c)] -> tokens (n, T, 4w [+ c]): three stages of (1x1 conv to w,
-    2w, 4w channels, two bottleneck blocks, BatchNorm, 2x2 average pooling; w = 64 in the thesis), LeakyReLU(0.1),
+    """log1p image (n, 1, H, W) [and condition (n, c)] -> tokens (n, T, 4w [+ c]): three stages of (1x1 conv
+    to w, 2w, 4w channels, two bottleneck blocks, BatchNorm, 2x2 average pooling; w = 64 in the thesis),
+    LeakyReLU(0.1),
     the condition concatenated to every token."""
 
     def __init__(self, width=64, n_cond=0):
         super().__init__()
         layers, ci = [], 1
         for c in (width, 2 * width, 4 * width):
-            layers += [nn.Conv2d(ci, c, 1), BottleneckBlock(c), BottleneckBlock(c), nn.BatchNorm2d(c), nn.AvgPool2d(2)]
+            layers += [nn.Conv2d(ci, c, 1), BottleneckBlock(c), BottleneckBlock(c), nn.BatchNorm2d(c),
+                       nn.AvgPool2d(2)]
             ci = c
         self.net, self.n_cond = nn.Sequential(*layers), n_cond
 
@@ -312,10 +324,12 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Tokens (n, T, d_in) [and condition (n, c)] -> log1p image (n, 1, H, W) >= 0: the condition concatenated to
-    every token, dense to 4w, the tokens as the decoder grid of conv_grids, three stages of (1x1 conv to 4w, 2w, w
+    """Tokens (n, T, d_in) [and condition (n, c)] -> log1p image (n, 1, H, W) >= 0: the condition
+    concatenated to every token, dense to 4w, the tokens as the decoder grid of conv_grids, three stages of
+    (1x1 conv to 4w, 2w, w
     channels, nearest x2 upsampling, two bottleneck blocks, BatchNorm), an unpadded 5x5 conv to one channel,
-    ReLU(. + offset) (exact zeros; straight-through gradient with straight_through), centre crop (ZN: none)."""
+    ReLU(. + offset) (exact zeros; straight-through gradient with straight_through), centre crop (ZN:
+    none)."""
 
     def __init__(self, shape, d_in, width=64, n_cond=0, offset=0.0, straight_through=False):
         super().__init__()
@@ -324,7 +338,8 @@ class ConvDecoder(nn.Module):
         self.proj = nn.Linear(d_in + n_cond, 4 * width)
         layers, ci = [], 4 * width
         for c in (4 * width, 2 * width, width):
-            layers += [nn.Conv2d(ci, c, 1), nn.Upsample(scale_factor=2), BottleneckBlock(c), BottleneckBlock(c),
+            layers += [nn.Conv2d(ci, c, 1), nn.Upsample(scale_factor=2), BottleneckBlock(c),
+                       BottleneckBlock(c),
                        nn.BatchNorm2d(c)]
             ci = c
         self.net = nn.Sequential(*layers, nn.Conv2d(ci, 1, 5))
@@ -334,7 +349,7 @@ class ConvDecoder(nn.Module):
         if self.n_cond:
             z = torch.cat([z, cond[:, None].expand(-1, z.shape[1], -1)], 2)
         img = self.net(self.proj(z).transpose(1, 2).unflatten(2, (gh, gw))) + self.offset
-        img = img + (F.relu(img) - img).detach() if self.st else F.relu(img)     # straight-through: gradient as if linear
+        img = img + (F.relu(img) - img).detach() if self.st else F.relu(img)   # straight-through
         top, left = (img.shape[-2] - H) // 2, (img.shape[-1] - W) // 2
         return img[..., top:top + H, left:left + W]
 

@@ -182,25 +182,29 @@ PATCH = 8
 
 
 def vit_grid(shape):
-    """Token grid of an image padded to a multiple of 8: ZN 44x44 -> 48x48 -> 6x6 (36 tokens); ZP 56x30 -> 56x32
+    """Token grid of an image padded to a multiple of 8: ZN 44x44 -> 48x48 -> 6x6 (36 tokens);
+    ZP 56x30 -> 56x32
     -> 7x4 (28 tokens)."""
     return math.ceil(shape[0] / PATCH), math.ceil(shape[1] / PATCH)
 
 
 class TokenAttention(nn.Module):
     """Multi-head self-attention (n, T, dim) -> (n, T, dim): nn.MultiheadAttention's parameters, names and
-    initialisation, written out so that an ONNX export keeps the batch size dynamic (the module's own traced path
+    initialisation, written out so that an ONNX export keeps the batch size dynamic (the module's own
+    traced path
     fixes it, and its fused inference kernel has no ONNX op)."""
 
     def __init__(self, dim, heads):
         super().__init__()
         self.heads, self.out_proj = heads, nn.Linear(dim, dim)
-        self.in_proj_weight, self.in_proj_bias = nn.Parameter(torch.empty(3 * dim, dim)), nn.Parameter(torch.zeros(3 * dim))
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         nn.init.xavier_uniform_(self.in_proj_weight), nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x):
         T, d = x.shape[1:]
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(-1, T, 3, self.heads, d // self.heads)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = qkv.reshape(-1, T, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, T, d))
 
@@ -221,7 +225,8 @@ class ViTBlock(nn.Module):
 
 
 class ViTEncoder(nn.Module):
-    """log1p image (n, 1, H, W) [and condition (n, c)] -> tokens (n, T, dim): zero-pad (centred) to a multiple of
+    """log1p image (n, 1, H, W) [and condition (n, c)] -> tokens (n, T, dim): zero-pad (centred) to a
+    multiple of
     8, cut 8x8 patches, project them linearly and add a learned positional embedding; the condition, projected
     linearly, is prepended as the first token; transformer blocks; the condition token dropped; LayerNorm."""
 
@@ -238,7 +243,8 @@ class ViTEncoder(nn.Module):
         (H, W), (gh, gw) = self.shape, self.grid
         ph, pw = gh * PATCH - H, gw * PATCH - W
         x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
-        x = x.reshape(-1, gh, PATCH, gw, PATCH).transpose(2, 3).reshape(-1, gh * gw, PATCH * PATCH)   # batch: -1 (ONNX)
+        x = x.reshape(-1, gh, PATCH, gw, PATCH).transpose(2, 3)          # batch: -1 (a dynamic ONNX batch)
+        x = x.reshape(-1, gh * gw, PATCH * PATCH)
         h = self.patch(x) + self.pos
         if self.cond is not None:
             h = torch.cat([self.cond(cond)[:, None], h], 1)
@@ -252,7 +258,8 @@ class ViTDecoder(nn.Module):
     transposed convolution (kernel = stride = 8) to one channel, ReLU(. + offset) (exact zeros; its gradient
     passes as if linear with straight_through: the same outputs), centre crop."""
 
-    def __init__(self, shape, d_in, dim, blocks=4, n_cond=0, offset=0.0, heads=4, dropout=0.1, straight_through=False):
+    def __init__(self, shape, d_in, dim, blocks=4, n_cond=0, offset=0.0, heads=4, dropout=0.1,
+                 straight_through=False):
         super().__init__()
         self.shape, self.grid, self.offset, self.st = tuple(shape), vit_grid(shape), offset, straight_through
         self.proj = nn.Linear(d_in, dim)
@@ -269,7 +276,7 @@ class ViTDecoder(nn.Module):
         h = self.blocks(h)
         h = h[:, 1:] if self.cond is not None else h
         img = self.unpatch(h.transpose(1, 2).unflatten(2, (gh, gw))) + self.offset
-        img = img + (F.relu(img) - img).detach() if self.st else F.relu(img)     # straight-through: gradient as if linear
+        img = img + (F.relu(img) - img).detach() if self.st else F.relu(img)   # straight-through
         top, left = (gh * PATCH - H) // 2, (gw * PATCH - W) // 2
         return img[..., top:top + H, left:left + W]
 

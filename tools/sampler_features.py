@@ -49,7 +49,9 @@ def main(argv=None):
     except ValueError as e:
         p.error(f"--samplers: {e} is not SOLVER STEPS [r], e.g. euler11 or midpoint4r")
     try:
-        ck, model, _ = fm.load_model(fm.get_args(["--eval", "--ckpt", a.ckpt, "--device", "cpu"]))
+        ck = data.load_checkpoint(a.ckpt, "flow_matching")
+        args = fm.get_args(["--eval", "--ckpt", a.ckpt, "--device", "cpu"])
+        model = fm.load_sampler(ck, args, torch.device("cpu")).model.eval()
     except data.DataError as e:
         sys.exit(f"error: {e}")
     split = data.split_from_checkpoint(ck)

@@ -22,14 +22,14 @@ def run(request, tmp_path_factory):
 def test_smoke_train_sample_eval(run):
     det, out = run
     ck = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ck["model"] == "latent_fm" and ck["state"]["stage1"]["step"] == 4 and ck["state"]["stage2"]["step"] == 4
-    assert ck["state"]["scale"] > 0
+    assert ck["model"] == "latent_fm" and ck["steps"] == {"1": 4, "2": 4}
+    assert ck["scale"] > 0
     cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--n", 40, "--out", out / "s.npz")
     check_samples(out / "s.npz", data.SHAPES[det], 40)
     e = cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 100, "--reps", 2)
     assert "reconstruction Wasserstein" in e.stdout
     r = check_eval(out / "eval.json")
-    assert r["reconstruction_W"] >= 0 and (r["steps"], r["solver"]) == lfm.SAMPLER["default"]
+    assert r["reconstruction_W"] >= 0 and (r["steps"], r["solver"], r["rounding"]) == lfm.SAMPLER["default"]
     cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 60, "--reps", 1, "--sweep", "1,2")
     assert [(r["solver"], r["steps"]) for r in json.loads((out / "sweep.json").read_text())["rows"]] == [
         ("euler", 1), ("euler", 2), ("midpoint", 1), ("midpoint", 2)]
@@ -49,12 +49,21 @@ def test_stages_resume_and_determinism(tmp_path):
     cli(S, "--train", "--smoke", "--out", c, "--resume")                      # finishes both stages
     for key in ("vae", "unet", "ema"):
         assert_same_weights(weights(a, key), weights(c, key))
-    assert "a multiple of --heads" in cli(S, "--train", "--width", 3, ok=False).stderr
+    assert "a multiple of heads" in cli(S, "--train", "--set", "width=3", ok=False).stderr
+
+
+def test_an_older_checkpoint_is_refused_with_one_clear_line(run, tmp_path):
+    det, out = run
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    del ck["format"]                                            # as written before checkpoint format numbers
+    torch.save(ck, tmp_path / "old.pt")
+    e = cli(S, "--sample", "--ckpt", tmp_path / "old.pt", "--out", tmp_path / "s.npz", ok=False)
+    assert "trained by an older version of latent_fm.py" in e.stderr and len(e.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("shape", [(44, 44), (56, 30)])
 def test_shapes(shape):
-    vae, unet = lfm.build_model(dict(vae_width=4, width=4))
+    vae, unet = lfm.build_model({**lfm.DEFAULTS, "vae_width": 4, "width": 4})
     x = torch.rand(3, 1, *shape)
     mu, logvar = vae.encode(x)
     assert mu.shape == (3,) + lfm.latent_shape(shape) and logvar.shape == mu.shape
@@ -73,13 +82,16 @@ def test_paper_counts_optimisers_and_precedence():
     nets = lfm.build_networks(vars(a))
     for k, (n, _) in lfm.PUBLISHED.items():                                     # 58,473 vs 59,348; 129,344 vs 127,824
         assert abs(n_params(nets[k]) / n - 1) < 0.02, k
-    assert (a.epochs, a.epochs2, a.batch_size, a.lr, a.lr2, a.betas, a.betas2) == (50, 50, 256, 2.3e-3, 1.3e-3, "0.58,0.75", "0.9,0.6")
+    assert (a.epochs, a.epochs2, a.batch_size, a.lr, a.lr2) == (50, 50, 256, 2.3e-3, 1.3e-3)
+    assert (a.betas, a.betas2) == ([0.58, 0.75], [0.9, 0.6])
     assert (a.schedule, a.warmup, a.weight_decay, a.grad_clip, a.ema, a.t_max) == ("onecycle", "20%", 0.0, 0.0, 0.0, 0.99)
-    b = lfm.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "8"])
+    b = lfm.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--set", "width=8"])
     assert (b.batch_size, b.lr, b.lr2, b.width, b.vae_width) == (7, 0.123, 1.3e-3, 8, 21)
     d = lfm.get_args(["--train", "--lr", "0.01"])                                # the CPU default: --lr sets both stages
-    assert (d.lr, d.lr2, d.betas2, d.weight_decay, d.schedule, d.epochs2) == (0.01, 0.01, "0.9,0.999", 0.01, "cosine", 6)
+    assert (d.lr, d.lr2, d.betas2, d.weight_decay, d.schedule, d.epochs2) == (0.01, 0.01, [0.9, 0.999], 0.01, "cosine", 6)
     assert [n_params(m) for m in lfm.build_model(vars(d))] == [53_169, 129_344]
+    e = lfm.get_args(["--train", "--set", "lr2=0.01", "--set", "betas2=0.5,0.6", "--set", "epochs2=2"])
+    assert (e.lr, e.lr2, e.betas, e.betas2, e.epochs2) == (2e-3, 0.01, [0.9, 0.999], [0.5, 0.6], 2)
 
 
 def test_onecycle_schedule_is_optax_cosine_onecycle():
@@ -103,7 +115,7 @@ def test_stage2_times_lie_in_0_t_max():
 def test_poisson_counts_by_default_the_paper_keeps_the_decoder_output(run, tmp_path):
     det, out = run
     shape = data.SHAPES[det]
-    vae, unet = lfm.build_model(dict(vae_width=4, width=4))
+    vae, unet = lfm.build_model({**lfm.DEFAULTS, "vae_width": 4, "width": 4})
     s = lfm.Sampler(vae, unet, shape, 1.0, 2)
     assert list(s.noise_shapes(3)) == ["z0", "u_counts", "z_counts"] and s.meta["rounding"] == "poisson"
     assert list(lfm.Sampler(vae, unet, shape, 1.0, 2, "none").noise_shapes(3)) == ["z0"]
@@ -117,15 +129,15 @@ def test_poisson_counts_by_default_the_paper_keeps_the_decoder_output(run, tmp_p
     assert not torch.equal(mean, mean.round())
     assert torch.equal(lfm.sample(vae, unet, cond, shape, 1.0, g(), 2, "nearest"), mean.round())   # same z0 first
     none = argparse.Namespace(rounding=None)
-    assert (lfm.rounding_for(none, False), lfm.rounding_for(none, True)) == ("poisson", "none")
-    assert lfm.rounding_for(argparse.Namespace(rounding="nearest"), True) == "nearest"     # an explicit flag wins
+    assert (lfm.sampler_for(none, False)[2], lfm.sampler_for(none, True)[2]) == ("poisson", "none")
+    assert lfm.sampler_for(argparse.Namespace(rounding="nearest"), True)[2] == "nearest"   # an explicit flag wins
     a = lfm.get_args(["--eval", "--ckpt", str(out / "ckpt.pt")])
-    lfm.load_model(a)
-    assert (a.steps, a.solver, a.rounding) == lfm.SAMPLER["default"] + ("poisson",)   # a CPU-default checkpoint
+    lfm.load_sampler(data.load_checkpoint(out / "ckpt.pt", "latent_fm"), a, torch.device("cpu"))
+    assert (a.steps, a.solver, a.rounding) == lfm.SAMPLER["default"] == (2, "midpoint", "poisson")   # CPU default
     assert lfm.sampler_for(none, True) == (8, "euler", "none")         # the paper's sampler
     assert lfm.sampler_for(argparse.Namespace(rounding=None, steps=3, solver="euler"), False)[:2] == (3, "euler")
     cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 60, "--reps", 1, "--rounding", "none")
-    steps, solver = lfm.SAMPLER["default"]
+    steps, solver, _ = lfm.SAMPLER["default"]
     r = check_eval(out / f"eval_{solver}{steps}_none.json")           # not the default: its own file
     assert r["rounding"] == "none" and f"({solver} {steps})" in r["name"]
     assert "invalid choice: 'floor'" in cli(S, "--eval", "--rounding", "floor", ok=False).stderr
@@ -135,7 +147,7 @@ def test_midpoint_solver_integrates_a_linear_velocity_exactly_euler_does_not():
     class Ramp(torch.nn.Module):                       # dz/dt = t: z(1) = z(0) + 1/2
         def forward(self, z, t, c):
             return t.view(-1, 1, 1, 1).expand_as(z)
-    vae, _ = lfm.build_model(dict(vae_width=4, width=4))
+    vae, _ = lfm.build_model({**lfm.DEFAULTS, "vae_width": 4, "width": 4})
     cond, z0 = torch.zeros(3, 9), torch.zeros(3, 4, 11, 11)
     mid = lfm.Sampler(vae, Ramp(), data.SHAPES["neutron"], 1.0, 2, solver="midpoint")
     euler = lfm.Sampler(vae, Ramp(), data.SHAPES["neutron"], 1.0, 2, solver="euler")

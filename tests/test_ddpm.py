@@ -12,6 +12,11 @@ from helpers import assert_same_weights, check_eval, check_samples, cli, losses,
 S = "ddpm.py"
 
 
+def tiny(**kw):
+    """A small ddpm network: the CPU default's settings, width 2, changed by `kw`."""
+    return ddpm.build_model({**ddpm.DEFAULTS, "width": 2, **kw})
+
+
 @pytest.fixture(scope="module", params=["neutron", "proton"])
 def run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"ddpm_{request.param}")
@@ -45,7 +50,8 @@ def test_smoke_train_sample_eval(run):
 
 def test_weights_are_channels_last_and_sample_as_contiguous_ones(run):
     det, out = run
-    ck, model, dev = ddpm.load_model(ddpm.get_args(["--sample", "--ckpt", str(out / "ckpt.pt")]))
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    model = ddpm.load_sampler(ck, ddpm.get_args(["--sample"]), torch.device("cpu")).model.eval()
     convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert not all(w.is_contiguous() for w in convs)                   # (1-channel and 1x1 kernels are both)
@@ -69,19 +75,28 @@ def test_wrong_checkpoints_give_clear_errors(run, tmp_path):
     ck["model"] = "flow_matching"
     torch.save(ck, tmp_path / "fm.pt")
     assert "a checkpoint of flow_matching.py, not of ddpm.py" in cli(S, "--sample", "--ckpt", tmp_path / "fm.pt", ok=False).stderr
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    del ck["format"]                                                   # written before checkpoint format numbers
+    torch.save(ck, tmp_path / "old.pt")
+    e = cli(S, "--sample", "--ckpt", tmp_path / "old.pt", ok=False).stderr
+    assert "trained by an older version of ddpm.py" in e and "retrain, or check out commit" in e
     (tmp_path / "junk.pt").write_text("junk")                          # the same errors, in-process (faster)
     for name, msg in [("none.pt", "checkpoint not found"), ("junk.pt", "not a readable checkpoint")]:
         with pytest.raises(data.DataError, match=msg):
-            ddpm.load_model(ddpm.get_args(["--eval", "--ckpt", str(tmp_path / name)]))
+            data.load_checkpoint(tmp_path / name, ddpm.NAME)
 
 
 @pytest.mark.parametrize("flags,msg", [(("--steps", 0), "--steps must be between 1 and 1000"),
                                        (("--steps", 1001), "--steps must be between 1 and 1000"),
                                        (("--eta", -0.1), "--eta must be in [0, 1]"), (("--eta", 1.5), "--eta must be in [0, 1]"),
-                                       (("--eta", "nan"), "--eta must be in [0, 1]"), (("--sweep", "5,0"), "--sweep takes"),
-                                       (("--sweep", "5,1001"), "--sweep takes"), (("--mults", "2,x"), "--mults takes"),
-                                       (("--heads", "3"), "--heads must divide"), (("--warmup", "5 %"), "--warmup takes"),
-                                       (("--betas", "0.9,1"), "--betas takes"), (("--adam-eps", "0"), "--adam-eps")])
+                                       (("--eta", "nan"), "--eta must be in [0, 1]"), (("--sweep", "5,0"), "argument --sweep"),
+                                       (("--sweep", "5,1001"), "--sweep takes"),
+                                       (("--set", "mults=2,x"), "not a value of the setting's type (list"),
+                                       (("--set", "mults=2,0"), "mults: 1-5 positive"),
+                                       (("--set", "heads=3"), "heads must divide"), (("--set", "warmup=5 %"), "warmup takes"),
+                                       (("--set", "betas=0.9,1"), "betas takes"), (("--set", "adam_eps=0"), "adam_eps"),
+                                       (("--set", "weight_decay=-1"), "weight_decay"),
+                                       (("--set", "steps=3"), "unknown setting 'steps'")])
 def test_bad_flags_are_argparse_errors(flags, msg, capsys):
     with pytest.raises(SystemExit) as e:
         ddpm.get_args(["--sample", *map(str, flags)])
@@ -92,12 +107,12 @@ def test_sampler_rejects_bad_steps_and_eta():
     with pytest.raises(ValueError, match="steps must be between"):
         ddpm.ddim_timesteps(1001)
     with pytest.raises(ValueError, match="eta must be in"):
-        ddpm.sample(ddpm.build_model(dict(width=2, mults="2", attn_levels=0)), torch.zeros(1, 9), (8, 8), steps=2, eta=2.0)
+        ddpm.sample(tiny(mults=[2], attn_levels=0), torch.zeros(1, 9), (8, 8), steps=2, eta=2.0)
 
 
 def test_same_seed_same_losses_and_resume_equals_uninterrupted(tmp_path):
     a, c = tmp_path / "a", tmp_path / "c"
-    cli(S, "--train", "--smoke", "--out", a, "--val-every", 2)
+    cli(S, "--train", "--smoke", "--out", a, "--set", "val_every=2")                  # the setting by --set
     cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--max-steps", 4)       # "killed" at step 4
     assert losses(c) == losses(a)[:2]                                                  # same seed, same losses
     cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--resume")             # continues to step 6
@@ -108,7 +123,7 @@ def test_same_seed_same_losses_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_schedule_and_timesteps():
-    m = ddpm.build_model(dict(width=2, mults="2,3,4", attn_levels=1))
+    m = tiny()
     assert [n for n, _ in m.named_buffers()] == ["alphas_cumprod", "x_max", "x_std"]  # buffers, not parameters
     abar = m.alphas_cumprod.double()
     betas = 1 - abar / torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
@@ -128,7 +143,7 @@ class TinyEps(torch.nn.Module):
 
     def __init__(self, x_max=3.0):
         super().__init__()
-        for k, v in ddpm.build_model(dict(width=2, mults="2", attn_levels=0)).named_buffers():
+        for k, v in tiny(mults=[2], attn_levels=0).named_buffers():
             self.register_buffer(k, v)
         self.x_max.fill_(x_max)
         self.conv, self.lin = torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Linear(9, 1)
@@ -166,7 +181,7 @@ class Oracle(torch.nn.Module):
     def __init__(self, x0):
         super().__init__()
         self.x0 = x0
-        for k, v in ddpm.build_model(dict(width=2, mults="2", attn_levels=0)).named_buffers():
+        for k, v in tiny(mults=[2], attn_levels=0).named_buffers():
             self.register_buffer(k, v)
 
     def forward(self, x, t, c):
@@ -184,7 +199,7 @@ def test_ddim_returns_the_data_point_for_an_exact_noise_predictor(steps, eta):
 @pytest.mark.parametrize("shape", [(44, 44), (56, 30)])
 def test_sampler_shapes_seeds_and_etas(shape):
     torch.manual_seed(0)
-    model = ddpm.build_model(dict(width=2, mults="2,3,4", attn_levels=2)).eval()
+    model = tiny(attn_levels=2).eval()
     cond = torch.randn(5, 9)
     x = ddpm.sample(model, cond, shape, torch.Generator().manual_seed(1), steps=3)
     y = ddpm.sample(model, cond, shape, torch.Generator().manual_seed(1), steps=3)
@@ -199,20 +214,21 @@ def test_reference_size_and_the_thesis_optimiser():
     n = sum(p.numel() for p in model.parameters())
     assert n == 4_046_913 and abs(n / ddpm.PUBLISHED["unet"][0] - 1) < 0.02        # thesis: "four million"
     assert [m.attn.num_heads for m in model.modules() if isinstance(m, ddpm.Attention)] == [4] * 11
-    assert (a.lr, a.betas, a.adam_eps, a.weight_decay, a.schedule, a.warmup) == (2.8e-5, "0.87,0.82", 2.5e-5, 5.5e-4, "cosine", "10%")
-    assert (a.batch_size, a.epochs, a.grad_clip, a.width, a.mults) == (256, 100, 1.0, 16, "1,2,4,8")
+    assert (a.lr, a.betas, a.adam_eps, a.weight_decay, a.schedule, a.warmup) == (2.8e-5, [0.87, 0.82], 2.5e-5, 5.5e-4, "cosine", "10%")
+    assert (a.batch_size, a.epochs, a.grad_clip, a.width, a.mults, a.ema) == (256, 100, 1.0, 16, [1, 2, 4, 8], 0.999)
     with torch.no_grad():                                      # four levels: ZP 56x30 is padded to 56x32 and back
         assert model(torch.zeros(1, 1, 56, 30), torch.tensor([999]), torch.zeros(1, 9)).shape == (1, 1, 56, 30)
 
 
 def test_explicit_flags_beat_paper_and_the_cpu_default_is_unchanged():
-    a = ddpm.get_args(["--train", "--paper", "--width", "8", "--batch-size", "7", "--lr", "0.123", "--attn-levels", "1"])
-    assert (a.width, a.batch_size, a.lr, a.attn_levels, a.mults, a.heads) == (8, 7, 0.123, 1, "1,2,4,8", 4)
+    a = ddpm.get_args(["--train", "--paper", "--set", "width=8", "--batch-size", "7", "--lr", "0.123",
+                       "--set", "attn_levels=1"])
+    assert (a.width, a.batch_size, a.lr, a.attn_levels, a.mults, a.heads) == (8, 7, 0.123, 1, [1, 2, 4, 8], 4)
     d = ddpm.get_args(["--train"])
     assert (d.width, d.mults, d.attn_levels, d.heads, d.lr, d.betas, d.weight_decay, d.warmup) == (
-        4, "2,3,4", 1, 1, 2e-3, "0.9,0.999", 0.0, "100")
-    n = [sum(p.numel() for p in ddpm.build_model(cfg).parameters()) for cfg in (vars(d), dict(width=4, mults="2,3,4", attn_levels=1))]
-    assert n == [89_289, 89_289]                                # the CPU default, and a checkpoint from before --heads
+        4, [2, 3, 4], 1, 1, 2e-3, [0.9, 0.999], 0.0, "100")
+    assert (d.steps, d.eta, d.val_every, d.epochs) == (50, 0.7, 1000, 1)
+    assert sum(p.numel() for p in ddpm.build_model(vars(d)).parameters()) == 89_289   # the CPU default
 
 
 def test_warmup_percentage_then_cosine():

@@ -51,18 +51,38 @@ def test_wrong_checkpoints_give_clear_errors(run, tmp_path):
     assert "checkpoint not found" in cli(S, "--sample", "--ckpt", tmp_path / "none.pt", ok=False).stderr
     (tmp_path / "junk.pt").write_text("junk")
     assert "not a readable checkpoint" in cli(S, "--eval", "--ckpt", tmp_path / "junk.pt", ok=False).stderr
-    assert "--kl and --kl-anneal must be >= 0" in cli(S, "--train", "--kl", -1, ok=False).stderr
-    assert "invalid choice" in cli(S, "--train", "--reduction", "max", ok=False).stderr
-    assert "--kl-anneal must be >= 0" in cli(S, "--train", "--kl-anneal", -5, ok=False).stderr
-    assert "needs --cond every" in cli(S, "--train", "--enc-cond", "shared", ok=False).stderr
-    assert "--width must be positive" in cli(S, "--train", "--width", 0, ok=False).stderr
+    assert "kl must be >= 0" in cli(S, "--train", "--set", "kl=-1", ok=False).stderr
+    assert "beta must be >= 0" in cli(S, "--train", "--set", "beta=-1", ok=False).stderr
+    assert "width, hidden, blocks: positive" in cli(S, "--train", "--set", "width=0", ok=False).stderr
+    assert "arch is one of cnn, vdvae, vit" in cli(S, "--train", "--set", "arch=mlp", ok=False).stderr
+    assert "invalid choice" in cli(S, "--train", "--variant", "gan", ok=False).stderr
     assert "exists: pass --resume" in cli(S, "--train", "--smoke", "--out", out, ok=False).stderr
+
+
+@pytest.mark.parametrize("flag", [["--reduction", "mean"], ["--cond", "every"], ["--enc-cond", "image"],
+                                  ["--kl-anneal", "300"], ["--width", "12"]])
+def test_flags_of_finished_experiments_are_gone(flag, capsys):
+    """--reduction, --cond, --enc-cond and --kl-anneal ran at commit 75efdae (docs/models/vae.md); the sizes are
+    settings (--set width=12)."""
+    with pytest.raises(SystemExit):
+        vae.get_args(["--train", *flag])
+    assert f"unrecognized arguments: {' '.join(flag)}" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_a_format_number_is_refused_with_one_clear_line(run, tmp_path):
+    det, out = run
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["format"] == data.FORMAT
+    del ck["format"]                                                     # as written before the redesign
+    torch.save(ck, tmp_path / "old.pt")
+    e = cli(S, "--sample", "--ckpt", tmp_path / "old.pt", "--n", 5, "--out", tmp_path / "s.npz", ok=False)
+    assert "trained by an older version of vae.py" in e.stderr and len(e.stderr.strip().splitlines()) == 1
 
 
 def test_same_seed_same_losses_and_resume_equals_uninterrupted(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     cli(S, "--train", "--smoke", "--out", a, "--val-every", 2)
-    cli(S, "--train", "--smoke", "--out", b, "--val-every", 2)
+    cli(S, "--train", "--smoke", "--out", b, "--set", "val_every=2")              # the same setting by --set
     assert losses(a) == losses(b) and len(losses(a)) == 3
     cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--max-steps", 4)       # "killed" at step 4
     cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--resume")             # continues to step 6
@@ -71,12 +91,11 @@ def test_same_seed_same_losses_and_resume_equals_uninterrupted(tmp_path):
     assert_same_weights(weights(a), weights(c))
 
 
-@pytest.mark.parametrize("det,cond,enc", [("neutron", "input", "dense"), ("proton", "input", "image"),
-                                          ("neutron", "every", "shared"), ("proton", "every", "dense")])
-def test_shapes_seeds_and_loss(det, cond, enc):
+@pytest.mark.parametrize("det", ["neutron", "proton"])
+def test_shapes_seeds_and_loss(det):
     torch.manual_seed(0)
     shape = data.SHAPES[det]
-    model = vae.build_model(dict(detector=det, width=4, hidden=16, cond=cond, enc_cond=enc)).eval()
+    model = vae.build_model({**vae.DEFAULTS, "detector": det, "width": 4, "hidden": 16}).eval()
     x, cond = torch.rand(5, 1, *shape), torch.randn(5, 9)
     mu, logvar = model.encode(x, cond)
     assert mu.shape == logvar.shape == (5, vae.LATENT)
@@ -88,12 +107,10 @@ def test_shapes_seeds_and_loss(det, cond, enc):
     assert a.shape == (5,) + shape and torch.isfinite(a).all() and (a >= 0).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert vae.reconstruct(model, x, cond).shape == (5,) + shape
-    loss, rec, kl = vae.vae_loss(model, x, cond, None, 0.7)                 # default: summed over pixels
+    loss, rec, kl = vae.vae_loss(model, x, cond, None, 0.7)                 # summed over pixels
     assert kl.shape == (vae.LATENT,) and (kl >= 0).all()
     torch.testing.assert_close(loss, rec + 0.7 * kl.sum())
     torch.testing.assert_close(rec, (dec - x).pow(2).sum((1, 2, 3)).mean())
-    _, rec_mean, _ = vae.vae_loss(model, x, cond, None, 0.7, "mean")      # the deviation: averaged over pixels
-    torch.testing.assert_close(rec_mean * shape[0] * shape[1], rec)
 
 
 class Fixed(torch.nn.Module):
@@ -123,8 +140,6 @@ def test_summed_reconstruction_and_kl_by_hand():
     expected_kl = [0.25, 0.5 * (1 - math.log(2.0)) / 2] + [0.0] * (vae.LATENT - 2)   # per dimension, batch mean
     torch.testing.assert_close(kl, torch.tensor(expected_kl))
     assert loss.item() == pytest.approx(7.0 + 0.7 * (0.25 + 0.076713), abs=1e-5)
-    _, rec_mean, _ = vae.vae_loss(model, x, torch.zeros(2, 9), None, 0.7, "mean")
-    assert rec_mean.item() == pytest.approx(1.75)                          # (5 / 4 + 9 / 4) / 2
 
 
 def test_kl_is_the_gaussian_formula():
@@ -147,25 +162,20 @@ def test_optimiser_is_the_references_nesterov_adam():
     assert p.item() == pytest.approx(1 - 1.4e-3 * (1 + 0.76 / 1.76), abs=1e-7)
 
 
-def test_kl_anneal_falls_from_100x_to_the_published_weight():
-    a = vae.get_args(["--train", "--kl-anneal", "400"])
-    assert [vae.kl_weight(a, s) for s in (0, 200, 400, 1000)] == pytest.approx([70.0, 7.0, 0.7, 0.7])
-    assert vae.kl_weight(vae.get_args(["--train"]), 0) == 0.7
-
-
 def test_paper_preset_and_precedence():
     a = vae.get_args(["--train", "--paper"])
-    assert (a.batch_size, a.epochs, a.lr, a.reduction, a.kl) == (256, 100, 3.5e-3, "sum", 0.7)   # Table 4.2, A.1 (ViT)
-    b = vae.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "12"])
+    assert (a.batch_size, a.epochs, a.lr, a.kl, a.arch) == (256, 100, 3.5e-3, 0.7, "vit")    # Table 4.2, A.1 (ViT)
+    b = vae.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--set", "width=12"])
     assert (b.batch_size, b.lr, b.width, b.epochs) == (7, 0.123, 12, 100)                   # explicit flag wins
     d = vae.get_args(["--train"])
-    assert (d.batch_size, d.reduction) == (vae.DEFAULTS["batch_size"], "sum")               # faithful loss by default
+    assert (d.batch_size, d.kl, d.arch, d.width, d.hidden) == (vae.DEFAULTS["batch_size"], 0.7, "cnn", 8, 64)
+    # each backbone's sizes lie over the presets, and explicit settings (flag, --set KEY=VALUE) over them
+    v = vae.get_args(["--train", "--smoke", "--arch", "vit", "--set", "hidden=12", "--lr=0.01"])
+    assert (v.width, v.hidden, v.blocks, v.lr, v.batch_size) == (16, 12, 1, 0.01, 32)
+    assert vae.get_args(["--train", "--smoke", "--set=width=6"]).width == 6
+    assert vae.get_args(["--train", "--set", "arch=vdvae"]).width == 16                   # the same as --arch
+    assert vae.get_args(["--train", "--paper", "--arch", "cnn"]).hidden == 128
     n = sum(p.numel() for p in vae.build_networks(vars(a))["vae"].parameters())
     assert 0.9e6 < n < 1.2e6 and a.arch == "vit"                                            # "about one million"
     assert n == pytest.approx(vae.PUBLISHED["vae"][0], rel=1e-3)    # the authors' ViT VAE (+ decoder condition token)
 
-
-def test_checkpoints_from_before_cond_build_the_network_they_trained():
-    old = vae.build_model(dict(detector="neutron", width=4, hidden=16))               # no "cond" key
-    assert not hasattr(old, "embed") and old.dec_head[0].in_features == vae.LATENT + 9
-    assert old.offset == 0.0 and vae.build_model(dict(detector="neutron", width=4, hidden=16, cond="input")).offset == 0.5

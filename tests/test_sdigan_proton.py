@@ -45,13 +45,22 @@ def test_clear_errors(run, tmp_path):
     torch.save(ck, tmp_path / "gan.pt")
     assert "a checkpoint of gan.py, not of sdigan_proton.py" in cli(S, "--eval", "--ckpt", tmp_path / "gan.pt", ok=False).stderr
     assert "checkpoint not found" in cli(S, "--sample", "--ckpt", tmp_path / "none.pt", ok=False).stderr
+    ck["model"] = "sdigan_proton"
+    del ck["format"]                                     # a checkpoint from before the teaching redesign
+    torch.save(ck, tmp_path / "old.pt")
+    assert "trained by an older version of sdigan_proton.py" in cli(S, "--eval", "--ckpt", tmp_path / "old.pt",
+                                                                    ok=False).stderr
 
 
 @pytest.mark.parametrize("argv, message", [(["--eval", "--detector", "neutron"], "proton calorimeter (ZP 56x30) only"),
-                                           (["--train", "--width", "3"], "must be even"),
-                                           (["--train", "--lambda-div", "-1"], "--lambda-* weights >= 0"),
-                                           (["--train", "--div-norm", "max"], "invalid choice"),
-                                           (["--train", "--betas", "0.5", "1"], "--betas in [0, 1)"),
+                                           (["--train", "--set", "width=3"], "must be even"),
+                                           (["--train", "--set", "lambda_div=-1"], "lambda_* weights must be >= 0"),
+                                           (["--train", "--set", "div_norm=max"], "div_norm is dataset or minmax"),
+                                           (["--train", "--set", "d_norm=layer"], "d_norm is batch or none"),
+                                           (["--train", "--set", "betas=0.5,1"], "betas takes b1,b2 in [0, 1)"),
+                                           (["--train", "--set", "dropout=1"], "dropout must be in [0, 1)"),
+                                           (["--train", "--set", "d_lr=0"], "d_lr and aux_lr must be positive"),
+                                           (["--train", "--set", "lambda_dvi=1"], "unknown setting 'lambda_dvi'"),
                                            (["--train", "--variant", "sdi-aux"], "invalid choice")])
 def test_bad_flags_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -62,7 +71,7 @@ def test_bad_flags_are_argparse_errors(argv, message, capsys):
 def test_determinism_resume_and_variants(tmp_path):
     a, c, g = tmp_path / "a", tmp_path / "c", tmp_path / "g"
     cli(S, "--train", "--smoke", "--out", a, "--val-every", 2)
-    cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--max-steps", 4)       # "killed" at step 4
+    cli(S, "--train", "--smoke", "--out", c, "--set", "val_every=2", "--max-steps", 4)  # "killed" at step 4
     assert losses(c) == losses(a)[:2]                                                  # same seed, same losses
     cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--resume")             # continues to step 6
     ka, kc = (torch.load(p / "ckpt.pt", weights_only=True) for p in (a, c))
@@ -134,17 +143,22 @@ def test_paper_setting_and_precedence():
     d = 9 * 32 + 32 + 64 + 32 * 9 * 16 + 16 + 32 + 2313 * 128 + 128 + 256 + 128 * 64 + 64 + 128 + 65
     r = 9 * 32 + 32 + 64 + 32 * 9 * 64 + 64 + 128 + 64 * 9 * 128 + 128 + 256 + 128 * 9 * 256 + 256 + 512 + 256 * 24 * 2 + 2
     assert counts == dict(generator=g, discriminator=d, regressor=r)
-    b = sdi.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "6", "--lambda-int", "0"])
+    b = sdi.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--set", "width=6",
+                      "--set", "lambda_int=0"])
     assert (b.batch_size, b.lr, b.width, b.lambda_int, b.d_lr) == (7, 0.123, 6, 0.0, 1e-5)    # explicit > --paper
-    c = sdi.get_args(["--train", "--d-lr", "3e-3"])
+    assert (b.max_steps, b.epochs, b.detector, b.variant) == (None, 350, "proton", "sdi-int-aux")
+    c = sdi.get_args(["--train", "--set", "d_lr=3e-3"])
     assert (c.d_lr, c.lr, c.width, c.max_steps, c.lambda_div) == (3e-3, 2e-4, 8, 1000, 0.1)   # > CPU default
+    assert sdi.get_args(["--train", "--epochs", "2", "--set", "max_steps=none"]).max_steps is None   # whole epochs
+    d = sdi.get_args(["--train", "--smoke", "--paper"])
+    assert (d.width, d.d_width, d.aux_width, d.max_steps, d.batch_size, d.limit, d.dropout) == (4, 4, 2, 6, 32, 1500, 0.2)
 
 
 def test_brightest_pixel_and_shapes():
     img = np.zeros((2, 56, 30))
     img[0, 40, 3], img[1, 0, 29] = 5, 1
     assert sdi.brightest(img).tolist() == [[40, 3], [0, 29]]
-    nets = sdi.build_networks(dict(width=4, d_width=4, aux_width=2, dropout=0.2))
+    nets = sdi.build_networks(dict(width=4, d_width=4, aux_width=2, dropout=0.2, d_norm="batch"))
     gen, disc, aux = nets["generator"].eval(), nets["discriminator"], nets["regressor"]
     cond = torch.randn(3, 9)
     x = sdi.sample(gen, cond, torch.Generator().manual_seed(0))

@@ -211,3 +211,23 @@ def test_amp_on_a_cpu_samples_with_contiguous_weights(run):
     load = lambda *flags: fm.load_sampler(ck, fm.get_args(["--sample", *flags]), torch.device("cpu")).model
     assert is_nhwc(load()) and not is_flat(load())
     assert is_flat(load("--amp"))
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_channel_norm_is_layer_norm_over_the_channels_of_each_pixel(amp):
+    """The one-reduction ChannelNorm (issue 37) computes what nn.LayerNorm over channels-last pixels does, also
+    under bf16 autocast (to bf16 rounding; the output keeps the input's dtype), for NCHW and channels-last."""
+    torch.manual_seed(0)
+    norm, ref = fm.ChannelNorm(12), torch.nn.LayerNorm(12, eps=1e-6)
+    for p in (norm.weight, norm.bias):
+        torch.nn.init.normal_(p)
+    ref.load_state_dict(norm.state_dict())                               # the same parameter names
+    x = 3 * torch.randn(4, 12, 7, 5) + 1
+    for inp in (x, x.to(memory_format=torch.channels_last)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            h = torch.nn.functional.conv2d(inp, torch.eye(12)[:, :, None, None])   # bf16 under autocast
+            got, want = norm(h), ref(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        assert got.dtype == h.dtype == (torch.bfloat16 if amp else torch.float32)
+        tol = 2e-2 if amp else 1e-5
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    assert not torch.allclose(norm(x), ref(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) + 1e-3)   # the check can fail

@@ -85,7 +85,9 @@ class VAE(nn.Module):
     def __init__(self, shape, width=8, hidden=64, n_cond=9, latent=LATENT, arch="cnn", variant="vae",
                  blocks=4):
         super().__init__()
-        self.shape, self.w, self.arch = tuple(shape), width, arch
+        self.shape = tuple(shape)
+        self.w = width
+        self.arch = arch
         self.supervised = variant == "supervised"
         self.latent = 0 if self.supervised else latent                    # the noise a sample draws
         self.type_embed = nn.Embedding(len(data.PARTICLES) + 1, TYPE_DIM) if variant == "embedding" else None
@@ -249,7 +251,7 @@ def train(args):
     noise = torch.Generator(dev).manual_seed(args.seed)
     run.keep(weights=model, opt=opt, sched=sched, scaler=scaler, noise=noise)   # in every checkpoint
     net = run.wrap(model)                       # under torchrun: DDP, and still one process's loss exactly
-    weight = args.beta if args.variant == "supervised" else args.kl
+    weight = args.beta if args.variant == "supervised" else args.kl    # supervised: weight of ||E(x) - c||^2
 
     def validate():
         """Posterior-mean losses of validation events: val_loss, val_rec, val_kl (KL near 0: posterior

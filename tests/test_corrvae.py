@@ -24,7 +24,7 @@ def run(request, tmp_path_factory):
     return request.param, out
 
 
-def test_smoke_train_sample_set_eval(run):
+def test_smoke_train_sample_props_eval(run):
     det, out = run
     ck = torch.load(out / "ckpt.pt", weights_only=True)               # loadable without pickle
     assert ck["model"] == "corrvae" and ck["data"]["detector"] == det and ck["step"] == 6
@@ -35,7 +35,7 @@ def test_smoke_train_sample_set_eval(run):
     cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--n", 40, "--out", out / "s.npz")   # no other flags
     free = check_samples(out / "s.npz", data.SHAPES[det], 40)
     assert data.load(det, out / "s.npz").images.shape == free.shape     # sample files load like data
-    s = cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--n", 40, "--set", "cog_x=10, sum=500", "--out", out / "t.npz")
+    s = cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--n", 40, "--props", "cog_x=10, sum=500", "--out", out / "t.npz")
     assert "requested: cog_x=10, sum=500" in s.stdout
     steered = check_samples(out / "t.npz", data.SHAPES[det], 40)
     with np.load(out / "s.npz") as a, np.load(out / "t.npz") as b:
@@ -54,22 +54,31 @@ def test_smoke_train_sample_set_eval(run):
 def test_bad_input_gives_clear_errors(run, tmp_path):
     det, out = run
     if det == "proton":                                                 # the checks do not depend on the detector
-        assert "must lie in [0, 29]" in cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--set", "cog_y=30",
+        assert "must lie in [0, 29]" in cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--props", "cog_y=30",
                                             "--out", tmp_path / "x.npz", ok=False).stderr
         return
     ck = out / "ckpt.pt"
-    e = cli(S, "--sample", "--ckpt", ck, "--set", "speed=3", "--out", tmp_path / "x.npz", ok=False)
-    assert "--set 'speed=3': expected NAME=VALUE with NAME one of cog_x, cog_y, sum, n_lit" in e.stderr
+    e = cli(S, "--sample", "--ckpt", ck, "--props", "speed=3", "--out", tmp_path / "x.npz", ok=False)
+    assert "--props 'speed=3': expected NAME=VALUE with NAME one of cog_x, cog_y, sum, n_lit" in e.stderr
     for bad, msg in [("cog_x=left", "'left' is not a number"), ("sum=-5", "must be finite and >= 0"),
                      ("cog_x", "NAME=VALUE"), (",", "empty"), ("cog_x=nan", "must be finite")]:
         with pytest.raises(ValueError, match=msg):
-            corrvae.parse_set(bad)
-    assert corrvae.parse_set(" cog_x=10, sum=5e2 ,") == {"cog_x": 10.0, "sum": 500.0}
-    assert "must lie in [0, 43]" in cli(S, "--sample", "--ckpt", ck, "--set", "cog_x=44", "--out", tmp_path / "x.npz",
+            corrvae.parse_props(bad)
+    assert corrvae.parse_props(" cog_x=10, sum=5e2 ,") == {"cog_x": 10.0, "sum": 500.0}
+    assert "must lie in [0, 43]" in cli(S, "--sample", "--ckpt", ck, "--props", "cog_x=44", "--out", tmp_path / "x.npz",
                                         ok=False).stderr
-    assert "--set goes with --sample" in cli(S, "--eval", "--ckpt", ck, "--set", "sum=5", ok=False).stderr
-    assert "--w-dim must be positive" in cli(S, "--train", "--w-dim", 0, ok=False).stderr
-    assert "must be >= 0" in cli(S, "--train", "--prop", -1, ok=False).stderr
+    assert "--props goes with --sample" in cli(S, "--eval", "--ckpt", ck, "--props", "sum=5", ok=False).stderr
+    assert "--props goes with --sample" in cli(S, "--sample", "--export", tmp_path / "s.onnx", "--ckpt", ck,
+                                               "--props", "sum=5", ok=False).stderr   # the export is unsteered
+    assert "w_dim must be positive" in cli(S, "--train", "--set", "w_dim=0", ok=False).stderr
+    assert "prop must be >= 0" in cli(S, "--train", "--set", "prop=-1", ok=False).stderr
+    assert "schedule is cosine or step" in cli(S, "--train", "--set", "schedule=linear", ok=False).stderr
+    assert "unknown setting 'cog_x'" in cli(S, "--sample", "--ckpt", ck, "--set", "cog_x=10", ok=False).stderr
+    old = torch.load(ck, weights_only=True)
+    del old["format"]                                                   # a checkpoint from before format numbers
+    torch.save(old, tmp_path / "old.pt")
+    assert "trained by an older version of corrvae.py" in cli(S, "--sample", "--ckpt", tmp_path / "old.pt",
+                                                               "--out", tmp_path / "x.npz", ok=False).stderr
     assert "a checkpoint of corrvae.py, not of vae.py" in cli("vae.py", "--sample", "--ckpt", ck, ok=False).stderr
     assert "exists: pass --resume" in cli(S, "--train", "--smoke", "--out", out, ok=False).stderr
 
@@ -77,7 +86,7 @@ def test_bad_input_gives_clear_errors(run, tmp_path):
 def test_same_seed_same_losses_and_resume_equals_uninterrupted(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     cli(S, "--train", "--smoke", "--out", a, "--val-every", 2)
-    cli(S, "--train", "--smoke", "--out", b, "--val-every", 2)
+    cli(S, "--train", "--smoke", "--out", b, "--set", "val_every=2")              # the same setting by --set
     assert losses(a) == losses(b) and len(losses(a)) == 3
     cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--max-steps", 4)       # "killed" at step 4
     cli(S, "--train", "--smoke", "--out", c, "--val-every", 2, "--resume")             # continues to step 6
@@ -201,8 +210,11 @@ def test_paper_preset_and_explicit_flags():
     paper, cpu = corrvae.get_args(["--train", "--paper"]), corrvae.get_args(["--train"])
     assert (paper.epochs, paper.batch_size, paper.lr, paper.schedule) == (250, 64, 1e-4, "step")
     assert (cpu.epochs, cpu.batch_size, cpu.schedule) == (2, 128, "cosine")
-    a = corrvae.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "5"])
+    a = corrvae.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--set", "width=5"])
     assert (a.batch_size, a.lr, a.width, a.hidden) == (7, 0.123, 5, 128)
+    assert (cpu.beta, cpu.tc, cpu.prop, cpu.consist, cpu.consist_prior, cpu.mask, cpu.tau) == (4, 1, 100, 10, 10, 1, 0.2)
+    s = corrvae.get_args(["--sample", "--ckpt", "x.pt", "--set", "beta=2", "--props", "sum=5"])   # two flags, no clash
+    assert s.beta == 2.0 and s.props == {"sum": 5.0}
     nets = corrvae.build_networks(vars(paper))
     assert set(nets) == {"encoder", "decoder", "prior", "predictor"} and corrvae.PUBLISHED == {}
 

@@ -15,8 +15,13 @@ Modes (one row each):
              contiguous 5.2 ms / sample), so the row times the layout bf16 is fast in (flow_matching --amp too).
   channels_last (--channels-last, CPU) fp32 with the Sampler's 4-d weights in channels-last (NHWC) memory
              format, a copy: oneDNN's NHWC convolutions; the same arithmetic, so the same counts.
-  compile    (--compile) the whole Sampler module (every network call and the solver loop) in torch.compile;
-             compilation happens in the warm-up and takes minutes on a small CPU, so it is opt-in.
+  compile    (--compile) the Sampler's networks (each child module's forward, not the unrolled sampler) in
+             torch.compile(fullgraph=True, dynamic=False); on a GPU with mode max-autotune-no-cudagraphs, bf16
+             weights and autocast, inside bench.py's own whole-sampler CUDA graph (comparable with graph-opt).
+             A network the sampler calls through another method (vae.decode) stays eager. Compilation happens in
+             the warm-up and takes minutes on a small CPU, so it is opt-in.
+  bf16-weights (--bf16-weights) bf16 autocast with the convolution and linear weights stored in bf16 and
+             channels-last (autocast then casts no weights on each call; norms stay fp32).
   onnx       (--onnx, CPU) the Sampler exported by data.export_onnx (what --export writes) run in ONNX Runtime's
              CPU execution provider with torch's thread count; noise drawn by torch as in the other rows. The
              export time is in the JSON (onnx_export_s), not in the timing.
@@ -24,13 +29,19 @@ Modes (one row each):
   graph      (GPU) bf16 autocast with the whole sampling loop (all steps) captured in one CUDA graph: static
              condition and output buffers, warm-up on a side stream, then replay. The noise is drawn on the GPU
              inside the graph (generator=None), so every replay draws fresh noise.
+  graph-opt  (GPU) graph on the bf16-weights copy (bf16 conv/linear weights, channels-last).
+Every GPU row runs with torch.backends.cudnn.benchmark on (the UNets' channel counts are odd: 4, 12, 20, 28);
+--channels-last, --compile, --bf16-weights and --onnx add their rows on either device (onnx: CPU only, a GPU row
+says so). Fresh weights are put in the memory format the script's load_sampler gives a checkpoint's.
 Timing (timed()): warm-up calls (three when a call is fast), then --repeats measurements, each of K back-to-back
 calls between one pair of clock readings lasting >= 0.1 s, divided by K; the median. On a GPU the clock is a pair
 of CUDA events and the end event is synchronised before reading it (the published timings skipped that
 synchronisation and may undercount); on a CPU perf_counter. Conditions are standard-normal standardised
 features (the cost does not depend on their values).
 
-Columns: ms/sample and samples/s; NFE (network evaluations per sample); parameters; FLOPs per sample counted
+Columns: ms/sample (the median of --repeats) and its spread ((max - min) / median); samples/s; bytes moved per
+sample op by op (the inputs and outputs of every non-view aten op of one call: an upper bound on memory traffic,
+what an unfused sampler moves) and the GB/s that implies; NFE (network evaluations per sample); parameters; FLOPs per sample counted
 by torch.utils.flop_counter (matmuls, convolutions, attention; elementwise work not counted) on a small batch;
 achieved FLOP/s and its fraction of the device's peak: on a GPU the datasheet dense peak of the mode's dtype
 (PEAKS; fp32 rows against the non-tensor-core fp32 peak, so TF32 convolutions can exceed it), on a CPU the
@@ -78,7 +89,9 @@ import metrics
 MODELS = ["vae", "sae_ng", "gan", "sdigan_proton", "vqgan", "ddpm", "flow_matching", "latent_fm", "corrvae",
           "sdigan_joint"]
 FIXED_DETECTOR = {"sdigan_proton": "proton", "sdigan_joint": "joint"}   # scripts tied to one detector
-ITERATIVE = {"ddpm", "flow_matching", "latent_fm"}          # models whose cost scales with --steps
+ITERATIVE = {"ddpm", "flow_matching", "latent_fm"}
+TRAFFIC = {"eager", "inference", "bf16", "amp", "bf16-weights", "channels_last"}   # rows whose traffic is counted
+CHANNELS_LAST = {"flow_matching", "ddpm"}              # scripts whose load_sampler puts weights channels-last          # models whose cost scales with --steps
 PEAKS = {  # dense datasheet peaks, FLOP/s: (fp32 without tensor cores, bf16 tensor cores)
     "H200": (67e12, 989e12), "H100 PCIe": (51e12, 756e12), "H100": (67e12, 989e12), "A100": (19.5e12, 312e12),
     "L40S": (91.6e12, 362e12), "A10": (31.2e12, 125e12), "V100": (15.7e12, 0), "T4": (8.1e12, 0),
@@ -99,7 +112,7 @@ def make_sampler(name, mod, nets, ck, detector, steps, paper=False):
     shape = lambda: _shape(ck, detector)                 # only the samplers that need it ask (joint: two shapes)
     build = {"flow_matching": lambda: mod.Sampler(nets[0], shape(), steps, *_default_sampler(mod, paper)[1:]),
              "ddpm": lambda: mod.Sampler(nets[0], shape(), steps),
-             "latent_fm": lambda: mod.Sampler(nets[0], nets[1], shape(), ck["state"]["scale"] if ck else 1.0, steps,
+             "latent_fm": lambda: mod.Sampler(nets[0], nets[1], shape(), ck["scale"] if ck else 1.0, steps,
                                               **dict(zip(("solver", "rounding"), _default_sampler(mod, paper)[1:]))),
              "gan": lambda: mod.Sampler(nets[0], ck["scale"] if ck else 1.0),
              "vqgan": lambda: mod.Sampler(nets[0], nets[-1], shape())}
@@ -127,7 +140,8 @@ def load_nets(name, mod, detector, runs, paper, device):
     nets = list(nets) if isinstance(nets, (tuple, list)) else [nets]
     if name == "vqgan":                                  # (autoencoder, discriminator, GPT): no discriminator
         nets = [nets[0], nets[2]]
-    return [m.to(device).eval() for m in nets], None, "fresh weights"
+    fmt = torch.channels_last if name in CHANNELS_LAST else torch.preserve_format   # as load_sampler's
+    return [m.to(device, memory_format=fmt).eval() for m in nets], None, "fresh weights"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,6 +152,11 @@ def timed(fn, cond, repeats, device, min_seconds=0.1):
     allocator, cuDNN plans, graph pools settle). Then `repeats` measurements, each of K back-to-back calls
     between one pair of clock readings (CUDA events, synchronised; perf_counter on a CPU), K chosen so that a
     measurement lasts >= min_seconds: sub-millisecond graph replays are not timed one by one."""
+    return float(np.median(timings(fn, cond, repeats, device, min_seconds)))
+
+
+def timings(fn, cond, repeats, device, min_seconds=0.1):
+    """The `repeats` measurements (seconds per call) behind timed()."""
     def clock(k):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -155,7 +174,28 @@ def timed(fn, cond, repeats, device, min_seconds=0.1):
     if first < min_seconds:
         clock(2)
     k = max(1, math.ceil(min_seconds / max(clock(1), 1e-7)))
-    return float(np.median([clock(k) / k for _ in range(repeats)]))
+    return [clock(k) / k for _ in range(repeats)]
+
+
+def traffic(fn, cond):
+    """(bytes per sample, aten ops per call) of one call of fn(cond), op by op: the inputs and outputs of every
+    non-view aten op (an upper bound on the memory traffic of an unfused sampler; a fused kernel moves less)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Count(TorchDispatchMode):
+        ops = moved = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                Count.ops += 1
+                Count.moved += sum(t.numel() * t.element_size() for t in tree_flatten((args, kwargs, out))[0]
+                                   if isinstance(t, torch.Tensor))
+            return out
+    with torch.no_grad(), Count():
+        fn(cond)
+    return Count.moved / len(cond), Count.ops
 
 
 def cuda_graph(fn, cond):
@@ -287,8 +327,11 @@ def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
                             rows.append(dict(row, ms_per_sample=None, note=note))
                             tqdm.write(f"  {name:<19} {mode:<10} {note}")
                             continue
-                        t = timed(fn, cond, args.repeats, device)
-                        check = {} if mode == "eager" else agreement(ref, seeded(fn, cond), mode != "graph")
+                        ts = timings(fn, cond, args.repeats, device)
+                        t = float(np.median(ts))
+                        same_noise = "graph" not in mode and not (mode == "compile" and device.type == "cuda")
+                        check = {} if mode == "eager" else agreement(ref, seeded(fn, cond), same_noise)
+                        moved = traffic(fn, cond[:min(len(cond), 64)]) if mode in TRAFFIC else (None, None)
                         if mode == "onnx":
                             check["onnx_export_s"] = built["export_s"]
                 except Exception as e:  # e.g. torch.compile without a working compiler
@@ -298,8 +341,10 @@ def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
                 finally:
                     if bar is not None:
                         bar.update()
-                peak = device_peak(device, mode in ("amp", "graph")) if device.type == "cuda" else cpu_peak_flops
-                row.update(ms_per_sample=1e3 * t / batch, samples_per_s=batch / t, flops_per_s=flops * batch / t,
+                peak = device_peak(device, mode != "eager") if device.type == "cuda" else cpu_peak_flops
+                row.update(ms_per_sample=1e3 * t / batch, ms_spread=(max(ts) - min(ts)) / t, samples_per_s=batch / t,
+                           bytes_per_sample=moved[0], aten_ops=moved[1],
+                           GB_per_s=moved[0] and moved[0] * batch / t / 1e9, flops_per_s=flops * batch / t,
                            peak_fraction=(flops * batch / t / peak) if peak else None,
                            peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
                            **check)
@@ -350,16 +395,55 @@ def _mode_fn(mode, sampler, name, cond, built):
         if "channels_last" not in built:
             built["channels_last"] = copy.deepcopy(sampler).to(memory_format=torch.channels_last)
         return torch.no_grad()(built["channels_last"].run), None
-    if mode == "compile":                                # the whole Sampler: every network call and the solver
+    if mode == "bf16-weights":
+        if "bf16w" not in built:
+            built["bf16w"] = bf16_weights(sampler)
+        return torch.no_grad()(lambda c: _amp(built["bf16w"].run, c)), None
+    if mode == "graph-opt":                              # bf16 weights, channels-last, in one CUDA graph
+        if "bf16w" not in built:
+            built["bf16w"] = bf16_weights(sampler)
+        with torch.no_grad():
+            return cuda_graph(torch.no_grad()(lambda c: _amp(built["bf16w"].run, c)), cond)
+    if mode == "compile":                                # the networks compiled; GPU: + bf16 weights and a graph
         if "compiled" not in built:
-            built["compiled"] = torch.compile(sampler)
-        return torch.inference_mode()(lambda c: built["compiled"](c, *sampler.draw(len(c), None, c.device).values())), None
+            cuda = cond.device.type == "cuda"
+            built["compiled"] = compile_networks(bf16_weights(sampler) if cuda else copy.deepcopy(sampler), cuda)
+        if cond.device.type != "cuda":
+            return torch.no_grad()(built["compiled"].run), None
+        with torch.no_grad():
+            return cuda_graph(torch.no_grad()(lambda c: _amp(built["compiled"].run, c)), cond)
     if mode == "onnx":
         return onnx_fn(sampler, name, cond, built)
     if mode == "graph":
         with torch.no_grad():
             return cuda_graph(torch.no_grad()(lambda c: _amp(base, c)), cond)
     raise ValueError(mode)
+
+
+def bf16_weights(sampler):
+    """A copy of the sampler with its convolution and linear weights in bf16 and channels-last (what autocast
+    would cast them to on every call); norms and the rest stay fp32. Run it under autocast."""
+    s = copy.deepcopy(sampler).to(memory_format=torch.channels_last)
+    for m in s.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.to(torch.bfloat16)
+    return s
+
+
+def compile_networks(sampler, cuda):
+    """The sampler with each of its networks (child modules) replaced by torch.compile(network): the solver
+    loop stays python, so the graph capture around it (graph rows) sees the compiled kernels."""
+    for name, net in list(sampler.named_children()):
+        setattr(sampler, name, torch.compile(net, fullgraph=True, dynamic=False,
+                                             mode="max-autotune-no-cudagraphs" if cuda else None))
+    return sampler
+
+
+def select_modes(cuda, args):
+    """The rows of a run: the device's base modes, then the optional ones asked for (on either device)."""
+    modes = ["eager", "amp", "graph", "graph-opt"] if cuda else ["eager", "inference", "bf16"]
+    return modes + [m for m, on in (("bf16-weights", args.bf16_weights), ("channels_last", args.channels_last),
+                                    ("compile", args.compile), ("onnx", args.onnx)) if on]
 
 
 def onnx_fn(sampler, name, cond, built):
@@ -470,7 +554,8 @@ def get_args(argv=None):
     p.add_argument("--full", action="store_true", help="the published setting on a CPU: batch 256, 3 repeats "
                    "(minutes: DDPM's 50 steps and VQ-GAN's 121 tokens dominate); the default answers in about a minute")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd Sampler (slow to compile)")
-    p.add_argument("--channels-last", action="store_true", help="also time fp32 with channels-last weights (CPU)")
+    p.add_argument("--channels-last", action="store_true", help="also time fp32 with channels-last weights")
+    p.add_argument("--bf16-weights", action="store_true", help="also time bf16 autocast on bf16 weights")
     p.add_argument("--onnx", action="store_true", help="also time the Sampler exported to ONNX in ONNX Runtime (CPU; "
                    "needs onnx and onnxruntime; the export takes seconds, VQ-GAN's unrolled 121 steps minutes)")
     p.add_argument("--paper", action="store_true", help="fresh weights at the reference (paper) sizes")
@@ -507,9 +592,8 @@ def main(argv=None):
         torch.cuda.set_device(device)
     args.batch = args.batch or ([256, 4096] if cuda else [256] if args.full else [32])
     args.repeats = args.repeats or (3 if cuda or args.full else 1)
-    modes = (["eager", "amp", "graph"] if cuda else ["eager", "inference", "bf16"]
-             + (["channels_last"] if args.channels_last else []) + (["compile"] if args.compile else [])
-             + (["onnx"] if args.onnx else []))                # on a GPU: a row that says it is CPU-only
+    modes = select_modes(cuda, args)                    # on a GPU an onnx row says it is CPU-only
+    torch.backends.cudnn.benchmark = cuda                 # the timed GPU rows: cuDNN picks its fastest kernels
     info = dict(device=torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})",
                 threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version())
     peak = None if cuda else cpu_peak()

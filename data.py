@@ -1543,11 +1543,11 @@ def generator(sampler, device, amp=False):
     return generate
 
 
-def main(script):
+def main(script, argv=None):
     """Every model script's command line: `data.main(sys.modules[__name__])` under `if __name__ == "__main__"`.
     The script provides NAME, get_args(argv), train(args) -> checkpoint path, load_sampler(ck, args, device)
     -> its Sampler with the checkpoint's weights, and evaluate(args, ck, sampler, device)."""
-    args = script.get_args()
+    args = script.get_args(argv)
     try:
         if args.train:
             args.ckpt = str(script.train(args))

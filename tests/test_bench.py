@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import bench
@@ -112,12 +113,12 @@ def test_gpu_report_stops_at_once_without_a_gpu():
 
 def test_onnx_compile_and_channels_last_rows_time_the_sampler_module(monkeypatch, tmp_path):
     """--onnx times the exported Sampler in ONNX Runtime, same noise as eager: the same counts up to float32
-    rounding; --compile compiles the Sampler module itself (its forward: every network call and the solver);
+    rounding; --compile compiles the Sampler's networks (not the sampler around them: issue 37);
     --channels-last times an NHWC copy: the same counts, the other rows' weights untouched."""
     import pytest
     pytest.importorskip("onnxruntime")
     compiled = []
-    monkeypatch.setattr(bench.torch, "compile", lambda m: compiled.append(m) or m)   # no minutes of compiling
+    monkeypatch.setattr(bench.torch, "compile", lambda m, **kw: compiled.append((m, kw)) or m)   # no compiling
     rows = bench.main(["--models", "vae,flow_matching", "--batch", "3", "--steps", "2", "--device", "cpu", "--onnx",
                        "--compile", "--channels-last", "--no-toy", "--runs", str(tmp_path), "--json",
                        str(tmp_path / "b.json")])
@@ -129,8 +130,8 @@ def test_onnx_compile_and_channels_last_rows_time_the_sampler_module(monkeypatch
     assert [x["model"] for x in onnx] == ["vae", "flow_matching"]
     for x in onnx:
         assert x["ms_per_sample"] > 0 and x["onnx_export_s"] > 0 and x["check_rel_sum"] < 1e-5, x
-    assert [type(m).__name__ for m in compiled] == ["Sampler", "Sampler"]
-    assert all(p.is_contiguous() for m in compiled for p in m.parameters())   # the NHWC copy left them alone
+    assert [type(m).__name__ for m, _ in compiled] == ["VAE", "UNet"]             # the networks, once per model
+    assert all(kw == dict(fullgraph=True, dynamic=False, mode=None) for _, kw in compiled)   # CPU: default mode
 
 
 def test_joint_model_is_timed_per_particle_beside_the_two_separate_models(tmp_path):
@@ -192,3 +193,55 @@ def test_cpu_bf16_row_times_a_contiguous_copy_and_agrees_with_fp32():
     torch.manual_seed(1)
     ref = sampler.run(cond)
     assert low.dtype == torch.float32 and (low.sum() - ref.sum()).abs() / ref.sum() < 0.02
+
+
+def test_mode_selection_on_each_device():
+    """Issue 37: the optional rows are added on a GPU too (the old expression parsed as `A if cuda else (B + C + D)`
+    and dropped them there)."""
+    a = bench.get_args(["--compile", "--onnx", "--channels-last", "--bf16-weights"])
+    assert bench.select_modes(True, a) == ["eager", "amp", "graph", "graph-opt", "bf16-weights", "channels_last",
+                                           "compile", "onnx"]
+    assert bench.select_modes(False, a) == ["eager", "inference", "bf16", "bf16-weights", "channels_last", "compile",
+                                            "onnx"]
+    assert bench.select_modes(True, bench.get_args([])) == ["eager", "amp", "graph", "graph-opt"]
+    assert bench.select_modes(False, bench.get_args([])) == ["eager", "inference", "bf16"]
+
+
+def test_modes_give_the_same_counts_on_the_same_noise():
+    """Every CPU mode runs the same sampler on the same noise: fp32 modes (inference, channels-last, compiled
+    networks) give eager's counts to float rounding; bf16 modes to bf16 rounding of the photon sums. The compiled
+    row compiles the networks (children), not the sampler around them."""
+    import gan
+    torch.manual_seed(0)
+    sampler = gan.Sampler(gan.build_model(vars(gan.get_args(["--train"])))).eval()
+    cond, built = torch.randn(6, 9), {}
+
+    def on_seed(fn):
+        torch.manual_seed(3)
+        return fn(cond)
+    ref = on_seed(torch.no_grad()(sampler.run))
+    for mode in ("inference", "channels_last", "compile", "bf16", "bf16-weights"):
+        fn, why = bench._mode_fn(mode, sampler, "gan", cond, built)
+        out = on_seed(fn)
+        if mode in ("bf16", "bf16-weights"):
+            assert (out.sum() - ref.sum()).abs() / ref.sum() < 0.02, mode
+        else:
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3, msg=mode)
+    assert isinstance(built["compiled"].gen, torch._dynamo.eval_frame.OptimizedModule)
+    assert not isinstance(sampler.gen, torch._dynamo.eval_frame.OptimizedModule)       # the original is untouched
+    w = [m.weight.dtype for m in built["bf16w"].modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert w and set(w) == {torch.bfloat16} and next(sampler.parameters()).dtype == torch.float32
+
+
+def test_traffic_counts_inputs_and_outputs_of_every_op():
+    moved, ops = bench.traffic(lambda c: (c * 2.0).exp(), torch.zeros(4, 10))
+    assert ops == 2 and moved == 2 * (2 * 4 * 10 * 4) / 4        # two ops, each reads and writes 4 x 10 floats
+
+
+def test_fresh_weights_take_the_memory_format_of_a_loaded_checkpoint(tmp_path):
+    cli("flow_matching.py", "--train", "--smoke", "--out", tmp_path / "runs" / "flow_matching")
+    nhwc = lambda nets: all(p.is_contiguous(memory_format=torch.channels_last)
+                            for n in nets for p in n.parameters() if p.dim() == 4)
+    loaded, ck, _ = bench.load_nets("flow_matching", fm, "neutron", tmp_path / "runs", False, torch.device("cpu"))
+    fresh, none, _ = bench.load_nets("flow_matching", fm, "neutron", tmp_path / "none", False, torch.device("cpu"))
+    assert ck is not None and none is None and nhwc(loaded) and nhwc(fresh)

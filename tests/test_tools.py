@@ -48,34 +48,43 @@ def test_gpu_table43_names_a_wrong_arch_and_stops_at_once_without_a_gpu():
     assert out.returncode == 2 and "no CUDA GPU" in out.stderr
 
 
-def test_round_probe_evaluates_whole_photons_and_restores_the_sampler(monkeypatch):
+def test_round_probe_evaluates_whole_photons_and_restores_the_sampler(monkeypatch, tmp_path):
+    """The probe runs a script's own --eval (data.main) on a real checkpoint with to_counts rounding; the
+    script's evaluate is replaced only to look at what it sees."""
     import importlib.util
     sys.path.insert(0, str(ROOT))
     import data
     import flow_matching as fm
     import vqgan
+    from helpers import cli
+    cli("flow_matching.py", "--train", "--smoke", "--out", tmp_path / "fm")
+    ckpt = str(tmp_path / "fm" / "ckpt.pt")
     spec = importlib.util.spec_from_file_location("round_probe", ROOT / "tools" / "round_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     seen, to_counts = {}, data.to_counts
     log = torch.log1p(torch.tensor([0.3, 1.6, 2.5001]))                       # counts 0.3, 1.6, 2.5001 in log space
-    monkeypatch.setattr(fm, "evaluate", lambda args: seen.update(ckpt=args.ckpt, counts=data.to_counts(log)))
-    probe.main(["--ckpt", "some/ckpt.pt", "--max-test", "50"])
-    assert seen["ckpt"] == "some/ckpt.pt" and seen["counts"].tolist() == [0.0, 2.0, 3.0]   # what --eval sees
-    assert data.to_counts is to_counts                                                    # the original put back
-    monkeypatch.setattr(fm, "evaluate", lambda args: seen.update(counts=data.to_counts(torch.full((4000,), 0.3).log1p())))
-    probe.main(["--stochastic", "--ckpt", "some/ckpt.pt"])                    # floor(x + u): whole photons, same mean
+
+    def look(x):
+        return lambda args, ck, sampler, device: seen.update(ckpt=args.ckpt, model=ck["model"],
+                                                             counts=data.to_counts(x))
+    monkeypatch.setattr(fm, "evaluate", look(log))
+    probe.main(["--ckpt", ckpt, "--max-test", "50"])
+    assert seen["ckpt"] == ckpt and seen["counts"].tolist() == [0.0, 2.0, 3.0]   # what --eval sees
+    assert seen["model"] == "flow_matching" and data.to_counts is to_counts     # the original put back
+    monkeypatch.setattr(fm, "evaluate", look(torch.full((4000,), 0.3).log1p()))
+    probe.main(["--stochastic", "--ckpt", ckpt])                              # floor(x + u): whole photons, same mean
     c = seen["counts"]
     assert set(c.unique().tolist()) == {0.0, 1.0} and abs(c.mean().item() - 0.3) < 0.03
-    monkeypatch.setattr(fm, "evaluate", lambda args: seen.update(counts=data.to_counts(torch.full((4000,), 2.0).log1p())))
-    probe.main(["--poisson", "--ckpt", "some/ckpt.pt"])                       # Poisson(mean 2): its mean and variance
+    monkeypatch.setattr(fm, "evaluate", look(torch.full((4000,), 2.0).log1p()))
+    probe.main(["--poisson", "--ckpt", ckpt])                                 # Poisson(mean 2): its mean and variance
     c = seen["counts"]
     assert torch.equal(c, c.round()) and abs(c.mean().item() - 2) < 0.1 and abs(c.var().item() - 2) < 0.25
     with pytest.raises(SystemExit, match="two different roundings"):
-        probe.main(["--poisson", "--stochastic", "--ckpt", "some/ckpt.pt"])
-    monkeypatch.setattr(vqgan, "evaluate", lambda args: seen.update(ckpt=args.ckpt, counts=data.to_counts(log)))
-    probe.main(["--script", "vqgan", "--ckpt", "vq/ckpt.pt"])                 # --script: any model script
-    assert seen["ckpt"] == "vq/ckpt.pt" and seen["counts"].tolist() == [0.0, 2.0, 3.0]
+        probe.main(["--poisson", "--stochastic", "--ckpt", ckpt])
+    monkeypatch.setattr(vqgan, "evaluate", look(log))
+    with pytest.raises(SystemExit, match="a checkpoint of flow_matching.py, not of vqgan.py"):
+        probe.main(["--script", "vqgan", "--ckpt", ckpt])                     # --script: any model script
     out = subprocess.run([sys.executable, "tools/round_probe.py", "--ckpt", "none.pt"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "error: none.pt: checkpoint not found" in out.stderr and "Traceback" not in out.stderr

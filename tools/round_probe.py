@@ -51,9 +51,7 @@ def main(argv):
         return torch.floor(x + torch.rand(x.shape, generator=g).to(x)) if stochastic else x.round()
     data.to_counts = whole_photons
     try:
-        return mod.evaluate(mod.get_args(["--eval", *argv]))
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
+        return data.main(mod, ["--eval", *argv])      # the script's own --eval, as from its command line
     finally:
         data.to_counts = unrounded
 

@@ -72,12 +72,14 @@ def test_same_seed_same_losses_resume_equals_uninterrupted_and_clear_errors(tmp_
         assert ka["best"]["scale"] == ka["scale"]
     planted = dict(ka, best=dict(data.track_best(None, 3, 0.0, gan.build_model(ka["args"])), scale=1.05))
     torch.save(planted, tmp_path / "planted.pt")                      # a different generator with its own scale
+    ck = data.load_checkpoint(tmp_path / "planted.pt", "gan")
     for argv, label, scale, state in (([], "best validation, step 3 of 6", 1.05, planted["best"]["weights"]),
                                       (["--weights", "last"], "last, step 6", ka["scale"], ka["weights"]),
                                       (["--no-postprocess"], "best validation, step 3 of 6", 1.0, planted["best"]["weights"])):
-        ck, gen, _ = gan.load_model(gan.get_args(["--eval", "--ckpt", str(tmp_path / "planted.pt"), *argv]))
-        assert ck["weights_used"] == label and ck["scale_used"] == scale
-        assert_same_weights(gen.state_dict(), state)
+        args = gan.get_args(["--eval", "--ckpt", str(tmp_path / "planted.pt"), *argv])
+        sampler = gan.load_sampler(ck, args, torch.device("cpu"))
+        assert sampler.weights == label and sampler.scale == scale
+        assert_same_weights(sampler.gen.state_dict(), state)
     ka["model"] = "vae"
     torch.save(ka, tmp_path / "vae.pt")
     assert "a checkpoint of vae.py, not of gan.py" in cli(S, "--sample", "--ckpt", tmp_path / "vae.pt", ok=False).stderr
@@ -85,23 +87,27 @@ def test_same_seed_same_losses_resume_equals_uninterrupted_and_clear_errors(tmp_
     (tmp_path / "junk.pt").write_text("junk")
     assert "not a readable checkpoint" in cli(S, "--eval", "--ckpt", tmp_path / "junk.pt", ok=False).stderr
     assert "exists: pass --resume" in cli(S, "--train", "--smoke", "--out", a, ok=False).stderr
-    old = tmp_path / "old"               # a checkpoint from before --d-norm, --width (then --g-width) and schedules
-    cli(S, "--train", "--smoke", "--out", old, "--max-steps", 4, "--d-norm", "batch")
-    ck = torch.load(old / "ckpt.pt", weights_only=True)
-    del ck["args"]["d_norm"], ck["sched_g"], ck["sched_d"]
-    ck["args"]["g_width"] = ck["args"].pop("width")
-    torch.save(ck, old / "ckpt.pt")
-    cli(S, "--sample", "--ckpt", old / "ckpt.pt", "--n", 10, "--out", old / "s.npz")   # samples with its width
-    check_samples(old / "s.npz", data.SHAPES["neutron"], 10)
-    cli(S, "--train", "--out", old, "--resume", "--max-steps", 6)   # no --smoke: the default width would be 14
-    ck = torch.load(old / "ckpt.pt", weights_only=True)              # its D has BatchNorm, its G width 4
-    assert ck["step"] == 6 and ck["args"]["width"] == 4 and ck["args"]["d_norm"] == "batch"
+    old = tmp_path / "old"               # a checkpoint written before format numbers (commit 75efdae) is refused
+    old.mkdir()
+    torch.save({k: v for k, v in dict(ka, model="gan").items() if k != "format"}, old / "ckpt.pt")
+    for argv in (["--sample", "--ckpt", old / "ckpt.pt", "--n", 10, "--out", old / "s.npz"],
+                 ["--train", "--out", old, "--resume", "--max-steps", 6]):
+        e = cli(S, *argv, ok=False).stderr
+        assert "trained by an older version of gan.py" in e and "check out commit 75efdae" in e
+    assert not (old / "s.npz").exists()
 
 
-@pytest.mark.parametrize("argv, message", [(["--d-lr", "0"], "--d-lr must be positive"),
-                                           (["--g-betas", "0.5", "1.5"], "Adam betas in [0, 1)"),
-                                           (["--width", "0"], "--width must be positive"),
-                                           (["--dropout", "1"], "--dropout must be in [0, 1)")])
+@pytest.mark.parametrize("argv, message", [(["--set", "d_lr=0"], "d_lr must be positive"),
+                                           (["--set", "g_betas=0.5,1.5"], "Adam betas in [0, 1)"),
+                                           (["--set", "d_betas=0.5"], "Adam betas in [0, 1)"),
+                                           (["--set", "width=0"], "width, d_width, blocks: positive"),
+                                           (["--set", "dropout=1"], "dropout must be in [0, 1)"),
+                                           (["--set", "arch=mlp"], "arch is one of cnn, vdvae, vit"),
+                                           (["--set", "d_norm=layer"], "d_norm is batch or none"),
+                                           (["--arch", "vit", "--set", "width=10"], "need multiples of 4"),
+                                           (["--set", "g_sched=0.3,10"], "g_sched and d_sched take"),
+                                           (["--set", "d_widht=4"], "unknown setting 'd_widht'"),
+                                           (["--g-width", "6"], "unrecognized arguments: --g-width")])
 def test_bad_flags_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         gan.get_args(["--train"] + argv)
@@ -122,7 +128,7 @@ def test_fit_scale_recovers_a_known_scale():
 @pytest.mark.parametrize("det", ["neutron", "proton"])
 def test_sampler_shapes_seeds_and_scale(det):
     torch.manual_seed(0)
-    g = gan.build_model(dict(detector=det, g_width=4, dropout=0.2)).eval()
+    g = gan.build_model({**gan.DEFAULTS, "detector": det, "width": 4, "dropout": 0.2}).eval()
     cond = torch.randn(5, 9)
     x = gan.sample(g, cond, torch.Generator().manual_seed(1))
     y = gan.sample(g, cond, torch.Generator().manual_seed(1), scale=1.05)
@@ -130,18 +136,18 @@ def test_sampler_shapes_seeds_and_scale(det):
     assert x.shape == (5,) + data.SHAPES[det] and torch.isfinite(x).all() and (x >= 0).all()
     torch.testing.assert_close(y, 1.05 * x)
     assert not torch.equal(x, z)
-    d = gan.build_discriminator(dict(detector=det, d_width=4, dropout=0.2, d_norm="none"))
+    d = gan.build_discriminator({**gan.DEFAULTS, "detector": det, "d_width": 4, "dropout": 0.2})
     assert d(data.to_log(x.numpy()), cond).shape == (5,)
 
 
 def test_batchnorm_discriminator_is_blind_to_the_brightness_of_a_batch():
-    """Why the CPU default has --d-norm none: D sees real and fake batches separately, and with BatchNorm (train
+    """Why the CPU default has d_norm none: D sees real and fake batches separately, and with BatchNorm (train
     mode) its output on a batch does not change when every image in it is made 3x brighter, so D cannot punish a
     generator whose images are all too faint; without BatchNorm it can."""
     torch.manual_seed(0)
     x, cond = torch.rand(64, 1, 44, 44), torch.randn(64, 9)
-    for norm, blind in (("batch", True), ("none", False)):
-        d = gan.build_discriminator(dict(detector="neutron", d_width=4, dropout=0.0, d_norm=norm)).train()
+    for norm, blind in (("batch", True), (None, False)):
+        d = gan.build_discriminator({**gan.DEFAULTS, "detector": "neutron", "d_width": 4, "d_norm": norm}).train()
         with torch.no_grad():
             same = torch.allclose(d(x, cond), d(3 * x, cond), atol=1e-3)
         assert same == blind, norm
@@ -156,11 +162,18 @@ def test_paper_is_the_thesis_setting_and_explicit_flags_win():
     assert (a.epochs, a.batch_size, a.lr, a.d_lr, a.g_betas, a.d_betas, a.g_eps, a.d_eps, a.g_nesterov) == \
         (100, 256, 1e-4, 1.4e-5, [0.76, 0.54], [0.97, 0.96], 1.8e-2, 3.7e-5, True)
     assert (a.g_sched, a.d_sched, a.d_norm, a.dropout) == ([0.34, 260.0, 9500.0], [0.43, 41.0, 1700.0], "batch", 0.2)
-    b = gan.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "12", "--d-norm", "none"])
-    assert (b.batch_size, b.lr, b.width, b.d_norm, b.d_lr) == (7, 0.123, 12, "none", 1.4e-5)  # explicit > --paper
-    assert gan.get_args(["--train", "--g-width", "6"]).width == 6                     # the old flag name still works
+    b = gan.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--set", "width=12",
+                      "--set", "d_norm=none"])
+    assert (b.batch_size, b.lr, b.width, b.d_norm, b.d_lr) == (7, 0.123, 12, None, 1.4e-5)  # explicit > --paper
     c = gan.get_args(["--train"])
-    assert (c.width, c.d_width, c.batch_size, c.d_norm, c.g_sched, c.g_nesterov) == (14, 8, 128, "none", None, False)
+    assert (c.width, c.d_width, c.batch_size, c.d_norm, c.g_sched, c.g_nesterov) == (14, 8, 128, None, None, False)
+    assert (c.val_every, c.pp_samples) == (250, 20000)
+    s = gan.get_args(["--train", "--smoke", "--set", "width=6"])          # --smoke's sizes, an explicit one wins
+    assert (s.width, s.d_width, s.batch_size, s.max_steps, s.pp_samples) == (6, 4, 32, 6, 300)
+    v = gan.get_args(["--train", "--smoke", "--arch", "vit"])
+    assert (v.width, v.d_width, v.blocks) == (16, 16, 1)
+    p = gan.get_args(["--train", "--paper", "--arch", "cnn", "--set", "g_sched=none"])
+    assert (p.width, p.d_width, p.g_sched, p.d_sched) == (14, 44, None, [0.43, 41.0, 1700.0])
 
 
 def test_optimizers_and_one_cycle_schedule():

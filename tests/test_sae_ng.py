@@ -46,12 +46,13 @@ def test_wrong_checkpoints_give_clear_errors(run, tmp_path):
     ck["model"] = "vae"
     torch.save(ck, tmp_path / "other.pt")
     assert "a checkpoint of vae.py, not of sae_ng.py" in cli(S, "--sample", "--ckpt", tmp_path / "other.pt", ok=False).stderr
-    ck["model"] = "sae_ng"                                     # a run of the detached, two-stage version
-    del ck["args"]["scaling"]
+    ck["model"] = "sae_ng"                                     # a checkpoint from before format numbers
+    del ck["format"]
     (tmp_path / "old").mkdir()
     torch.save(ck, tmp_path / "old" / "ckpt.pt")
-    assert "written by an older sae_ng.py" in cli(S, "--eval", "--ckpt", tmp_path / "old" / "ckpt.pt", ok=False).stderr
-    assert "older sae_ng.py" in cli(S, "--train", "--smoke", "--out", tmp_path / "old", "--resume", ok=False).stderr
+    older = "trained by an older version of sae_ng.py (checkpoint format 0"
+    assert older in cli(S, "--eval", "--ckpt", tmp_path / "old" / "ckpt.pt", ok=False).stderr
+    assert older in cli(S, "--train", "--smoke", "--out", tmp_path / "old", "--resume", ok=False).stderr
     assert "checkpoint not found" in cli(S, "--sample", "--ckpt", tmp_path / "none.pt", ok=False).stderr
     (tmp_path / "junk.pt").write_text("junk")
     assert "not a readable checkpoint" in cli(S, "--eval", "--ckpt", tmp_path / "junk.pt", ok=False).stderr
@@ -60,10 +61,10 @@ def test_wrong_checkpoints_give_clear_errors(run, tmp_path):
 
 def test_same_seed_same_losses_resume_in_both_stages_stage_2_added_later_and_l2_variant(tmp_path):
     a, b, d, e = (tmp_path / k for k in "abde")
-    two = ("--val-every", 2, "--ng-steps", 3)
+    two = ("--val-every", 2, "--set", "ng_steps=3")
     cli(S, "--train", "--smoke", "--out", a, *two)
     cli(S, "--train", "--smoke", "--out", b, *two)
-    assert losses(a) == losses(b) and len(losses(a)) == 5                 # steps 2, 4, 5 of stage 1; 7, 8 of stage 2
+    assert losses(a) == losses(b) and len(losses(a)) == 5                 # steps 2, 4, 5 of stage 1; 6, 8 of stage 2
     for kill in (3, 6):                                                    # "killed" in stage 1, then in stage 2
         out = tmp_path / f"kill{kill}"
         cli(S, "--train", "--smoke", "--out", out, *two, "--max-steps", kill)
@@ -74,7 +75,7 @@ def test_same_seed_same_losses_resume_in_both_stages_stage_2_added_later_and_l2_
     assert losses(tmp_path / "kill3")[-1] == pytest.approx(losses(a)[-1], rel=1e-5)
     cli(S, "--train", "--smoke", "--out", e, "--val-every", 2)             # the default: no stage 2, 5 steps
     stage1 = weights(e)
-    cli(S, "--train", "--smoke", "--out", e, "--resume", "--ng-steps", 3)  # stage 2 added to the finished run
+    cli(S, "--train", "--smoke", "--out", e, "--resume", "--set", "ng_steps=3")   # stage 2 added to the finished run
     assert torch.load(e / "ckpt.pt", weights_only=True)["step"] == 8
     moved = {k for k, v in weights(e).items() if not torch.equal(v, stage1[k])}
     assert moved and all(k.startswith("ng.") for k in moved)               # stage 2 trains the noise generator only
@@ -84,13 +85,18 @@ def test_same_seed_same_losses_resume_in_both_stages_stage_2_added_later_and_l2_
     assert losses(d) != losses(e)[:len(losses(d))] and all(l > 0 for l in losses(d))
 
 
-@pytest.mark.parametrize("flags, message", [(["--blur", "0.1"], "need 0 < --blur < --diameter"),
-                                            (["--scaling", "1"], "0 < --scaling < 1"),
+@pytest.mark.parametrize("flags, message", [(["--set", "blur=0.1"], "need 0 < blur < diameter"),
+                                            (["--set", "scaling=1"], "need 0 < scaling < 1"),
                                             (["--matching", "l1"], "invalid choice"),
-                                            (["--onecycle", "0.5", "0.5", "10"], "DIV and FINAL_DIV >= 1"),
-                                            (["--betas", "1", "0.9"], "--betas must lie in [0, 1)"),
-                                            (["--ng-steps", "-1"], "--ng-steps must be >= 0"),
-                                            (["--ng-batch", "0"], "--ng-batch must be positive")])
+                                            (["--set", "matching=l1"], "matching: sinkhorn or l2"),
+                                            (["--set", "arch=resnet"], "arch: one of cnn, vdvae, vit"),
+                                            (["--set", "onecycle=0.5,0.5,10"], "both DIVs >= 1"),
+                                            (["--set", "onecycle=0.5,10"], "onecycle takes WARMUP,DIV,FINAL_DIV"),
+                                            (["--set", "betas=1,0.9"], "betas takes b1,b2 in [0, 1)"),
+                                            (["--set", "ng_steps=-1"], "ng_steps must be >= 0"),
+                                            (["--set", "ng_batch=-1"], "ng_batch must be positive"),
+                                            (["--set", "ng_stepz=1"], "unknown setting 'ng_stepz'"),
+                                            (["--arch", "vit", "--set", "width=10"], "need a multiple of 4")])
 def test_bad_flags_give_clear_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         sae_ng.get_args(["--train", *flags])
@@ -98,7 +104,7 @@ def test_bad_flags_give_clear_errors(flags, message, capsys):
 
 
 def test_precedence_flag_over_paper_over_default_and_paper_size():
-    a = sae_ng.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--scaling", "0.5"])
+    a = sae_ng.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--set", "scaling=0.5"])
     assert (a.batch_size, a.lr, a.scaling) == (7, 0.123, 0.5)                            # explicit flags win
     assert (a.epochs, a.betas, a.weight_decay, a.onecycle) == (100, [0.64, 0.73], 0.068, [0.32, 35, 770])  # Table A.1
     d = sae_ng.get_args(["--train"])
@@ -111,7 +117,12 @@ def test_precedence_flag_over_paper_over_default_and_paper_size():
     c = sae_ng.get_args(["--train", "--paper", "--arch", "cnn"])                        # Table A.1, CNN column
     assert (c.lr, c.betas, c.adam_eps, c.weight_decay, c.nesterov) == (1.4e-3, [0.76, 0.88], 6.1e-8, 0.0, True)
     assert all(sae_ng.one_cycle(s, 100, *c.onecycle) == 1.0 for s in (0, 50, 100))        # constant rate
-    assert not p.nesterov and not d.nesterov and sae_ng.get_args(["--train", "--nesterov"]).nesterov
+    assert not p.nesterov and not d.nesterov and sae_ng.get_args(["--train", "--set", "nesterov=true"]).nesterov
+    w = sae_ng.get_args(["--train", "--paper", "--arch", "cnn", "--set", "width=12", "--set", "betas=0.5,0.6"])
+    assert (w.width, w.hidden, w.betas, w.lr) == (12, 64, [0.5, 0.6], 1.4e-3)    # explicit beats Table A.1's column
+    s = sae_ng.get_args(["--train", "--smoke", "--paper"])                      # --smoke sizes beat --paper's
+    assert (s.arch, s.width, s.hidden, s.blocks, s.ng_batch, s.lr) == ("vit", 16, 8, 1, 64, 3.5e-3)
+    assert sae_ng.get_args(["--train", "--matching", "l2"]).ng_batch == 512
 
 
 def test_eps_schedule_and_one_cycle_known_values():
@@ -184,7 +195,8 @@ def test_a_decoder_output_dead_everywhere_still_gets_reconstruction_gradient():
     code, target = torch.rand(3, sae_ng.CODE), torch.rand(3, 1, 44, 44)
     grads = {}
     for matching in ("l2", "sinkhorn"):
-        model = sae_ng.build_model(dict(detector="neutron", width=4, hidden=16, ng_hidden=8, matching=matching))
+        model = sae_ng.build_model({**sae_ng.DEFAULTS, "detector": "neutron", "width": 4, "hidden": 16,
+                                    "ng_hidden": 8, "matching": matching})
         torch.manual_seed(1)
         model.dec.load_state_dict(sae_ng.Decoder((44, 44), width=4, hidden=16).state_dict())
         with torch.no_grad():
@@ -198,7 +210,7 @@ def test_a_decoder_output_dead_everywhere_still_gets_reconstruction_gradient():
 
 def test_the_vit_code_and_output_pass_gradient_when_dead():
     """--arch vit (either matching): the ViT's code ReLU and output ReLU are straight-through. A plain ReLU pair died
-    within 25 steps of the default run (every code and pixel 0, no gradient left: docstring, 'Measured, ViT').
+    within 25 steps of the default run (every code and pixel 0, no gradient left: docs/models/sae_ng.md).
     With both biases at -100 the code and the image are exactly 0, and the reconstruction error still reaches the
     encoder's last layer and the decoder's last bias."""
     torch.manual_seed(0)

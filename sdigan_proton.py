@@ -304,7 +304,8 @@ def get_args(argv=None):
     g.add_argument("--variant", default="sdi-int-aux", choices=list(VARIANTS),
                    help="the paper's ablation row: gan | sdi | sdi-int | sdi-int-aux (default)")
     args = data.parse(p, argv, DEFAULTS, PAPER, SMOKE)
-    betas, widths = args.betas, (args.width, args.d_width, args.aux_width)
+    betas = args.betas
+    widths = (args.width, args.d_width, args.aux_width)
     lambdas = (args.lambda_div, args.lambda_int, args.lambda_aux)
     for bad, msg in [(args.detector != "proton", "sdigan_proton.py models the proton calorimeter (ZP 56x30) "
                       "only: leave --detector out or use --detector proton (the neutron one: gan.py)"),

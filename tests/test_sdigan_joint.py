@@ -63,10 +63,14 @@ def test_compare_with_separate_models_on_the_same_particles(run, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [(["--train", "--detector", "neutron"], "invalid choice"),
-                                           (["--train", "--width", "3"], "must be even"),
-                                           (["--train", "--lambda-div", "-1"], "--lambda-* weights >= 0"),
-                                           (["--train", "--betas", "0.5", "1"], "--betas in [0, 1)"),
-                                           (["--train", "--d-norm", "layer"], "invalid choice")])
+                                           (["--train", "--set", "width=3"], "must be even"),
+                                           (["--train", "--set", "lambda_div=-1"], "lambda_* weights must be >= 0"),
+                                           (["--train", "--set", "betas=0.5,1"], "betas takes b1,b2 in [0, 1)"),
+                                           (["--train", "--set", "d_norm=layer"], "d_norm is batch or none"),
+                                           (["--train", "--set", "div_norm=max"], "div_norm is dataset or minmax"),
+                                           (["--train", "--set", "d_lr=0"], "d_lr must be positive"),
+                                           (["--train", "--set", "aux_lr=1"], "unknown setting 'aux_lr'"),
+                                           (["--eval", "--weights", "first"], "invalid choice")])
 def test_bad_flags_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         sj.get_args(argv)
@@ -84,11 +88,15 @@ def test_paper_setting_precedence_and_parameter_counts():
     branch = 9 * 32 + 32 + 64 + 32 * 9 * 16 + 16 + 32
     d = 2 * branch + (16 * 12 * 12 + 16 * 9 * 19 + 9) * 128 + 128 + 256 + 128 * 64 + 64 + 128 + 64 * 2 + 2
     assert counts == dict(generator=g, discriminator=d)
-    b = sj.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--width", "6", "--lambda-int", "0"])
+    b = sj.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--set", "width=6",
+                     "--set", "lambda_int=0"])
     assert (b.batch_size, b.lr, b.width, b.lambda_int, b.d_lr) == (7, 0.123, 6, 0.0, 1e-4)    # explicit > --paper
-    c = sj.get_args(["--train", "--d-lr", "3e-3", "--limit", "5000"])
-    assert (c.d_lr, c.lr, c.width, c.max_steps, c.limit) == (3e-3, 2e-4, 8, sj.CPU_STEPS, 5000)  # > CPU default
-    assert sj.get_args(["--train"]).limit == 150_000
+    assert (b.max_steps, b.epochs, b.val_every) == (None, 200, 100)
+    c = sj.get_args(["--train", "--set", "d_lr=3e-3", "--limit", "5000"])
+    assert (c.d_lr, c.lr, c.width, c.max_steps, c.limit) == (3e-3, 2e-4, 8, 600, 5000)      # > CPU default
+    assert sj.get_args(["--train"]).limit == 150_000 and sj.get_args(["--eval"]).detector == "joint"
+    d = sj.get_args(["--train", "--smoke", "--paper"])
+    assert (d.width, d.d_width, d.max_steps, d.batch_size, d.limit, d.dropout) == (4, 4, 6, 32, 2000, 0.2)
 
 
 def test_shapes_and_paired_dropout():
@@ -189,20 +197,27 @@ def test_determinism_and_resume(tmp_path):
     assert_same_weights(ka["best"]["weights"], kc["best"]["weights"])
 
 
-def test_sampling_uses_the_best_weights_unless_told_otherwise(tmp_path, capsys):
+def test_sampling_uses_the_best_weights_unless_told_otherwise(tmp_path):
     a = tmp_path / "a"
     cli(S, "--train", "--smoke", "--out", a, "--val-every", 2)
     ck = torch.load(a / "ckpt.pt", weights_only=True)
     ck["best"] = data.track_best(None, 3, 0.0, sj.build_model(ck["args"]))   # a different generator, marked best
     torch.save(ck, a / "ckpt.pt")
-    cli(S, "--sample", "--ckpt", a / "ckpt.pt", "--n", 8, "--out", a / "last.npz", "--weights", "last")
-    loaded, gen, _ = sj.load_model(sj.get_args(["--eval", "--ckpt", str(a / "ckpt.pt")]))
+    out = cli(S, "--sample", "--ckpt", a / "ckpt.pt", "--n", 8, "--out", a / "last.npz", "--weights", "last").stdout
+    assert "generator weights: last, step 6" in out and (a / "last.npz").exists()
+    assert not (a / "eval.json").exists()                           # --sample alone does not evaluate
+
+    def load(*flags):
+        loaded = torch.load(a / "ckpt.pt", weights_only=True)
+        sampler = sj.load_sampler(loaded, sj.get_args(["--eval", "--ckpt", str(a / "ckpt.pt"), *flags]), torch.device("cpu"))
+        return loaded, sampler.gen
+    loaded, gen = load()
     assert loaded["weights_used"] == "best validation, step 3 of 6"
     assert_same_weights(gen.state_dict(), ck["best"]["weights"])
-    loaded, gen, _ = sj.load_model(sj.get_args(["--eval", "--ckpt", str(a / "ckpt.pt"), "--weights", "last"]))
+    loaded, gen = load("--weights", "last")
     assert loaded["weights_used"] == "last, step 6"
     assert_same_weights(gen.state_dict(), ck["weights"])
-    del ck["best"]                                                   # a checkpoint from before best weights were kept
+    del ck["format"]                                                 # a checkpoint from before the teaching redesign
     torch.save(ck, a / "ckpt.pt")
-    loaded, gen, _ = sj.load_model(sj.get_args(["--eval", "--ckpt", str(a / "ckpt.pt")]))
-    assert loaded["weights_used"] == "last, step 6" and "keeps only its last weights" in capsys.readouterr().out
+    err = cli(S, "--eval", "--ckpt", a / "ckpt.pt", ok=False).stderr
+    assert "trained by an older version of sdigan_joint.py" in err

@@ -291,7 +291,7 @@ def seeded(fn, cond, seed=0):
         return fn(cond)
 
 
-def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
+def bench_model(name, args, device, modes, cpu_peak_flops, bar=None, save=lambda rows: None):
     """The rows of one model script. Every non-eager row is checked against fp32 eager: check_W is the
     channel-sum Wasserstein between the two outputs (same conditions; same noise except in CUDA graphs, which
     draw their own), to read against check_W_noise = eager vs eager with other noise; check_rel_sum the mean
@@ -325,6 +325,7 @@ def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
                         fn, note = _mode_fn(mode, sampler, name, cond, built)
                         if fn is None:
                             rows.append(dict(row, ms_per_sample=None, note=note))
+                            save(rows)
                             tqdm.write(f"  {name:<19} {mode:<10} {note}")
                             continue
                         ts = timings(fn, cond, args.repeats, device)
@@ -336,6 +337,7 @@ def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
                             check["onnx_export_s"] = built["export_s"]
                 except Exception as e:  # e.g. torch.compile without a working compiler
                     rows.append(dict(row, ms_per_sample=None, note=f"failed: {type(e).__name__}: {str(e)[:100]}"))
+                    save(rows)
                     tqdm.write(f"  {name:<19} {mode:<10} failed: {type(e).__name__}: {str(e)[:100]}")
                     continue
                 finally:
@@ -349,6 +351,7 @@ def bench_model(name, args, device, modes, cpu_peak_flops, bar=None):
                            peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
                            **check)
                 rows.append(row)
+                save(rows)                                      # the JSON after every row (short GPU loans)
                 tqdm.write(format_row(row))
     return rows
 
@@ -442,8 +445,9 @@ def compile_networks(sampler, cuda):
 def select_modes(cuda, args):
     """The rows of a run: the device's base modes, then the optional ones asked for (on either device)."""
     modes = ["eager", "amp", "graph", "graph-opt"] if cuda else ["eager", "inference", "bf16"]
-    return modes + [m for m, on in (("bf16-weights", args.bf16_weights), ("channels_last", args.channels_last),
-                                    ("compile", args.compile), ("onnx", args.onnx)) if on]
+    modes += [m for m, on in (("bf16-weights", args.bf16_weights), ("channels_last", args.channels_last),
+                              ("compile", args.compile), ("onnx", args.onnx)) if on]
+    return [m for m in modes if args.only is None or m in args.only.split(",")]
 
 
 def onnx_fn(sampler, name, cond, built):
@@ -556,6 +560,8 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd Sampler (slow to compile)")
     p.add_argument("--channels-last", action="store_true", help="also time fp32 with channels-last weights")
     p.add_argument("--bf16-weights", action="store_true", help="also time bf16 autocast on bf16 weights")
+    p.add_argument("--only", default=None, metavar="MODES", help="time only these of the selected modes, e.g. "
+                   "compile (comma-separated; the fp32 eager reference of the checks still runs)")
     p.add_argument("--onnx", action="store_true", help="also time the Sampler exported to ONNX in ONNX Runtime (CPU; "
                    "needs onnx and onnxruntime; the export takes seconds, VQ-GAN's unrolled 121 steps minutes)")
     p.add_argument("--paper", action="store_true", help="fresh weights at the reference (paper) sizes")
@@ -610,7 +616,8 @@ def main(argv=None):
     bar = tqdm(total=n_rows, desc="bench", unit="row", leave=False, file=sys.stderr)
     for name in args.models:
         try:
-            rows += bench_model(name, args, device, modes, peak, bar)
+            rows += bench_model(name, args, device, modes, peak, bar, save=lambda part: out.write_text(
+                json.dumps(dict(info, command="python " + " ".join(sys.argv), rows=rows + part), indent=1)))
         except Exception as e:            # e.g. a stage-1-only checkpoint: report it, time the other models
             rows.append(dict(model=name, mode="-", note=f"skipped: {type(e).__name__}: {str(e)[:160]}"))
             tqdm.write(f"  {name:<19} skipped: {type(e).__name__}: {str(e)[:160]}")

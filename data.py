@@ -774,7 +774,7 @@ _UNSET = object()
 
 def _typed(key, text, like):
     """--set KEY=TEXT as the type of `like` (the setting's value in DEFAULTS or PAPER)."""
-    if text.lower() == "none":
+    if text.lower() == "none" and (like is None or isinstance(like, (list, tuple))):
         return None
     if isinstance(like, bool):
         if text.lower() not in ("true", "false", "1", "0"):

@@ -205,6 +205,7 @@ def test_mode_selection_on_each_device():
                                             "onnx"]
     assert bench.select_modes(True, bench.get_args([])) == ["eager", "amp", "graph", "graph-opt"]
     assert bench.select_modes(False, bench.get_args([])) == ["eager", "inference", "bf16"]
+    assert bench.select_modes(True, bench.get_args(["--compile", "--only", "compile"])) == ["compile"]
 
 
 def test_modes_give_the_same_counts_on_the_same_noise():

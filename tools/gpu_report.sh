@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The prepared GPU measurement (issue 22): one command for the rare, short loans of a GPU machine.
-#   bash tools/gpu_report.sh            # ~7.5 min on one H200 (every step has a limit); installs nothing beyond requirements.txt
-# Writes, under results/gpu_<device>/ (and a copy under $OUT when the caller sets it):
-#   bench_default.json  bench.py --full: every model at the CPU-default sizes, batch 256 and 4096, eager fp32
-#                       (TF32 off) / bf16 AMP / CUDA graph, each non-eager row checked against fp32 eager
-#   bench_paper.json    the same at the published (--paper) sizes, fresh weights, every model but ddpm
-#   bench_paper_ddpm.json  ddpm at --paper size, batch 256 only: on the first H200 run (2026-12-04) its batch-4096
-#                       rows cost ~70 s each (a 4M UNet x 50 steps x 4096 samples per call) and overran the step
-#   train_fm_paper.json flow_matching.py --paper training throughput (steps/s), fp32 and --amp, 60 s each
-# Every step has its own time limit, so a hang costs minutes, not the loan. Without a GPU it stops at once.
+# The prepared GPU measurements, for the rare, short loans of a GPU machine (each part < 10 min, every step with
+# its own time limit, the JSON written after every row, so a loan that ends mid-way returns the finished parts):
+#   bash tools/gpu_report.sh probe     # issue 37 (~8.5 min): flow_matching --paper (Euler 11) and latent_fm --paper
+#                                      # at batch 256 and 4096: eager / amp / graph / graph-opt (bf16 weights, NHWC)
+#                                      # / bf16-weights, then compile (compiled networks + bf16 weights in the
+#                                      # whole-sampler CUDA graph), each with bytes per sample, GB/s and spread;
+#                                      # the top-15 kernels of one bf16 call and the copy bandwidth
+#   bash tools/gpu_report.sh suite     # issue 22 (~7.5 min): every model, default and --paper sizes (below)
+# Writes under results/gpu_<device>/ (and a copy under $OUT when the caller sets it). Without a GPU it stops.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+part="${1:-probe}"
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_report: no CUDA GPU visible to torch ($(python -c 'import torch; print(torch.__version__)')): nothing to measure" >&2
     exit 2
@@ -18,12 +18,31 @@ fi
 dev=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_').replace('/', '_'))")
 out="results/gpu_$dev"
 mkdir -p "$out"
-echo "gpu_report: $dev -> $out"
+echo "gpu_report $part: $dev -> $out"
 export PYTHONUNBUFFERED=1
-# copy what exists so far to $OUT after every step: a loan that ends mid-way still returns the finished parts
 save() { if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && cp -r "$out" "$OUT/"; fi; }
-# measured on the first H200 run: data 20 s, default bench 135 s, --paper bench without ddpm ~125 s; the limits
-# (60 + 180 + 180 + 60 + 2 x 60 s = 10 min) leave room, the typical total is ~7.5 min
+if [ "$part" = probe ]; then
+    common="--device cuda --paper --no-toy --repeats 3 --batch 256,4096"
+    timeout 200 python bench.py $common --models flow_matching,latent_fm --bf16-weights \
+        --json "$out/bench_probe.json" || echo "gpu_report: bench probe stopped (rc $?)"
+    save
+    OUT="$out" timeout 60 python tools/gpu_profile.py || echo "gpu_report: profile stopped (rc $?)"
+    save
+    timeout 150 python bench.py $common --models flow_matching --compile --only compile \
+        --json "$out/bench_probe_compile_fm.json" || echo "gpu_report: compile fm stopped (rc $?)"
+    save
+    timeout 110 python bench.py $common --models latent_fm --compile --only compile \
+        --json "$out/bench_probe_compile_lfm.json" || echo "gpu_report: compile latent_fm stopped (rc $?)"
+    save
+    echo "gpu_report: probe done; python bench.py --table $out/bench_probe*.json; commit $out"
+    exit 0
+fi
+# suite (issue 22):
+#   bench_default.json  bench.py --full: every model at the CPU-default sizes, batch 256 and 4096, eager fp32
+#                       (TF32 off) / bf16 AMP / CUDA graph / graph-opt, each non-eager row checked against fp32 eager
+#   bench_paper.json    the same at the published (--paper) sizes, fresh weights, every model but ddpm
+#   bench_paper_ddpm.json  ddpm at --paper size, batch 256 only (its batch-4096 rows cost ~70 s each on an H200)
+#   train_fm_paper.json flow_matching.py --paper training throughput (steps/s), fp32 and --amp, 60 s each
 timeout 60 python data.py > "$out/data.log" 2>&1 || echo "gpu_report: toy data generation failed (see $out/data.log)"
 timeout 180 python bench.py --device cuda --full --json "$out/bench_default.json" || echo "gpu_report: bench default stopped (rc $?)"
 save

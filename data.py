@@ -1546,7 +1546,8 @@ def generator(sampler, device, amp=False):
 def main(script, argv=None):
     """Every model script's command line: `data.main(sys.modules[__name__])` under `if __name__ == "__main__"`.
     The script provides NAME, get_args(argv), train(args) -> checkpoint path, load_sampler(ck, args, device)
-    -> its Sampler with the checkpoint's weights, and evaluate(args, ck, sampler, device)."""
+    -> its Sampler with the checkpoint's weights, and evaluate(args, ck, sampler, device); optionally
+    write_samples(args, ck, sampler, device) where a sample file is not one response per particle."""
     args = script.get_args(argv)
     try:
         if args.train:
@@ -1556,7 +1557,9 @@ def main(script, argv=None):
         ck = load_checkpoint(args.ckpt or Path(args.out) / "ckpt.pt", script.NAME, args.detector)
         device = pick_device(args.device)
         sampler = script.load_sampler(ck, args, device).eval()
-        if args.sample:
+        if args.sample and hasattr(script, "write_samples"):        # sdigan_joint: both responses per particle
+            script.write_samples(args, ck, sampler, device)
+        elif args.sample:
             sample_to_file(ck, generator(sampler, device, args.amp), args)
         if args.eval:
             script.evaluate(args, ck, sampler, device)

@@ -316,16 +316,11 @@ def load_sampler(ck, args, device):
     weights, ck["weights_used"] = data.pick_weights(ck, args.weights)
     gen.load_state_dict(weights)
     data.log(f"{NAME}: generator weights: {ck['weights_used']}")
-    # data.main's --sample file holds one response per particle: evaluate() writes the joint file (both)
-    args.joint_sample = args.sample
-    args.joint_eval = args.eval
-    args.sample = False
-    args.eval = args.joint_eval or args.joint_sample
     return Sampler(gen)
 
 
 def write_samples(args, ck, sampler, device):
-    """--sample: both responses of the first --n test particles (or of --particles), seeded by --seed, in one
+    """--sample (data.main calls it in place of its one-response file): both responses of the first --n test particles (or of --particles), seeded by --seed, in one
     file with responses_neutron, responses_proton and particles (data.load_joint reads it)."""
     particles = data.sampling_conditions(ck, args.n, args.particles)
     cond = data.standardize(particles, ck["data"]["mean"], ck["data"]["std"])
@@ -410,10 +405,6 @@ def separate_rows(args, split, idx):
 def evaluate(args, ck, sampler, device):
     """--eval: per detector the usual table on the joint test events (the model, the joint floor, the lookup,
     and the --compare-ckpt models on the same particles), eval.json (both) and eval_<detector>.json."""
-    if args.joint_sample:
-        write_samples(args, ck, sampler, device)
-    if not args.joint_eval:
-        return None
     split = data.split_from_checkpoint(ck)
     path = Path(args.ckpt or Path(args.out) / "ckpt.pt").with_name("eval.json")
     max_test = args.max_test or None

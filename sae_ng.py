@@ -162,10 +162,10 @@ class SAE(nn.Module):
         self.enc = nn.Sequential(ViTEncoder(shape, width, blocks) if vit else ConvEncoder(width),
                                  nn.Flatten(), nn.Linear(eh * ew * (width if vit else 4 * width), CODE),
                                  STReLU() if straight_through else nn.ReLU())
-        st = straight_through
+        kw = dict(offset=0.5, straight_through=straight_through)
         self.dec = nn.Sequential(nn.Linear(CODE, gh * gw * hidden), nn.Unflatten(1, (gh * gw, hidden)),
-                                 ViTDecoder(shape, hidden, width, blocks, offset=0.5, straight_through=st) if vit
-                                 else ConvDecoder(shape, hidden, width, offset=0.5, straight_through=st))
+                                 ViTDecoder(shape, hidden, width, blocks, **kw) if vit
+                                 else ConvDecoder(shape, hidden, width, **kw))
 
     def encode(self, x):
         return self.enc(x)

@@ -772,9 +772,10 @@ def add_common_args(p, name, detectors=None, run_object=False):
 _UNSET = object()
 
 
-def _typed(key, text, like):
-    """--set KEY=TEXT as the type of `like` (the setting's value in DEFAULTS or PAPER)."""
-    if text.lower() == "none" and (like is None or isinstance(like, (list, tuple))):
+def _typed(key, text, like, nullable=False):
+    """--set KEY=TEXT as the type of `like` (the setting's value in DEFAULTS or PAPER); 'none' is None for a
+    setting that can be None (`nullable`: None in DEFAULTS or PAPER) or a list."""
+    if text.lower() == "none" and (nullable or like is None or isinstance(like, (list, tuple))):
         return None
     if isinstance(like, bool):
         if text.lower() not in ("true", "false", "1", "0"):
@@ -809,7 +810,8 @@ def parse(p, argv, defaults, paper=None, smoke=None):
             p.error(f"--set {key}=...: the setting is also given as a flag; give it once")
         like = settable[key] if settable[key] is not None else (paper or {}).get(key)
         try:
-            explicit[key] = _typed(key, text, like)
+            nullable = None in (defaults.get(key, 0), (paper or {}).get(key, 0))
+            explicit[key] = _typed(key, text, like, nullable)
         except ValueError as e:
             p.error(f"--set {item}: not a value of the setting's type ({type(like).__name__}; {e})")
     for k, v in explicit.items():

@@ -9,11 +9,11 @@ SCRIPTS = ["vae", "sae_ng", "gan", "sdigan_proton", "vqgan", "ddpm", "flow_match
 MUST_PUBLISH = {"flow_matching": [77_372], "latent_fm": [59_348, 127_824], "vqgan": [59_924]}
 # a model setting per script that --paper sets, given explicitly (a flag or --set), and a value no preset uses
 # (vae, sae_ng, gan: a multiple of 4, which the ViT's four heads need under --paper)
-MODEL_FLAG = {"vae": (["--width", "12"], "width", 12), "sae_ng": (["--width", "12"], "width", 12),
-              "gan": (["--width", "12"], "width", 12), "sdigan_proton": (["--width", "6"], "width", 6),
-              "vqgan": (["--embed", "40"], "embed", 40), "ddpm": (["--width", "12"], "width", 12),
+MODEL_FLAG = {"vae": (["--set", "width=12"], "width", 12), "sae_ng": (["--set", "width=12"], "width", 12),
+              "gan": (["--set", "width=12"], "width", 12), "sdigan_proton": (["--set", "width=6"], "width", 6),
+              "vqgan": (["--set", "embed=40"], "embed", 40), "ddpm": (["--set", "width=12"], "width", 12),
               "flow_matching": (["--set", "width=8"], "width", 8), "latent_fm": (["--epochs", "3"], "epochs", 3),
-              "corrvae": (["--width", "5"], "width", 5)}
+              "corrvae": (["--set", "width=5"], "width", 5)}
 
 
 def n_params(module):

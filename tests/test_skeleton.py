@@ -8,7 +8,6 @@
   (tools/smoke_trace.py; record anew with `python tools/smoke_trace.py --out tests/data/smoke_trace.json`
   when a change is meant to alter the training numbers, and say so in the commit)."""
 import json
-import subprocess
 import sys
 
 import pytest
@@ -19,7 +18,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import smoke_trace  # noqa: E402
 import teach_table  # noqa: E402
 
-SCRIPTS = ["flow_matching"]          # the scripts moved to the skeleton so far
+SCRIPTS = smoke_trace.SCRIPTS
 # (pattern, required): a skeleton line starts with the pattern; the list is the order a reader meets them
 SKELETON = [
     ('"""', True),
@@ -87,14 +86,12 @@ def test_a_long_docstring_misses_its_target():
     assert teach_table.misses(m) == ["docstring 31 lines > 30"]
 
 
-def test_smoke_runs_train_exactly_as_recorded(tmp_path):
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_smoke_runs_train_exactly_as_recorded(name, tmp_path):
     """Pure refactor: the same seed gives the recorded losses and weights (default settings of each script)."""
     want = json.loads((ROOT / "tests" / "data" / "smoke_trace.json").read_text())
-    bad = {}
-    for name in SCRIPTS:
-        got = smoke_trace.trace(name, tmp_path)
-        bad[name] = smoke_trace.compare(got, want[name])
-    assert not any(bad.values()), {k: v[:5] for k, v in bad.items() if v}
+    bad = smoke_trace.compare(smoke_trace.trace(name, tmp_path), want[name])
+    assert not bad, bad[:5]
 
 
 def test_the_trace_comparison_sees_a_changed_loss_and_weight():

@@ -80,8 +80,7 @@ def test_paper_builds_the_vit_and_an_explicit_arch_beats_it():
         assert any(isinstance(x, m.ViTDecoder) for n in nets.values() for x in n.modules())
     assert vae.get_args(["--train", "--paper", "--arch", "cnn"]).width == 16   # the conv pair at its --paper size
     assert isinstance(vqgan.build_networks(vars(vqgan.get_args(["--train", "--paper"])))["tokenizer"], vqgan.VQAE)
-    assert "--width 10: the ViT's 4 attention heads" in cli("vae.py", "--train", "--paper", "--width", 10, ok=False).stderr
-    assert "options of the CNN VAE" in cli("vae.py", "--train", "--arch", "vit", "--cond", "every", ok=False).stderr
+    assert "width 10: the ViT's 4 attention heads" in cli("vae.py", "--train", "--paper", "--set", "width=10", ok=False).stderr
 
 
 def n_params(net):
@@ -103,12 +102,12 @@ def test_parameter_counts_of_the_thesis_models():
     assert n_params(nets["tokenizer"]) == 1_103_265 - 65_536 - 8_224 and nets["gpt"].n_tokens == 36
     vq = nets["tokenizer"].eval()
     assert vq.tokens(torch.rand(2, 1, 44, 44)).shape == (2, 6, 6)
-    assert vqgan.get_args(["--train", "--arch", "vit", "--codes", "64"]).codes == 64     # explicit flags win
+    assert vqgan.get_args(["--train", "--arch", "vit", "--set", "codes=64"]).codes == 64   # explicit --set wins
 
 
 def test_supervised_latent_becomes_the_condition_when_the_penalty_dominates():
     torch.manual_seed(0)
-    model = vae.build_model(dict(detector="neutron", width=4, hidden=16, cond="input", variant="supervised"))
+    model = vae.build_model({**vae.DEFAULTS, "detector": "neutron", "width": 4, "hidden": 16, "variant": "supervised"})
     x = torch.zeros(6, 1, 44, 44)
     for k in range(6):                             # hand-made showers: a bright square at a different place each
         x[k, 0, 5 * k:5 * k + 6, 30 - 4 * k:36 - 4 * k] = 2.0
@@ -131,7 +130,7 @@ def test_type_embedding_reads_the_pdg_column_and_rejects_9_column_data(tmp_path)
     p = np.array([[0.0] * 9 + [22], [0.0] * 9 + [2112], [0.0] * 9 + [12345]])
     assert data.type_ids(p).tolist() == [0, 1, len(data.PARTICLES)]       # photon, neutron, any other id
     torch.manual_seed(0)
-    model = vae.build_model(dict(detector="neutron", width=16, hidden=8, cond="input", arch="vit", variant="embedding",
+    model = vae.build_model(dict(detector="neutron", width=16, hidden=8, arch="vit", variant="embedding",
                                  blocks=1)).eval()
     c = data.with_type(torch.zeros(3, 9), p)
     out = vae.sample(model, c, torch.Generator().manual_seed(0))
@@ -184,7 +183,7 @@ def test_vqgan_vit_tokenizer_trains_both_stages_and_samples(tmp_path):
     out = tmp_path / "q"
     cli("vqgan.py", "--train", "--smoke", "--arch", "vit", "--out", out)
     ck = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ck["args"]["arch"] == "vit" and ck["state"]["stage2"]["step"] == 4
+    assert ck["args"]["arch"] == "vit" and ck["steps"]["2"] == 4
     assert ck["gpt"]["pos"].shape[0] == ck["args"]["prefix"] + 36                  # 36 tokens: the 6x6 grid
     cli("vqgan.py", "--sample", "--ckpt", out / "ckpt.pt", "--n", 10, "--out", out / "s.npz")
     check_samples(out / "s.npz", (44, 44), 10)

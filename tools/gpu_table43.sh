@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 arch=${ARCH:-vit}
 case "$arch" in
     vit) width="" ;;                       # the ViT's CPU default is its published size (1M)
-    vdvae) width="--width 64" ;;           # the thesis' CNN at its published width (64 / 128 / 256 channels)
+    vdvae) width="--set width=64" ;;       # the thesis' CNN at its published width (64 / 128 / 256 channels)
     *) echo "gpu_table43: ARCH=$arch: vit or vdvae" >&2; exit 2 ;;
 esac
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then

@@ -46,8 +46,15 @@ def step_fn(name, mod, args):
     gen, disc = nets["generator"], nets["discriminator"]
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=tuple(args.g_betas))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.d_lr, betas=tuple(args.d_betas))
-    scaler = torch.amp.GradScaler(enabled=False)
-    return (lambda x, c: gan.gan_losses(gen, disc, opt_g, opt_d, x, c, g, scaler, False)), gen, n
+
+    def step(x, c):                                  # gan.py's train(): one D step, then one G step
+        fake_c = c[torch.randperm(len(c), generator=g)]
+        fake = gen(data.noise((len(x), gan.NOISE), g, "cpu"), fake_c)
+        d_loss = gan.discriminator_loss(disc, x, c, fake.detach(), fake_c)[0]
+        opt_d.zero_grad(), d_loss.backward(), opt_d.step()
+        g_loss = gan.generator_loss(disc, fake, fake_c)
+        opt_g.zero_grad(), g_loss.backward(), opt_g.step()
+    return step, gen, n
 
 
 def main():
@@ -63,7 +70,8 @@ def main():
     for name, mod in (("vae", vae), ("sae_ng", sae_ng), ("gan", gan)):
         for spec in a.archs.split(","):
             arch, _, width = spec.partition(":")
-            args = mod.get_args(["--train", "--arch", arch] + (["--width", width] if width else []))
+            size = ["--set", f"width={width}"] if mod in (vae, sae_ng, gan) else ["--width", width]
+            args = mod.get_args(["--train", "--arch", arch] + (size if width else []))
             torch.manual_seed(0)
             step, sampler, n = step_fn(name, mod, args)
             b = args.batch_size

@@ -127,12 +127,8 @@ def load_nets(name, mod, detector, runs, paper, device):
     path = Path(runs) / name / "ckpt.pt"
     if path.exists() and not paper:
         a = mod.get_args(["--sample", "--ckpt", str(path), "--device", str(device)])
-        if hasattr(mod, "load_sampler"):                 # the script's sampler, its networks in sampling order
-            ck = data.load_checkpoint(path, name)
-            nets = list(mod.load_sampler(ck, a, device).children())
-        else:
-            out = mod.load_model(a)
-            ck, nets = out[0], [m for m in out[1:] if isinstance(m, torch.nn.Module)]
+        ck = data.load_checkpoint(path, name)            # the script's sampler: its networks in sampling order
+        nets = list(mod.load_sampler(ck, a, device).children())
         if ck["data"]["detector"] == detector:
             return nets, ck, str(path)
     a = mod.get_args(["--train", "--detector", detector] + (["--paper"] if paper else []))

@@ -854,9 +854,8 @@ RESUMABLE = {"epochs", "max_steps", "device", "ckpt_every", "resume", "stage", "
              "reps", "max_test", "plot", "particles", "smoke", "export"}
 
 
-def resume_args(args, ckpt, older=None):
+def resume_args(args, ckpt):
     """Continue with the checkpoint's configuration (model size, data, lr, ...), keeping only RESUMABLE flags."""
-    ckpt = {**ckpt, "args": {**(older or {}), **ckpt["args"]}}      # TRANSITION: until every script uses Run
     changed = [k for k, v in ckpt["args"].items() if k not in RESUMABLE and getattr(args, k, v) != v]
     if changed:
         log(f"--resume: using the checkpoint's {', '.join(changed)} (given values ignored)")

@@ -720,7 +720,7 @@ def parser(doc, name, detectors=None):
     p = argparse.ArgumentParser(description=doc.split("\n")[0], epilog=usage,
                                 usage="%(prog)s --train | --sample | --eval | --export PATH.onnx  [options]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, name, detectors, run_object=True)
+    add_common_args(p, name, detectors)
     p.script_name = name
     g = p.add_argument_group("settings")
     g.add_argument("--paper", action="store_true", help="the publication's setting; flags still win")
@@ -729,7 +729,7 @@ def parser(doc, name, detectors=None):
     return p
 
 
-def add_common_args(p, name, detectors=None, run_object=False):
+def add_common_args(p, name, detectors=None):
     """The shared flags, in the same order in every model script (STYLE.md). `detectors`: the --detector
     choices of a script that does not take neutron|proton (sdigan_joint.py: joint only)."""
     g = p.add_argument_group("what to do")
@@ -755,8 +755,7 @@ def add_common_args(p, name, detectors=None, run_object=False):
     g.add_argument("--out", default=None, help=f"run folder (default runs/{name}); --sample: .npz")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--ckpt-every", type=int, default=500, help="also save the checkpoint every N steps")
-    if run_object:
-        g.add_argument("--val-every", type=int, default=500, help="validate (val loss, val W) every N steps")
+    g.add_argument("--val-every", type=int, default=500, help="validate (val loss, val W) every N steps")
     g = p.add_argument_group("sampling and evaluation")
     g.add_argument("--ckpt", default=None, help="checkpoint to use (default <out>/ckpt.pt)")
     g.add_argument("--n", type=int, default=1000, help="--sample: number of responses")

@@ -307,7 +307,8 @@ class ChannelNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(ch))
 
     def forward(self, x):
-        d = x.float() - x.float().mean(1, keepdim=True)
+        xf = x.float()
+        d = xf - xf.mean(1, keepdim=True)
         y = d * torch.rsqrt(d.pow(2).mean(1, keepdim=True) + self.eps)
         return (y * self.weight[:, None, None] + self.bias[:, None, None]).to(x.dtype)
 

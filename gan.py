@@ -5,7 +5,8 @@ Papers: the master's thesis arXiv 2407.16704 (Sec. 3.4, 4.9) and the neutron ZDC
 
 Method. A generator G(z, c) maps noise z ~ N(0, I_10) and the 9 standardised particle features c to
 log1p(counts) (ReLU output: exact zeros); a discriminator D(x, c) returns a logit. Fakes are conditioned on
-c', a shuffled copy of the batch's conditions. Non-saturating BCE, one D step then one G step per batch:
+c', a shuffled copy of the batch's conditions. Non-saturating BCE; per batch a D step, then G's through the
+new D (--paper, as the authors' code: both losses from one pass, both steps from the old weights):
     L_D = BCE(D(x, c), 1) + BCE(D(G(z, c'), c'), 0),    L_G = BCE(D(G(z, c'), c'), 1).
 Postprocessing: after training, a scalar s in [0.9, 1.1] minimises the channel-sum Wasserstein of s * counts
 against training events (golden-section search); samples are s * counts. Adversarial training drifts, so the
@@ -13,7 +14,7 @@ generator of the lowest validation W is kept beside the last one, with its own s
 --export use it unless --weights last (--no-postprocess: s = 1).
 CPU default: the conv GAN (G 0.89M; D 0.26M without BatchNorm: with it, D is blind to a batch's brightness),
 Adam 2e-4 for both at a constant rate, one epoch. --paper: the thesis' ViT pair (Appendix A, G 915,841,
-D 1,422,337), Table A.4's optimisers on one-cycle schedules, 100 epochs. --arch cnn | vit | vdvae: backbone.
+D 1,422,337), Table A.4's optimisers (G: optax's Nesterov Adam) on one-cycle schedules, 100 epochs.
 
 Usage:
     python gan.py --train                            # ZN, CPU default: the conv GAN, one epoch (~6 min)
@@ -43,13 +44,18 @@ import metrics
 NAME = "gan"
 NOISE = 10
 # d_norm: BatchNorm in the conv D ("batch") or none. Schedules: (warm-up fraction, initial div, final div)
-# of the one-cycle cosine, or None (a constant rate). lr is G's learning rate, d_lr D's.
+# of the one-cycle cosine, or None (a constant rate). lr is G's learning rate, d_lr D's. simultaneous: both
+# losses from one forward pass and both steps from the old weights (else G's loss goes through the updated D).
+# pp_samples: training events the postprocessing scale is fitted on (0: all).
 DEFAULTS = dict(epochs=1, batch_size=128, arch="cnn", width=14, d_width=8, blocks=4, dropout=0.0,
                 d_norm=None, lr=2e-4, d_lr=2e-4, g_betas=[0.5, 0.9], d_betas=[0.5, 0.9], g_eps=1e-8,
-                d_eps=1e-8, g_nesterov=False, g_sched=None, d_sched=None, val_every=250, pp_samples=20000)
+                d_eps=1e-8, g_nesterov=False, g_sched=None, d_sched=None, val_every=250, pp_samples=20000,
+                simultaneous=False)
 PAPER = dict(epochs=100, batch_size=256, arch="vit", dropout=0.2, d_norm="batch",           # thesis Table 4.2
              lr=1e-4, d_lr=1.4e-5, g_betas=[0.76, 0.54], d_betas=[0.97, 0.96], g_eps=1.8e-2, d_eps=3.7e-5,
-             g_nesterov=True, g_sched=[0.34, 260.0, 9500.0], d_sched=[0.43, 41.0, 1700.0])   # Table A.4
+             g_nesterov=True, g_sched=[0.34, 260.0, 9500.0], d_sched=[0.43, 41.0, 1700.0],   # Table A.4
+             simultaneous=True, pp_samples=0,                   # m-wojnar/zdc gan.py, postprocessing.py
+             protocol="pooled", max_test=0)    # the thesis' test (train_loop): 5 generations pooled, all
 SMOKE = dict(limit=1500, max_steps=6, batch_size=32, pp_samples=300, max_test=200, reps=2, ckpt_every=3)
 # each backbone's sizes in the layers above (CPU default, --paper, --smoke); width is G's, d_width D's
 ARCH = {"cnn": (dict(width=14, d_width=8), dict(width=14, d_width=44), dict(width=4, d_width=4)),
@@ -58,6 +64,9 @@ ARCH = {"cnn": (dict(width=14, d_width=8), dict(width=14, d_width=44), dict(widt
                 dict(width=16, d_width=16, blocks=1))}
 _SRC = "our count of the authors' ViT GAN (m-wojnar/zdc gan.py + architectures/vit.py; thesis Sec. 4.9: ~1M)"
 PUBLISHED = {"generator": (915_841, _SRC), "discriminator": (1_422_337, _SRC)}
+DEVIATIONS = ("torch's default initialisation (the authors' flax: LeCun-normal dense layers, zero biases)",
+              "the scale multiplies raw counts (the authors' code: fitted on counts, applied to log1p)",
+              "--sample/--eval use the G of the best validation W (the thesis: the last; --weights last)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,9 +153,10 @@ def discriminator_loss(disc, x, cond, fake, fake_cond):
     return loss, real_logit, fake_logit
 
 
-def generator_loss(disc, fake, fake_cond):
-    """G's non-saturating BCE: its fakes should be taken for real."""
-    logit = disc(fake, fake_cond)
+def generator_loss(disc, fake, fake_cond, logit=None):
+    """G's non-saturating BCE: its fakes should be taken for real. `logit`: D's output on them where the step
+    already has it (the simultaneous step: the pass of D's loss, before D's update)."""
+    logit = disc(fake, fake_cond) if logit is None else logit
     return F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
 
 
@@ -198,10 +208,10 @@ def fit_scale(gen_counts, true_counts, lo=0.9, hi=1.1, tol=1e-4):
 
 
 def postprocess_fit(gen, split, n, dev, seed):
-    """Fit the postprocessing scale on the first n training events (their own conditions)."""
+    """Fit the postprocessing scale on the first n training events (n = 0: all; their own conditions)."""
     gen.eval()
     g = torch.Generator().manual_seed(seed)
-    cond, true = split.cond("train")[:n], split.counts("train")[:n]
+    cond, true = split.cond("train")[:n or None], split.counts("train")[:n or None]
     out = torch.cat([sample(gen, c.to(dev), g).cpu() for c in torch.split(cond, 1024)])
     gen.train()
     s = fit_scale(out.numpy(), true)
@@ -223,10 +233,13 @@ def one_cycle(step, total, warmup, div, final_div):
 
 
 def optimizer(net, lr, betas, eps, nesterov, sched, total):
-    """Adam (NAdam where the thesis used Nesterov momentum), no weight decay (Table A.4), and its schedule:
-    the one-cycle cosine `sched` = (warm-up fraction, div, final div) over `total` steps, or constant."""
-    adam = torch.optim.NAdam if nesterov else torch.optim.Adam
-    opt = adam(net.parameters(), lr=lr, betas=tuple(betas), eps=eps)
+    """Adam, or with Nesterov momentum optax.adam(nesterov=True): torch's NAdam with its momentum schedule off
+    (momentum_decay 1e9: mu = b1 at every step, as optax), no weight decay (Table A.4), and its schedule: the
+    one-cycle cosine `sched` = (warm-up fraction, div, final div) over `total` steps, or constant."""
+    if nesterov:
+        opt = torch.optim.NAdam(net.parameters(), lr=lr, betas=tuple(betas), eps=eps, momentum_decay=1e9)
+    else:
+        opt = torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(betas), eps=eps)
     factor = (lambda s: one_cycle(s, total, *sched)) if sched else (lambda s: 1.0)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
@@ -266,17 +279,29 @@ def train(args):
     for x, c in run.batches((x_tr, c_tr)):
         fake_c = c[torch.randperm(len(c), generator=noise, device=noise.device).to(dev)]   # shuffled c
         z = data.noise((len(x), NOISE), noise, dev)
-        with data.autocast(dev, args.amp):
-            fake = net_g(z, fake_c)
-            d_loss, real_logit, fake_logit = discriminator_loss(net_d, x, c, fake.detach(), fake_c)
-        opt_d.zero_grad(set_to_none=True)
-        scaler.scale(d_loss).backward()
-        scaler.step(opt_d)
-        with data.autocast(dev, args.amp):
-            g_loss = generator_loss(net_d, fake, fake_c)          # through the updated D
-        opt_g.zero_grad(set_to_none=True)
-        scaler.scale(g_loss).backward()
-        scaler.step(opt_g)
+        if args.simultaneous:                   # --paper, as the authors' code: both losses from one pass,
+            with data.autocast(dev, args.amp):  # each network's gradient at the other's old weights
+                fake = net_g(z, fake_c)
+                d_loss, real_logit, fake_logit = discriminator_loss(net_d, x, c, fake, fake_c)
+                g_loss = generator_loss(net_d, fake, fake_c, fake_logit)    # through D before its update
+            opt_d.zero_grad(set_to_none=True)
+            opt_g.zero_grad(set_to_none=True)
+            scaler.scale(d_loss).backward(inputs=list(disc.parameters()), retain_graph=True)   # D's only
+            scaler.scale(g_loss).backward(inputs=list(gen.parameters()))
+            scaler.step(opt_d)
+            scaler.step(opt_g)
+        else:                                   # CPU default: D's step, then G's through the updated D
+            with data.autocast(dev, args.amp):
+                fake = net_g(z, fake_c)
+                d_loss, real_logit, fake_logit = discriminator_loss(net_d, x, c, fake.detach(), fake_c)
+            opt_d.zero_grad(set_to_none=True)
+            scaler.scale(d_loss).backward()
+            scaler.step(opt_d)
+            with data.autocast(dev, args.amp):
+                g_loss = generator_loss(net_d, fake, fake_c)
+            opt_g.zero_grad(set_to_none=True)
+            scaler.scale(g_loss).backward()
+            scaler.step(opt_g)
         scaler.update()
         sched_g.step()
         sched_d.step()
@@ -563,7 +588,7 @@ def get_args(argv=None):
                      (not 0 <= args.dropout < 1, f"dropout must be in [0, 1) (got {args.dropout})"),
                      (args.d_norm not in ("batch", None), f"d_norm is batch or none (got {args.d_norm!r})"),
                      (min(args.width, args.d_width, args.blocks) <= 0, "width, d_width, blocks: positive"),
-                     (args.pp_samples <= 0, f"pp_samples must be positive (got {args.pp_samples})"),
+                     (args.pp_samples < 0, f"pp_samples must be >= 0, 0: all (got {args.pp_samples})"),
                      (args.arch == "vit" and (args.width % 4 or args.d_width % 4), f"width {args.width}, "
                       f"d_width {args.d_width}: the ViT's 4 attention heads need multiples of 4"),
                      (any(s is not None and len(s) != 3 for s in (args.g_sched, args.d_sched)),

@@ -11,9 +11,10 @@ NG(z, c) from noise z ~ N(0, I_10) and the 9 standardised particle features c to
     loss = sum_pixels (D(E(x)) - x)^2 + l2_weight ||E(x) - NG(z, c)||^2            (--matching l2, eq. 3.7)
 S: the debiased Sinkhorn divergence of the two clouds, cost |x - y|^2 / 2, eps shrinking from diameter^2 to
 blur^2 within every call; the matching term trains the encoder too. Sampling: z -> NG(z, c) -> D -> expm1.
-CPU default: a compact conv pair, 4 epochs. --paper: the thesis' ViT pair and Table A.1's optimiser, 100
-epochs; --arch picks the backbone (cnn; vdvae, the thesis' CNN; vit: Appendix A). Optional stage 2 (ours,
---set ng_steps=N): N steps of the noise generator alone on the frozen encoder's codes.
+CPU default: a compact conv pair, 4 epochs. --paper: the thesis' ViT pair with the authors' plain ReLUs
+(ours pass some gradients straight through), Table A.1's optimiser, 100 epochs; --arch picks the backbone
+(cnn; vdvae, the thesis' CNN; vit: Appendix A). Optional stage 2 (ours, --set ng_steps=N): N steps of the
+noise generator alone on the frozen encoder's codes.
 
 Usage:
     python sae_ng.py --train                       # ZN, CPU default: end to end, ~15 min on 2 cores
@@ -49,10 +50,13 @@ NOISE = 10                                  # noise size (authors' noise_generat
 DEFAULTS = dict(arch="cnn", matching="sinkhorn", epochs=4, batch_size=256, lr=1e-3, betas=[0.9, 0.999],
                 adam_eps=1e-8, weight_decay=0.0, nesterov=False, onecycle=[0.05, 100.0, 100.0], clip=10.0,
                 width=0, hidden=0, blocks=4, ng_hidden=32, beta=20.0, l2_weight=10.0, diameter=1e-2,
-                blur=1e-5, scaling=0.5, ng_steps=0, ng_batch=0, ng_lr=2e-3)
-# None: Table A.1's optimiser column of the arch (TABLE_A1, below)
+                blur=1e-5, scaling=0.5, ng_steps=0, ng_batch=0, ng_lr=2e-3, straight_through=True)
+# None: Table A.1's optimiser column of the arch (TABLE_A1, below). straight_through: this project's ReLUs
+# with a straight-through gradient (the noise generator's output; code and output with l2 or the ViT);
+# false: the authors' plain ReLUs everywhere. protocol, max_test: the thesis' test (m-wojnar/zdc train_loop)
 PAPER = dict(arch="vit", epochs=100, batch_size=256, clip=0.0, scaling=0.95, ng_hidden=128, lr=None,
-             betas=None, adam_eps=None, weight_decay=None, nesterov=None, onecycle=None)
+             betas=None, adam_eps=None, weight_decay=None, nesterov=None, onecycle=None,
+             straight_through=False, protocol="pooled", max_test=0)
 SMOKE = dict(limit=1500, epochs=1, blocks=1, ng_hidden=8, ng_batch=64, max_test=200, reps=2, ckpt_every=3)
 # (width, hidden) of each --arch: CPU default, --paper, --smoke. cnn: conv channels and dense width; vit:
 # token width (96, the thesis') and the decoder's input token width (64); vdvae: the CNN's w (64, the thesis')
@@ -67,6 +71,7 @@ TABLE_A1 = {"vit": dict(lr=3.5e-3, betas=[0.64, 0.73], adam_eps=1.5e-7, weight_d
 # authors' ViT autoencoder with noise generator
 _SRC = "our count of the authors' ViT AE + NG (m-wojnar/zdc noise_generator_mse.py, architectures/vit.py)"
 PUBLISHED = {"encoder": (526_388, _SRC), "decoder": (511_585, _SRC), "noise_generator": (474_132, _SRC)}
+DEVIATIONS = ("torch's default initialisation (the authors' flax: LeCun-normal dense layers, zero biases)",)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,26 +126,27 @@ class Decoder(nn.Module):
 class STReLU(nn.Module):
     """ReLU with a straight-through gradient (the same outputs; the gradient passes as if linear), so a unit
     whose input turned negative for every event can recover. The noise generator's codes and the ViT's use
-    it."""
+    it, except under --paper (straight_through=false: the authors' plain ReLUs)."""
 
     def forward(self, h):
         return h + (F.relu(h) - h).detach()
 
 
 class NoiseGenerator(nn.Module):
-    """(noise z, condition c) -> code, as the authors' code: z -> 2h and c -> h, concatenated, 4h, 4h, 20."""
+    """(noise z, condition c) -> code, as the authors' code: z -> 2h and c -> h, concatenated, 4h, 4h, 20,
+    ReLU (straight_through: its gradient passes as if linear, so an output 0 everywhere can recover)."""
 
-    def __init__(self, hidden, n_cond=9):
+    def __init__(self, hidden, n_cond=9, straight_through=True):
         super().__init__()
         act = nn.LeakyReLU(0.2)
+        self.relu = STReLU() if straight_through else nn.ReLU()
         self.z = nn.Sequential(nn.Linear(NOISE, 2 * hidden), act)
         self.c = nn.Sequential(nn.Linear(n_cond, hidden), act)
         self.out = nn.Sequential(nn.Linear(3 * hidden, 4 * hidden), act, nn.Linear(4 * hidden, 4 * hidden),
                                  act, nn.Linear(4 * hidden, CODE))
 
     def forward(self, z, cond):
-        """ReLU codes like the encoder's; straight-through gradient: an output 0 everywhere can recover."""
-        return STReLU()(self.out(torch.cat([self.z(z), self.c(cond)], 1)))
+        return self.relu(self.out(torch.cat([self.z(z), self.c(cond)], 1)))
 
 
 class SAE(nn.Module):
@@ -150,9 +156,10 @@ class SAE(nn.Module):
     --arch vdvae: the thesis' CNN pair in the same places (5x5 tokens of 4w; dense 20 -> 6x6 tokens of
     `hidden`)."""
 
-    def __init__(self, shape, width=8, hidden=64, ng_hidden=32, arch="cnn", blocks=4, straight_through=False):
+    def __init__(self, shape, width=8, hidden=64, ng_hidden=32, arch="cnn", blocks=4, straight_through=False,
+                 ng_straight_through=True):
         super().__init__()
-        self.ng = NoiseGenerator(ng_hidden)
+        self.ng = NoiseGenerator(ng_hidden, straight_through=ng_straight_through)
         if arch == "cnn":
             self.enc = Encoder(shape, width, hidden)
             self.dec = Decoder(shape, width, hidden, straight_through)
@@ -178,11 +185,13 @@ class SAE(nn.Module):
 
 
 def build_model(cfg):
-    """The autoencoder and noise generator of a run's settings (or a checkpoint's). The output ReLUs pass
-    their gradient straight through with --matching l2 and with the ViT: plain ones died in those runs."""
-    st = cfg["matching"] == "l2" or cfg["arch"] == "vit"
+    """The autoencoder and noise generator of a run's settings (or a checkpoint's). straight_through (not
+    under --paper): the noise generator's output ReLU, and with --matching l2 or the ViT the code's and the
+    decoder's, pass their gradient straight through (plain ones died in those runs: docs/models/sae_ng.md)."""
+    ours = cfg.get("straight_through", True)            # (checkpoints written before the setting: True)
+    st = ours and (cfg["matching"] == "l2" or cfg["arch"] == "vit")
     return SAE(data.SHAPES[cfg["detector"]], cfg["width"], cfg["hidden"], cfg["ng_hidden"], cfg["arch"],
-               cfg["blocks"], straight_through=st)
+               cfg["blocks"], straight_through=st, ng_straight_through=ours)
 
 
 def build_networks(cfg):

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import gan
@@ -162,12 +163,19 @@ def test_paper_is_the_thesis_setting_and_explicit_flags_win():
     assert (a.epochs, a.batch_size, a.lr, a.d_lr, a.g_betas, a.d_betas, a.g_eps, a.d_eps, a.g_nesterov) == \
         (100, 256, 1e-4, 1.4e-5, [0.76, 0.54], [0.97, 0.96], 1.8e-2, 3.7e-5, True)
     assert (a.g_sched, a.d_sched, a.d_norm, a.dropout) == ([0.34, 260.0, 9500.0], [0.43, 41.0, 1700.0], "batch", 0.2)
+    # m-wojnar/zdc: simultaneous D and G steps (gan.py step_fn), the scale fitted on every training event
+    # (postprocessing.py), the test scored on the whole split with the 5 generations pooled (train_loop)
+    assert (a.simultaneous, a.pp_samples, a.protocol, a.max_test, a.channels) == (True, 0, "pooled", 0, "even")
+    e = gan.get_args(["--eval", "--paper", "--ckpt", "x.pt", "--max-test", "50"])
+    assert (e.protocol, e.max_test) == ("pooled", 50)
+    line = data.paper_line(gan)
+    assert all(d in line for d in gan.DEVIATIONS) and len(gan.DEVIATIONS) == 3 and "docs/fidelity/gan.md" in line
     b = gan.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--set", "width=12",
                       "--set", "d_norm=none"])
     assert (b.batch_size, b.lr, b.width, b.d_norm, b.d_lr) == (7, 0.123, 12, None, 1.4e-5)  # explicit > --paper
     c = gan.get_args(["--train"])
     assert (c.width, c.d_width, c.batch_size, c.d_norm, c.g_sched, c.g_nesterov) == (14, 8, 128, None, None, False)
-    assert (c.val_every, c.pp_samples) == (250, 20000)
+    assert (c.val_every, c.pp_samples, c.simultaneous, c.protocol, c.max_test) == (250, 20000, False, "mean-of-reps", 10000)
     s = gan.get_args(["--train", "--smoke", "--set", "width=6"])          # --smoke's sizes, an explicit one wins
     assert (s.width, s.d_width, s.batch_size, s.max_steps, s.pp_samples) == (6, 4, 32, 6, 300)
     v = gan.get_args(["--train", "--smoke", "--arch", "vit"])
@@ -192,3 +200,91 @@ def test_optimizers_and_one_cycle_schedule():
     for _ in range(10):
         opt.step(), sched.step()
     assert type(opt) is torch.optim.Adam and opt.param_groups[0]["lr"] == 2e-4
+
+
+def test_paper_generator_optimiser_is_optax_nesterov_adam():
+    """Table A.4's "Adam with Nesterov momentum" is optax.adam(nesterov=True) (optax 0.1.9 scale_by_adam, the
+    authors' pinned version): mu_hat = b1 m_t / (1 - b1^(t+1)) + (1 - b1) g_t / (1 - b1^t), update = lr mu_hat /
+    (sqrt(v_t / (1 - b2^t)) + eps): a constant momentum b1. torch's NAdam with its default momentum_decay
+    starts at mu = 0.38 for b1 = 0.76 and moves by about 0.4 lr on this tensor."""
+    lr, (b1, b2), eps = 1e-2, (0.76, 0.54), 1.8e-2
+    a = gan.get_args(["--train", "--paper"])
+    assert (a.g_betas, a.g_eps, a.g_nesterov) == ([b1, b2], eps, True)          # Table A.4 (lr: 1e-4)
+    p0 = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    grads = [torch.tensor(g, dtype=torch.float64) for g in ([0.5, -0.2, 1.0], [0.1, 0.4, -2.0], [-0.3, 0.0, 0.7])]
+    want, m, v = p0.clone(), torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for t, g in enumerate(grads, 1):                               # the optax formula, by hand
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
+        mu_hat = b1 * m / (1 - b1 ** (t + 1)) + (1 - b1) * g / (1 - b1 ** t)
+        want = want - lr * mu_hat / ((v / (1 - b2 ** t)).sqrt() + eps)
+    net = torch.nn.Linear(3, 1, bias=False).double()
+    opt, sched = gan.optimizer(net, lr, a.g_betas, a.g_eps, a.g_nesterov, None, 10)
+    with torch.no_grad():
+        net.weight.copy_(p0[None])
+    for g in grads:
+        net.weight.grad = g[None].clone()
+        opt.step(), sched.step()
+    torch.testing.assert_close(net.weight[0].detach(), want, rtol=1e-8, atol=1e-10)   # mu in float32
+    old = torch.optim.NAdam([p := p0.clone().requires_grad_()], lr=lr, betas=(b1, b2), eps=eps)   # momentum decay on
+    for g in grads:
+        p.grad = g.clone()
+        old.step()
+    assert (p.detach() - want).abs().max() > 1e-3
+
+
+def _one_step_gradients(monkeypatch, tmp_path, argv):
+    """One training step of gan.train(): the gradients each optimiser steps with, and the gradients of D's and G's
+    losses computed by hand through a copy of D's weights from before its update (the same fakes, conditions)."""
+    import copy
+    nets, seen, steps = {}, {}, []
+    build, d_loss, g_loss = gan.build_networks, gan.discriminator_loss, gan.generator_loss
+    monkeypatch.setattr(gan, "build_networks", lambda cfg: nets.update(build(cfg)) or nets)
+
+    def spy_d(disc, x, cond, fake, fake_cond):
+        seen["d0"] = copy.deepcopy(disc)                           # D before its update
+        out = d_loss(disc, x, cond, fake, fake_cond)
+        seen["d_grad"] = torch.autograd.grad(out[0], list(disc.parameters()), retain_graph=True)
+        return out
+
+    def spy_g(disc, fake, fake_cond, logit=None):
+        logit0 = seen["d0"](fake, fake_cond)
+        ref = F.binary_cross_entropy_with_logits(logit0, torch.ones_like(logit0))
+        seen["g_grad"] = torch.autograd.grad(ref, list(nets["generator"].parameters()), retain_graph=True)
+        return g_loss(disc, fake, fake_cond, logit)
+    monkeypatch.setattr(gan, "discriminator_loss", spy_d)
+    monkeypatch.setattr(gan, "generator_loss", spy_g)
+    hook = torch.optim.optimizer.register_optimizer_step_pre_hook(
+        lambda opt, *_: steps.append([p.grad.clone() for p in opt.param_groups[0]["params"]]))
+    try:
+        gan.train(gan.get_args(["--train", "--smoke", "--max-steps", "1", "--out", str(tmp_path), *argv]))
+    finally:
+        hook.remove()
+    return steps[:2], seen                                         # [D's, G's] (the schedulers do not step)
+
+
+@pytest.mark.parametrize("paper", [True, False])
+def test_paper_updates_d_and_g_simultaneously_from_the_old_weights(paper, monkeypatch, tmp_path):
+    """--paper, as m-wojnar/zdc gan.py step_fn: D's and G's gradients both come from the same forward pass with
+    the weights before this step (G's loss goes through D before D's update; D's gradient is its own loss's
+    only). The CPU default (alternating) takes G's gradient through the updated D."""
+    argv = ["--arch", "cnn", "--set", "dropout=0"] + (["--paper"] if paper else ["--set", "d_norm=batch"])
+    (d_step, g_step), seen = _one_step_gradients(monkeypatch, tmp_path, argv)
+    for got, want in zip(d_step, seen["d_grad"]):
+        torch.testing.assert_close(got, want)
+    same = [torch.allclose(got, want, rtol=1e-5, atol=1e-7) for got, want in zip(g_step, seen["g_grad"])]
+    assert all(same) if paper else not all(same)
+
+
+def test_postprocessing_fits_on_every_training_event_with_pp_samples_0(capsys):
+    """--paper's pp_samples=0: the scale is fitted on the whole training split (m-wojnar/zdc postprocessing.py)."""
+    class Split:                                                   # 40 training events
+        def cond(self, part):
+            return torch.randn(40, 9, generator=torch.Generator().manual_seed(0))
+
+        def counts(self, part):
+            return np.random.default_rng(0).poisson(2.0, (40, 44, 44)).astype(np.float32)
+    torch.manual_seed(0)
+    g = gan.build_model({**gan.DEFAULTS, "detector": "neutron", "width": 4})
+    for n, used in ((0, 40), (25, 25)):
+        assert 0.9 <= gan.postprocess_fit(g, Split(), n, "cpu", 0) <= 1.1
+        assert f"train W on {used} events" in capsys.readouterr().out

@@ -225,3 +225,32 @@ def test_the_vit_code_and_output_pass_gradient_when_dead():
     assert torch.equal(code, torch.zeros_like(code)) and torch.equal(out, torch.zeros_like(out))
     (out - x).pow(2).sum().backward()
     assert model.dec[2].unpatch.bias.grad.item() < 0 and model.enc[2].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("argv", [["--paper"], ["--paper", "--matching", "l2"], ["--paper", "--arch", "cnn"]])
+def test_paper_builds_the_authors_plain_relus(argv):
+    """--paper builds the authors' network (m-wojnar/zdc noise_generator_mse.py, architectures/vit.py): plain
+    ReLUs on the code, the decoder's output and the noise generator's output, no straight-through gradient. With
+    every input of the three below 0, all three outputs are exactly 0 and no gradient reaches the layers before
+    them; the CPU default's ViT (either matching) passes it straight through, as its noise generator does."""
+    torch.manual_seed(0)
+    x, c, z = torch.rand(3, 1, 44, 44), torch.randn(3, 9), torch.randn(3, sae_ng.NOISE)
+    for paper in (True, False):
+        a = sae_ng.get_args(["--train", "--smoke", *(argv if paper else ["--arch", "vit"] + argv[1:])])
+        assert a.straight_through is not paper
+        model = sae_ng.build_model(vars(a))
+        last_enc = [m for m in model.enc.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last_dec = [m for m in model.dec.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
+        with torch.no_grad():
+            for layer in (last_enc, last_dec, model.ng.out[-1]):
+                layer.bias.fill_(-100.0)
+        code, fake = model.encode(x), model.generate_code(z, c)
+        out = model.decode(torch.rand(3, sae_ng.CODE))
+        assert all(torch.equal(t, torch.zeros_like(t)) for t in (code, out, fake))
+        grads = torch.autograd.grad([code.sum(), out.sum(), fake.sum()],
+                                    [last_enc.weight, last_dec.weight, model.ng.out[-1].weight])
+        st = [g.abs().sum().item() > 0 for g in grads]
+        if paper:
+            assert st == [False, False, False]
+        elif a.arch == "vit":
+            assert st == [True, True, True]

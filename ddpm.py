@@ -18,7 +18,7 @@ steps (999, 979, ..., 19), no EMA; AdamW 2.8e-5, 100 epochs.
 
 Usage:
     python ddpm.py --train                      # ZN, CPU default: one epoch, ~15-20 min on 2 cores
-    python ddpm.py --train --paper              # the thesis' network size and training
+    python ddpm.py --train --paper              # the thesis' network (Appendix A), training, sampler
     python ddpm.py --eval --ckpt runs/ddpm/ckpt.pt --max-test 2000 --plot [--steps 25 --eta 0]
     python ddpm.py --eval --ckpt runs/ddpm/ckpt.pt --sweep --max-test 500 --reps 2 --plot   # steps x eta grid
     python ddpm.py --sample --ckpt runs/ddpm/ckpt.pt --n 1000 --out samples.npz

@@ -762,6 +762,10 @@ def add_common_args(p, name, detectors=None):
     g.add_argument("--particles", default=None, help="--sample: .npz of particles (N, 9 or 10) (default: test)")
     g.add_argument("--reps", type=int, default=5, help="--eval: repetitions with different seeds")
     g.add_argument("--max-test", type=int, default=10000, help="--eval: the first N test events (0: all)")
+    g.add_argument("--protocol", default="mean-of-reps", choices=["mean-of-reps", "pooled"],
+                   help="--eval: W as the mean of the repetitions' W, or one W of them pooled (the authors' code)")
+    g.add_argument("--channels", default="even", choices=["even", "odd"],
+                   help="--eval: channels 1-4 read the (row+col)-even pixels (DATA.md) or the odd ones")
     g.add_argument("--plot", action="store_true", help="--eval: also write sample grids, histograms (PNG)")
     g.add_argument("--export", default=None, metavar="PATH.onnx", help="the sampler as one ONNX graph, checked "
                    "against PyTorch (needs onnx, onnxruntime)")
@@ -850,7 +854,7 @@ def check_args(p, args):
 
 # flags that may change when a run is resumed; every other one comes from the checkpoint
 RESUMABLE = {"epochs", "max_steps", "device", "ckpt_every", "resume", "stage", "train", "sample", "eval", "out", "ckpt", "n",
-             "reps", "max_test", "plot", "particles", "smoke", "export"}
+             "reps", "max_test", "plot", "particles", "smoke", "export", "protocol", "channels"}
 
 
 def resume_args(args, ckpt):
@@ -1543,12 +1547,23 @@ def generator(sampler, device, amp=False):
     return generate
 
 
+def paper_line(script):
+    """The line every --paper run starts with: the script's DEVIATIONS (what --paper still does differently from
+    the publication), so that nobody mistakes a run for the publication's."""
+    dev, doc = getattr(script, "DEVIATIONS", ()), f"docs/fidelity/{script.NAME}.md"
+    if not dev:
+        return f"--paper: the publication's setting in every respect that {script.NAME}.py controls ({doc})"
+    return "--paper differs from the publication in: " + "; ".join(dev) + f" (details: {doc})"
+
+
 def main(script, argv=None):
     """Every model script's command line: `data.main(sys.modules[__name__])` under `if __name__ == "__main__"`.
     The script provides NAME, get_args(argv), train(args) -> checkpoint path, load_sampler(ck, args, device)
     -> its Sampler with the checkpoint's weights, and evaluate(args, ck, sampler, device); optionally
     write_samples(args, ck, sampler, device) where a sample file is not one response per particle."""
     args = script.get_args(argv)
+    if args.paper:
+        log(paper_line(script))
     try:
         if args.train:
             args.ckpt = str(script.train(args))

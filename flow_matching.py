@@ -45,10 +45,12 @@ DEFAULTS = dict(epochs=2, batch_size=128, lr=2e-3, unet="compact", width=4, mult
                 attn_levels=1, heads=1, t_max=1.0, betas=[0.9, 0.999], schedule="cosine", warmup="100",
                 grad_clip=1.0, ema=0.999, val_every=500)
 PAPER = dict(epochs=50, batch_size=256, lr=4.4e-4, unet="published", attn_levels=2, heads=2, t_max=0.99,
-             betas=[0.7, 0.88], schedule="constant", warmup="0", grad_clip=0.0, ema=0.0)
+             betas=[0.7, 0.88], schedule="constant", warmup="0", grad_clip=0.0, ema=0.0,
+             protocol="pooled", max_test=0)     # --eval: faster_zdc train.py, 5 pooled runs of the test split
 SMOKE = dict(limit=1500, width=2, max_steps=6, batch_size=32, max_test=200, reps=2, ckpt_every=3)
-PUBLISHED = {"unet": (77_372, "paper arXiv 2507.18811 and poster: 'a compact UNet with 77k parameters'; "
-                              "faster_zdc FMUnet: 77,372")}
+PUBLISHED = {"unet": (77_372, "arXiv 2507.18811, poster: 'a compact UNet with 77k parameters'; code: 77,372")}
+DEVIATIONS = ("float32 (the code's convs run in bfloat16: --amp)", "dense layers: untruncated LeCun init",
+              "the attention drops the condition token (the code: the first pixel, a one-pixel shift)")
 SAMPLER = dict(default=(4, "midpoint", "nearest"), paper=(11, "euler", "none"))   # (steps, solver, rounding)
 
 
@@ -417,8 +419,7 @@ def get_args(argv=None):
     g.add_argument("--sweep", type=data.positive_ints, metavar="STEPS",
                    help="--eval: quality against speed at these step counts, both solvers (e.g. 1,2,4,8)")
     args = data.parse(p, argv, DEFAULTS, PAPER, SMOKE)
-    mults, betas = args.mults, args.betas
-    steps = args.steps
+    mults, betas, steps = args.mults, args.betas, args.steps
     for bad, msg in [(steps is not None and steps <= 0, f"--steps must be positive (got {steps})"),
                      (not 1 <= len(mults) <= 5 or min(mults) <= 0, f"mults: 1-5 positive integers {mults}"),
                      (len(betas) != 2 or not all(0 <= b < 1 for b in betas), "betas takes b1,b2 in [0, 1)"),

@@ -78,14 +78,21 @@ import data
 # ----------------------------------------------------------------------------------------------------------
 
 
-def channel_masks(shape):
-    """(5, H, W) boolean masks of the 5 photomultiplier channels."""
+CHANNELS = ("even", "odd")
+
+
+def channel_masks(shape, channels="even"):
+    """(5, H, W) boolean masks of the 5 photomultiplier channels: channels 1-4 read the (row + col)-even pixels of
+    their quadrant and channel 5 the odd ones (DATA.md); channels="odd" swaps the two parities (the proton paper's
+    code, sin-gan-proton-aux-reg-1.py: --channels odd)."""
+    if channels not in CHANNELS:
+        raise ValueError(f"channels {channels!r}: use one of {', '.join(CHANNELS)}")
     H, W = shape
     h, w = H // 2, W // 2
     r, c = np.indices((H, W))
-    even = (r + c) % 2 == 0
+    quad_px = (r + c) % 2 == (0 if channels == "even" else 1)
     quads = [(r < h) & (c < w), (r < h) & (c >= w), (r >= h) & (c < w), (r >= h) & (c >= w)]
-    return np.stack([even & q for q in quads] + [~even])
+    return np.stack([quad_px & q for q in quads] + [~quad_px])
 
 
 def as_counts(x):
@@ -96,10 +103,10 @@ def as_counts(x):
     return x[:, 0] if x.ndim == 4 else x
 
 
-def channel_sums(counts):
-    """(N, 5) channel sums of raw counts (N, H, W)."""
+def channel_sums(counts, channels="even"):
+    """(N, 5) channel sums of raw counts (N, H, W) (channels: see channel_masks)."""
     counts = as_counts(counts)
-    m = channel_masks(counts.shape[1:]).reshape(5, -1).astype(np.float64)
+    m = channel_masks(counts.shape[1:], channels).reshape(5, -1).astype(np.float64)
     return counts.reshape(len(counts), -1) @ m.T
 
 
@@ -199,16 +206,18 @@ def diversity_error(true_total, gen_total, cond_id):
     return float(np.abs(sg - st).mean() / max(st.mean(), 1e-12))
 
 
-def score(true, gen, cond_id, pdg, cond=None, shower=True, seed=0, record=None):
+def score(true, gen, cond_id, pdg, cond=None, shower=True, seed=0, record=None, channels="even"):
     """Every metric of one repetition: generated `gen` vs `true`, event by event for the same conditions; with
     shower=True also the shower metrics (shower_scores: `cond` feeds the classifier, `seed` its fit). record: a
-    dict that receives the generated channel sums ("sums", float32) and the classifier's held-out scores."""
+    dict that receives the generated channel sums ("sums", float32) and the classifier's held-out scores.
+    channels: the channel convention of W, MAE and the recorded sums (channel_masks; the shower features keep
+    DATA.md's)."""
     true, gen = as_counts(true), as_counts(gen)
     if true.shape != gen.shape:
         raise ValueError(f"generated responses have shape {gen.shape}, expected {true.shape}")
     if not np.isfinite(gen).all():
         raise ValueError("generated responses contain NaN or inf")
-    st, sg = channel_sums(true), channel_sums(gen)
+    st, sg = channel_sums(true, channels), channel_sums(gen, channels)
     w_ch = wasserstein_1d(st, sg)
     out = dict(W=float(w_ch.mean()), **{f"W_ch{i + 1}": float(w) for i, w in enumerate(w_ch)},
                MAE=float(np.abs(st - sg).mean()), RMSE=float(np.sqrt(np.mean((true - gen) ** 2))),
@@ -440,7 +449,7 @@ def _collect(record, reps_records):
 
 @torch.no_grad()
 def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=None, part="test", progress=True,
-             keep=False, shower=True, record=None):
+             keep=False, shower=True, record=None, channels="even"):
     """Score `generate(cond (n, 9) float32 standardised, generator) -> raw counts (n, H, W)` on the test
     conditions, `reps` times with generator seeds seed, seed+1, ... Returns summarize() of the scores, and
     with keep=True also the generated responses of the first repetition (float32). shower=False skips the
@@ -461,7 +470,8 @@ def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=None, pa
         gen = np.concatenate(out)
         kept = gen.astype(np.float32) if keep and kept is None else kept
         recs.append({})
-        scores.append(score(true, gen, cid, pdg, cond[:, :9].numpy(), shower, seed=r, record=recs[-1]))
+        scores.append(score(true, gen, cid, pdg, cond[:, :9].numpy(), shower, seed=r, record=recs[-1],
+                            channels=channels))
         bar.set_postfix(W=f"{scores[-1]['W']:.3f}")
     bar.close()
     _collect(record, recs)
@@ -574,10 +584,10 @@ def load_sums(path):
     return a["idx"], a["cond_id"], a["true"].astype(np.float64), records
 
 
-def protocol_block(protocol, n_test, reps, n_boot):
+def protocol_block(protocol, n_test, reps, n_boot, channels="even"):
     """What produced a results row, recorded in every eval.json (rows of different protocols never share a
     table). Files without it predate protocol 2 (seed spread only, cubic KPD with the same-particle bias)."""
-    return dict(version=2, W=protocol, n_test=n_test, reps=reps,
+    return dict(version=2, W=protocol, n_test=n_test, reps=reps, channels=channels,
                 bootstrap=dict(draws=n_boot, resample="test particles (all events of a drawn particle)",
                                interval="95 %, normal with the bootstrap sd, centred on the estimate; "
                                         "ratios on the log scale"),
@@ -591,7 +601,7 @@ def run_eval(generate, split, path, args, name, extra=None):
     Beside the JSON, <stem>.sums.npz holds the per-event channel sums of every row (and the classifier's held-out
     scores), named in the JSON under "sums": `python metrics.py --compare A.json B.json` compares two models on
     the same events from them. Optional attributes of args: protocol ("mean-of-reps", the default, or "pooled":
-    which W the tables use), bootstrap (draws, default 200; 0 = none), eval_batch_size (generation batch; default_batch_size)."""
+    which W the tables use), channels ("even", the default, or "odd": channel_masks), bootstrap (draws, default 200; 0 = none), eval_batch_size (generation batch; default_batch_size)."""
     if getattr(args, "amp", False):
         path, name = path.with_name(f"{path.stem}_amp{path.suffix}"), f"{name} amp"
     protocol = getattr(args, "protocol", None) or "mean-of-reps"
@@ -599,18 +609,19 @@ def run_eval(generate, split, path, args, name, extra=None):
         raise ValueError(f"protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     n_boot = getattr(args, "bootstrap", N_BOOT)
     n_boot = N_BOOT if n_boot is None else n_boot
+    channels = getattr(args, "channels", None) or "even"
     max_test = args.max_test or None
     records = {"model": {}, "floor": {}, "lookup": {}}
     t0 = time.time()
     out = evaluate(generate, split, args.reps, args.seed, max_test, keep=args.plot, record=records["model"],
-                   batch_size=getattr(args, "eval_batch_size", None))
+                   batch_size=getattr(args, "eval_batch_size", None), channels=channels)
     row, kept = out if args.plot else (out, None)
     seconds = time.time() - t0
-    fl = floor(split, args.reps, max_test, record=records["floor"])
-    lk = lookup(split, args.reps, max_test, record=records["lookup"])
+    fl = floor(split, args.reps, max_test, record=records["floor"], channels=channels)
+    lk = lookup(split, args.reps, max_test, record=records["lookup"], channels=channels)
     records = {k: v if v else None for k, v in records.items()}
     idx = split.idx["test"][:max_test]
-    true_sums = channel_sums(split.ds.images[idx])
+    true_sums = channel_sums(split.ds.images[idx], channels)
     unc = uncertainty(boot_rows(true_sums, split.ds.cond_id[idx], records, n_boot)) if n_boot else None
     print(f"\n{split.ds.detector} detector, split '{split.mode}', {len(idx)} test events, {args.reps} repetitions "
           f"({seconds / args.reps / len(idx) * 1e3:.3f} ms per sample including metrics)")
@@ -622,7 +633,8 @@ def run_eval(generate, split, path, args, name, extra=None):
                   detector=split.ds.detector, data=split.ds.source, split=split.mode, n_test=len(idx),
                   reps=args.reps, n_shower=min(len(idx), SHOWER_N), seconds=seconds, command=" ".join(sys.argv),
                   amp=bool(getattr(args, "amp", False)),
-                  protocol=protocol_block(protocol, len(idx), args.reps, n_boot), uncertainty=unc, sums=sums.name,
+                  protocol=protocol_block(protocol, len(idx), args.reps, n_boot, channels), uncertainty=unc,
+                  sums=sums.name,
                   **(extra or {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_sums(sums, idx, split.ds.cond_id[idx], true_sums, records)
@@ -661,7 +673,7 @@ def uncertainty_text(unc, name="model"):
     return "\n".join(lines)
 
 
-def floor(split, reps=5, max_test=None, part="test", shower=True, record=None):
+def floor(split, reps=5, max_test=None, part="test", shower=True, record=None, channels="even"):
     """The noise floor: independent toy re-simulations of the test conditions, repetition r with simulator seed
     10,000 + r. None for real data. record: as in evaluate()."""
     if not split.ds.is_toy:
@@ -672,7 +684,8 @@ def floor(split, reps=5, max_test=None, part="test", shower=True, record=None):
     for r in range(reps):
         sim, below = data.resimulate(split.ds.particles[idx], split.ds.detector, 10_000 + r, split.ds.cut)
         recs.append({})
-        scores.append(dict(score(true, sim, cid, pdg, cond.numpy(), shower, seed=r, record=recs[-1]), below_cut=below))
+        scores.append(dict(score(true, sim, cid, pdg, cond.numpy(), shower, seed=r, record=recs[-1],
+                                 channels=channels), below_cut=below))
     _collect(record, recs)
     if record is not None:
         record["seeds"] = [10_000 + r for r in range(reps)]
@@ -695,14 +708,15 @@ def lookup_picks(split, reps=5, max_test=None, part="test"):
                                                    * count[nearest]).astype(int)]] for r in range(reps)])
 
 
-def lookup(split, reps=5, max_test=None, part="test", shower=True, record=None):
+def lookup(split, reps=5, max_test=None, part="test", shower=True, record=None, channels="even"):
     """Lookup baseline: a random training response of the nearest training condition (lookup_picks)."""
     idx, true, cond = test_part(split, max_test, part)
     cid, pdg = split.ds.cond_id[idx], split.ds.particles[idx, 9]
     scores, recs = [], []
     for r, pick in enumerate(lookup_picks(split, reps, max_test, part)):
         recs.append({})
-        scores.append(score(true, split.ds.images[pick], cid, pdg, cond.numpy(), shower, seed=r, record=recs[-1]))
+        scores.append(score(true, split.ds.images[pick], cid, pdg, cond.numpy(), shower, seed=r, record=recs[-1],
+                            channels=channels))
     _collect(record, recs)
     return summarize(scores)
 
@@ -928,8 +942,10 @@ def protocol_label(r):
         return ("protocol 1 (before issue 36): ± = std over the seeds on one fixed set of test events (test-set noise "
                 "left out), W = mean of the repetitions, KPD with the cubic kernel and the same-particle bias "
                 "(the floor below 0)")
+    odd = p.get("channels", "even") == "odd"
     return (f"protocol {p['version']}: W = {'mean of the repetitions' if p['W'] == 'mean-of-reps' else 'pooled over the repetitions'}, "
-            f"{p['reps']} repetitions, [95 % interval] from a bootstrap over test particles, {p['kpd']}")
+            f"{p['reps']} repetitions, [95 % interval] from a bootstrap over test particles, {p['kpd']}"
+            + (", channels 1-4 on the (row+col)-odd pixels (the proton paper's code)" if odd else ""))
 
 
 def headline_W(r, row="model"):
@@ -1200,7 +1216,7 @@ def table43(folder):
     for label, _, _, stem, cmd in TABLE43:
         lines.append(f"- {label}: `{stem}_neutron_random.json` (`python {cmd} --train`), "
                      f"`{stem}_vit_neutron_random.json` (`python {cmd} --arch vit --train`), "
-                     f"`{stem}_vdvae_neutron_random.json` (`python {cmd} --arch vdvae --width 64 --train`)")
+                     f"`{stem}_vdvae_neutron_random.json` (`python {cmd} --arch vdvae --set width=64 --train`)")
     lines += ["", "`bash tools/gpu_table43.sh` (`ARCH=vdvae bash tools/gpu_table43.sh`) trains the five ViT (thesis-CNN) "
               "runs side by side on one GPU (the same commands with --device cuda; the ViT runs took ~2 min each on "
               "an H200; on 2 CPU cores a ViT step costs ~5x a CNN step)."]
@@ -1278,11 +1294,17 @@ def compare(path_a, path_b, n_boot=N_BOOT, protocol=None, level=0.95):
         r = json.loads(p.read_text())
         if not r.get("sums"):
             raise ValueError(f"{p}: no per-event sums (a protocol-1 eval.json, written before issue 36): rerun its --eval")
-        files.append((p, r, load_sums(p.parent / r["sums"])))
+        sums = load_sums(p.parent / r["sums"])
+        if not sums[3].get("model"):
+            raise ValueError(f"{p}: no model row (a reference file holds the floor and the lookup only); a model's "
+                             "paired gaps to them are in its own eval.json, under 'uncertainty'")
+        files.append((p, r, sums))
     (pa, ra, (ia, ca, ta, reca)), (pb, rb, (ib, cb, tb, recb)) = files
     if not (np.array_equal(ia, ib) and ra.get("data") == rb.get("data") and ra.get("split") == rb.get("split")
             and ra.get("detector") == rb.get("detector")):
         raise ValueError(f"{pa} and {pb} are not on the same test events (data, detector, split and indices must match)")
+    if ra["protocol"].get("channels", "even") != rb["protocol"].get("channels", "even"):
+        raise ValueError(f"{pa} and {pb} use different channel conventions (--channels): their W do not compare")
     protos = {ra["protocol"]["W"], rb["protocol"]["W"]}
     if protocol is None and len(protos) > 1:
         raise ValueError(f"{pa} and {pb} use different W protocols ({', '.join(sorted(protos))}): pass --protocol")

@@ -44,3 +44,29 @@ def test_an_explicit_flag_beats_paper(name):
     b = mod.get_args(["--train", "--batch-size", "7", *flag])
     assert (b.batch_size, getattr(b, attr)) == (7, value)
     assert paper.epochs != default.epochs or paper.batch_size != default.batch_size   # --paper changes something
+
+
+@pytest.mark.parametrize("name", ["flow_matching", "vae"])
+def test_paper_evaluates_with_the_publications_protocol(name):
+    """--eval --paper: the authors' code scores the whole test split with its 5 generations pooled into one W;
+    an explicit flag still wins, and without --paper the project's protocol holds."""
+    mod = importlib.import_module(name)
+    a = mod.get_args(["--eval", "--paper", "--ckpt", "x.pt"])
+    assert (a.protocol, a.max_test, a.channels) == ("pooled", 0, "even")
+    a = mod.get_args(["--eval", "--paper", "--ckpt", "x.pt", "--protocol", "mean-of-reps", "--max-test", "50"])
+    assert (a.protocol, a.max_test) == ("mean-of-reps", 50)
+    a = mod.get_args(["--eval", "--ckpt", "x.pt"])
+    assert (a.protocol, a.max_test, a.channels) == ("mean-of-reps", 10000, "even")
+
+
+def test_a_paper_run_starts_with_its_deviations(capsys, monkeypatch):
+    import data
+    import flow_matching
+    line = data.paper_line(flow_matching)
+    assert all(d in line for d in flow_matching.DEVIATIONS) and "docs/fidelity/flow_matching.md" in line
+    monkeypatch.setattr(flow_matching, "train", lambda args: (_ for _ in ()).throw(SystemExit("stop")))
+    with pytest.raises(SystemExit):
+        data.main(flow_matching, ["--train", "--paper", "--smoke"])
+    assert capsys.readouterr().out.startswith("--paper differs from the publication in: ")
+    monkeypatch.setattr(flow_matching, "DEVIATIONS", ())
+    assert "in every respect" in data.paper_line(flow_matching)

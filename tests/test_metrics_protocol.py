@@ -365,3 +365,43 @@ def test_tables_never_mix_protocols(evals, tmp_path):
     u = new["uncertainty"]["model"]
     assert f"{u['W/floor']['value']:.2f} [{u['W/floor']['ci'][0]:.2f}, {u['W/floor']['ci'][1]:.2f}]" in vae
     assert p1.count("| lookup") == p2.count("| lookup") == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The publications' conventions (issue 35 item 7): channel parity, and --compare's refusals
+# ----------------------------------------------------------------------------------------------------------
+def test_channel_parity_known_answer():
+    img = np.zeros((1, 4, 6))
+    img[0, 0, 1] = 3.0                        # (row + col) odd, top-left quadrant
+    img[0, 3, 5] = 2.0                        # (row + col) even, bottom-right quadrant
+    np.testing.assert_array_equal(metrics.channel_sums(img)[0], [0, 0, 0, 2, 3])
+    np.testing.assert_array_equal(metrics.channel_sums(img, "odd")[0], [3, 0, 0, 0, 2])
+    for ch in metrics.CHANNELS:               # a partition of the image either way
+        np.testing.assert_array_equal(metrics.channel_masks((56, 30), ch).sum(0), np.ones((56, 30)))
+    with pytest.raises(ValueError, match="channels 'diagonal'"):
+        metrics.channel_masks((4, 4), "diagonal")
+
+
+def test_run_eval_records_the_channel_convention_and_compare_refuses_to_mix(evals, split):
+    folder, out = evals
+    args = SimpleNamespace(max_test=300, reps=2, seed=0, plot=False, channels="odd", bootstrap=20)
+    path = folder / "odd_neutron_random.json"
+    r = metrics.run_eval(resimulator(split, 1.4), split, path, args, "odd")
+    assert r["protocol"]["channels"] == "odd" and "odd pixels" in metrics.protocol_label(r)
+    assert "odd pixels" not in metrics.protocol_label(out["bright"][1])
+    idx, _, true, recs = metrics.load_sums(folder / r["sums"])
+    np.testing.assert_allclose(true, metrics.channel_sums(split.ds.images[idx], "odd"))
+    assert not np.allclose(true, metrics.channel_sums(split.ds.images[idx]))
+    with pytest.raises(ValueError, match="different channel conventions"):
+        metrics.compare(out["bright"][0], path, n_boot=20)
+
+
+def test_compare_explains_a_reference_file(evals, tmp_path):
+    folder, out = evals
+    idx, cid, true, recs = metrics.load_sums(folder / out["good"][1]["sums"])
+    metrics.save_sums(tmp_path / "reference.sums.npz", idx, cid, true, {"model": None, "floor": recs["floor"]})
+    ref = {k: v for k, v in out["good"][1].items() if k != "model"}
+    (tmp_path / "reference.json").write_text(json.dumps(dict(ref, sums="reference.sums.npz")))
+    r = subprocess.run([sys.executable, "metrics.py", "--compare", str(out["good"][0]), str(tmp_path / "reference.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no model row" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -24,7 +24,7 @@ SKELETON = [
     ('"""', True),
     ("# Configuration. Precedence: an explicit flag or --set > --smoke > --paper > CPU default", True),
     ("NAME = ", True), ("DEFAULTS = dict(", True), ("PAPER = dict(", True), ("SMOKE = dict(", True),
-    ("PUBLISHED = ", True),
+    ("PUBLISHED = ", True), ("DEVIATIONS = (", True),
     ("# The default network", True),
     ("def build_networks(cfg):", True),
     ("# The method", True),
@@ -73,6 +73,16 @@ def test_a_skeleton_check_catches_a_script_out_of_order(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     with pytest.raises(AssertionError, match="run = data.Run"):
         skeleton("moved")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_deviations_are_a_line_a_user_can_read(name):
+    """What --paper still does differently (issue 35): a tuple of short, distinct strings, printed at the start
+    of every --paper run together with the script's fidelity page."""
+    mod = __import__(name)
+    dev = mod.DEVIATIONS
+    assert isinstance(dev, tuple) and all(isinstance(d, str) and 0 < len(d) <= 110 for d in dev), dev
+    assert len(set(dev)) == len(dev) and (ROOT / "docs" / "fidelity" / f"{name}.md").exists()
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -13,7 +13,7 @@ Sampling integrates dz/dt = v from t = 0 to 1 (midpoint: two UNet calls per step
 decodes: counts = expm1(relu(dec(z))), then a Poisson draw around them (default) or as they are (--paper).
 An EMA of the UNet's weights samples.
 CPU default: 1 + 6 epochs, AdamW 2e-3 with cosine decay, EMA 0.999, midpoint 2 (4 UNet calls).
---paper: the published sizes (VAE 58k, UNet 129k parameters), 50 + 50 epochs, Adam one-cycle, Euler 8.
+--paper: VAE 58k parameters, the published UNet (Appendix A: 127,824), 50 + 50 epochs, one-cycle, Euler 8.
 
 Usage:
     python latent_fm.py --train                      # both stages, ZN (~26 min on 2 cores)
@@ -43,17 +43,24 @@ import metrics
 # Configuration. Precedence: an explicit flag or --set > --smoke > --paper > CPU default
 # ----------------------------------------------------------------------------------------------------------
 NAME = "latent_fm"
-DEFAULTS = dict(epochs=1, epochs2=6, batch_size=128, lr=2e-3, lr2=None, vae_width=20, width=20, heads=2,
-                kl=1e-3, t_max=1.0, betas=[0.9, 0.999], betas2=None, weight_decay=0.01, schedule="cosine",
-                warmup="100", grad_clip=1.0, ema=0.999, val_every=500)   # lr2, betas2 None: stage 1's
+DEFAULTS = dict(epochs=1, epochs2=6, batch_size=128, lr=2e-3, lr2=None, vae_width=20, unet="compact",
+                width=20, heads=2, kl=1e-3, t_max=1.0, betas=[0.9, 0.999], betas2=None, weight_decay=0.01,
+                schedule="cosine", warmup="100", grad_clip=1.0, ema=0.999, val_every=500)
 PAPER = dict(epochs=50, epochs2=50, batch_size=256, lr=2.3e-3, lr2=1.3e-3, vae_width=21, t_max=0.99,
              betas=[0.58, 0.75], betas2=[0.9, 0.6], weight_decay=0.0, schedule="onecycle", warmup="20%",
-             grad_clip=0.0, ema=0.0)
+             grad_clip=0.0, ema=0.0, unet="published", width=8,      # DEFAULTS: lr2, betas2 None = stage 1's
+             protocol="pooled", max_test=0)     # --eval: faster_zdc train.py, 5 pooled runs of the test split
 SMOKE = dict(limit=1500, vae_width=4, width=4, batch_size=32, max_steps=4, max_test=200, reps=2, ckpt_every=2)
 PUBLISHED = {"vae": (59_348, "poster: 'a size of 60k'; faster_zdc zdc/models/autoencoder/variational.py "
                              "VAE: 59,348"),
              "unet": (127_824, "faster_zdc latent_flow_matching.py LatentFMUnet: 127,824 (poster: latent FM "
                                "160k = UNet + decoder 30,888)")}
+DEVIATIONS = ("VAE: plain conv blocks at the published size, not the authors' residual/attention VAE",
+              "stage 1 without LPIPS and the pretrained-VGG16 hinge discriminator (no ImageNet weights here)",
+              "stage 1: sum-MSE + 1e-3 KL, not the code's mean-MSE (gradient normalised to 0.1) + KL",
+              "the decoder's output ReLU only when decoding to counts", "latents scaled to unit std",
+              "float32 (the code's convs run in bfloat16: --amp)", "dense layers: untruncated LeCun init",
+              "the attention drops the condition token (the code: the first pixel, a one-pixel shift)")
 ROUNDINGS = ("poisson", "nearest", "none")
 SOLVERS = ("euler", "midpoint")
 SAMPLER = dict(default=(2, "midpoint", "poisson"), paper=(8, "euler", "none"))   # (steps, solver, rounding)
@@ -93,11 +100,11 @@ class VAE(nn.Module):
         return self.dec(z)[..., :shape[0], :shape[1]]
 
 
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of t in [0, 1], rescaled to t * 1000."""
+def timestep_embedding(t, dim, scale=1000.0):
+    """Sinusoidal embedding of t in [0, 1], rescaled to t * scale (the published UNet: t itself)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-    a = 1000.0 * t[:, None].float() * freqs[None]
+    a = scale * t[:, None].float() * freqs[None]
     return torch.cat([a.sin(), a.cos()], 1)
 
 
@@ -158,8 +165,9 @@ class LatentUNet(nn.Module):
 
 
 def build_networks(cfg):
-    """{'vae': stage 1, 'unet': stage 2} described by a run's settings (or a checkpoint's)."""
-    return {"vae": VAE(cfg["vae_width"]), "unet": LatentUNet(width=cfg["width"], heads=cfg["heads"])}
+    """{'vae': stage 1, 'unet': stage 2 (published: Appendix A)} of a run's (or a checkpoint's) settings."""
+    unet = PublishedLatentUNet if cfg.get("unet") == "published" else LatentUNet
+    return {"vae": VAE(cfg["vae_width"]), "unet": unet(width=cfg["width"], heads=cfg["heads"])}
 
 
 def build_model(cfg):
@@ -358,6 +366,97 @@ def train(args):
         ema_update(ema, unet, args.ema, run.step)
         run.step_done(train_loss=loss)
     return run.finish()
+
+
+# ==========================================================================================================
+# Appendix A. The published latent UNet (--paper; --set unet=published alone): faster_zdc zdc/architectures/
+# unet.py, zdc/layers/conv.py at LatentFMUnet's settings (width 8, mults 1/2/4, one block): 127,824 parameters
+# ==========================================================================================================
+def pconv(cin, cout, k, stride=1, std=None):
+    """Bias-free 'same' convolution, weights N(0, std^2) with std = 1 / (cout k^2) unless given."""
+    c = nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False)
+    nn.init.normal_(c.weight, std=1 / (cout * k * k) if std is None else std)
+    return c
+
+
+def plin(cin, cout, std=None):
+    """Bias-free dense layer, LeCun-normal weights (flax's default) unless std is given."""
+    lin = nn.Linear(cin, cout, bias=False)
+    nn.init.normal_(lin.weight, std=cin ** -0.5 if std is None else std)
+    return lin
+
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of every pixel (flax's LayerNorm on NHWC images), eps 1e-6."""
+
+    def __init__(self, ch):
+        super().__init__(ch, eps=1e-6)
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class PubResBlock(nn.Module):
+    def __init__(self, cin, cout, emb):
+        super().__init__()
+        self.n1, self.c1 = ChannelNorm(cin), pconv(cin, cout, 3)
+        self.e = plin(emb, cout, std=0.01 / cout)             # the published 1x1 conv on the embedding
+        self.n2, self.c2 = ChannelNorm(cout), pconv(cout, cout, 3, std=1e-4 / cout)   # starts near identity
+        self.skip = pconv(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, e):
+        h = self.c1(F.silu(self.n1(x))) + F.silu(self.e(e))[:, :, None, None]
+        return self.skip(x) + self.c2(F.silu(self.n2(h)))
+
+
+class PubAttention(nn.Module):
+    """The condition embedding as one token after the d-channel pixels; LayerNorm, bias-free attention with
+    `ch` query/key/value features and output back to d, residual; the token is dropped."""
+
+    def __init__(self, d, ch, emb, heads):
+        super().__init__()
+        self.tok, self.norm, self.heads = plin(emb, d), nn.LayerNorm(d, eps=1e-6), heads
+        self.qkv, self.out = plin(d, 3 * ch), plin(ch, d, std=0.2 / ch ** 0.5)
+
+    def forward(self, x, c):
+        B, D, H, W = x.shape
+        s = torch.cat([x.flatten(2).transpose(1, 2), self.tok(c)[:, None]], 1)          # (B, HW + 1, D)
+        q, k, v = self.qkv(self.norm(s)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        s = s + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return s[:, :-1].transpose(1, 2).reshape(B, D, H, W)
+
+
+class PublishedLatentUNet(nn.Module):
+    """Levels of w, 2w, 4w channels, one residual block each (the time embedding into every block); the
+    condition enters only as the attention token: before the middle level's block (down, and up on the
+    concatenation with the skip) and in the bottleneck. Skips: every block's and attention's output."""
+
+    def __init__(self, zc=4, width=8, heads=2, n_cond=9):
+        super().__init__()
+        c1, c2, c3, E = width, 2 * width, 4 * width, 2 * width
+        self.t_mlp = nn.Sequential(plin(c1, E), nn.SiLU(), plin(E, E))
+        self.c_mlp = nn.Sequential(plin(n_cond, E), nn.SiLU(), plin(E, E))
+        self.inp, self.d1, self.down1 = pconv(zc, c1, 3), PubResBlock(c1, c1, E), pconv(c1, c1, 3, stride=2)
+        self.a2, self.d2 = PubAttention(c1, c2, E, heads), PubResBlock(c1, c2, E)
+        self.down2 = pconv(c2, c2, 3, stride=2)
+        self.d3, self.m1 = PubResBlock(c2, c3, E), PubResBlock(c3, c3, E)
+        self.am, self.m2 = PubAttention(c3, c3, E, heads), PubResBlock(c3, c3, E)
+        self.u3, self.up3 = PubResBlock(2 * c3, c3, E), pconv(c3, c3, 3)          # after a nearest x2
+        self.ua2, self.u2 = PubAttention(c2 + c3, c2, E, heads), PubResBlock(c1 + c2 + c3, c2, E)
+        self.up2, self.u1 = pconv(c2, c2, 3), PubResBlock(c1 + c2, c1, E)
+        self.out = nn.Sequential(ChannelNorm(c1), nn.SiLU(), pconv(c1, zc, 1))
+
+    def forward(self, z, t, cond):
+        c, e = self.c_mlp(cond), self.t_mlp(timestep_embedding(t, self.inp.out_channels, scale=1.0))
+        h1 = self.d1(self.inp(z), e)
+        a2 = self.a2(self.down1(h1), c)
+        h2 = self.d2(a2, e)
+        h3 = self.d3(self.down2(h2), e)
+        h = self.u3(torch.cat([h3, self.m2(self.am(self.m1(h3, e), c), e)], 1), e)
+        h = self.up3(F.interpolate(h, scale_factor=2.0))[..., :h2.shape[-2], :h2.shape[-1]]
+        h = self.u2(torch.cat([a2, self.ua2(torch.cat([h2, h], 1), c)], 1), e)
+        h = self.up2(F.interpolate(h, scale_factor=2.0))[..., :h1.shape[-2], :h1.shape[-1]]
+        return self.out(self.u1(torch.cat([h1, h], 1), e))
 
 
 # ==========================================================================================================

@@ -48,15 +48,19 @@ DEFAULTS = dict(epochs=1, epochs2=1, batch_size=128, lr=2e-3, d_lr=2e-3, lr2=2e-
                 d_width=16, codes=512, code_dim=8, vq_decay=0.99, dead_below=0.01, beta=0.25, adv=0.1,
                 clip=1.0, embed=64, heads=4, layers=4, mlp=256, dropout=0.0, prefix=4, betas=[0.5, 0.9],
                 d_betas=[0.5, 0.9], betas2=[0.9, 0.95], eps2=1e-8, wd2=0.01, warmup=0.2, warmup2=0.33)
-# faster_zdc: vq_gan.py (optimisers, loss weights), gpt.py (GPT, its AdamW), utils/nn.py (one-cycle schedule,
-# 50 epochs, batch 256), architectures/conv.py (tokenizer)
+# faster_zdc vq_gan.py, gpt.py, utils/nn.py, utils/train.py (--eval), architectures/conv.py: docs/fidelity
 PAPER = dict(epochs=50, epochs2=50, batch_size=256, lr=2.2e-4, d_lr=1.3e-6, lr2=5.2e-3, embed=128, layers=6,
              dropout=0.1, prefix=2, adv=1.0, dead_below=0.0, clip=0.0, betas=[0.67, 0.9], d_betas=[0.6, 0.55],
-             betas2=[0.87, 0.998], eps2=1e-5, wd2=0.14)
+             betas2=[0.87, 0.998], eps2=1e-5, wd2=0.14, protocol="pooled", max_test=0)
 SMOKE = dict(limit=1500, ae_width=2, d_width=4, embed=16, layers=2, mlp=32, batch_size=32, codes=64,
              max_steps=4, max_test=200, reps=2, ckpt_every=2)
-PUBLISHED = {"tokenizer": (59_924, "arXiv 2507.18811 improved VQ-GAN; faster_zdc vq_gan.py VQVAE (channels "
-                                   "4, multipliers 2/3/4, 2 res blocks, 2 heads, 8-d codes)")}
+PUBLISHED = {"tokenizer": (59_924, "arXiv 2507.18811 VQ-GAN; faster_zdc vq_gan.py VQVAE, width 4, 8-d codes")}
+DEVIATIONS = ("no LPIPS perceptual term (it needs ImageNet VGG16 weights and LPIPS's trained heads)",
+              "D: a patch conv net from scratch, not the pretrained VGG16 (its lr 1.3e-6 was tuned for that)",
+              "GPT condition: 2 learned prefix embeddings, not the 2 tokens of the authors' condition VQ-VAE",
+              "decoder output ReLU only when decoding to counts", "EMA codebook counts start at 1, not 0",
+              "float32 (the code's layers run in bfloat16: --amp)",
+              "init: torch's defaults but for the residual blocks' last conv (the code: N(0, 1/(c k^2)))")
 # --arch vit: the thesis' VQ tokenizer at its 1M size (Table 4.5: 4 blocks, 4 heads, token width 96;
 # Sec. 4.10: codebook 256), over the presets (--set still wins)
 VIT = dict(codes=256, code_dim=256, ae_width=96, blocks=4)

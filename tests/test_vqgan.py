@@ -144,6 +144,25 @@ def test_paper_is_the_published_setting_and_explicit_flags_win():
     assert (c.embed, c.layers, c.lr, c.clip, c.epochs) == (32, 4, 2e-3, 1.0, 1)            # explicit > default
 
 
+def test_paper_prints_its_deviations_and_evaluates_as_the_authors(capsys, monkeypatch):
+    """Issue 35 items 7-8: a --paper run starts with the list of what it still does differently (LPIPS and the
+    pretrained VGG16 discriminator first); --eval --paper scores as faster_zdc's train_loop does: the whole
+    test split, the 5 generations pooled into one W."""
+    line = data.paper_line(vq)
+    assert all(d in line for d in vq.DEVIATIONS) and "docs/fidelity/vqgan.md" in line
+    assert "LPIPS" in vq.DEVIATIONS[0] and "VGG16" in vq.DEVIATIONS[1] and all(len(d) <= 100 for d in vq.DEVIATIONS)
+    monkeypatch.setattr(vq, "train", lambda args: (_ for _ in ()).throw(SystemExit("stop")))
+    with pytest.raises(SystemExit):
+        data.main(vq, ["--train", "--paper", "--smoke"])
+    assert capsys.readouterr().out.startswith("--paper differs from the publication in: no LPIPS")
+    a = vq.get_args(["--eval", "--paper", "--ckpt", "x.pt"])
+    assert (a.protocol, a.max_test, a.channels) == ("pooled", 0, "even")
+    a = vq.get_args(["--eval", "--paper", "--ckpt", "x.pt", "--protocol", "mean-of-reps", "--max-test", "50"])
+    assert (a.protocol, a.max_test) == ("mean-of-reps", 50)                       # an explicit flag wins
+    a = vq.get_args(["--eval", "--ckpt", "x.pt"])
+    assert (a.protocol, a.max_test, a.channels) == ("mean-of-reps", 10000, "even")
+
+
 def test_one_cycle_schedule_known_values():
     """The reference schedule: 1/25 of the peak at step 0, the peak after the warm-up, 1/25000 at the end."""
     assert vq.one_cycle(0, 1000, 0.2) == pytest.approx(1 / 25)

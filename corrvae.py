@@ -5,20 +5,20 @@ Papers: CorrVAE (Wang et al., NeurIPS 2022, arXiv 2210.01796) as applied to ZN i
 The one model here that samples with a requested property: a shower's position, photon sum or size.
 
 Method. An encoder q(z, w | x, c) gives diagonal Gaussians over z (prior N(0, I)) and w (prior p(w | c), an
-MLP on the 9 features c); the decoder draws x = log1p(counts) from (z, w) alone. Four properties y (centre of
-gravity x, y; log1p photon sum; log1p lit pixels; standardised) are read from w through a mask m (a hard
-Gumbel sample of logits L in training, their mode at sampling) and invertible predictors f_j:
+MLP on the 9 features c); the decoder draws x = log1p(counts) from (z, w) alone. Properties y (`controlled`:
+centre of gravity x, y; log1p photon sum; log1p lit pixels; standardised) are read from w through a mask m (a
+hard Gumbel sample of logits L in training, their mode at sampling) and invertible predictors f_j:
     u_j = a_j . (m_j * w) + b_j,  y_j = f_j(u_j) = u_j + g_j(u_j),  Lip(g_j) <= 0.5,  f_j^-1: u <- y - g_j(u),
-    loss = ||dec(z, w) - x||^2 + beta (KL(q(z) || N(0, I)) + KL(q(w) || p(w | c))) + tc (TC(w) + TC(z, w))
-           + prop ||f(w) - y||^2 + mask sum sigmoid(L) + consist ||props(dec(z, w)) - y||^2
-           + consist_prior ||props(dec(z', w')) - f(w')||^2,   z' ~ N(0, I), w' ~ p(w | c).
+    loss = ||dec(z, w) - x||^2 + beta_t (KL(q(z) || N(0, I)) + KL(q(w) || p(w | c))) + tc (TC(w) + TC(z, w))
+           + prop ||f(w) - y||^2 + mask_t sum sigmoid(L) + consist ||props(dec(z, w)) - y||^2 (ours)
+           + consist_prior ||props(dec(z', w')) - f(w')||^2 (ours),   z' ~ N(0, I), w' ~ p(w | c);
+    beta_t, mask_t: constant, or (--paper) the authors' ramp: KL off for 100k steps, then up to beta.
 Sampling: z ~ N(0, I), w ~ p(w | c), counts = expm1(dec(z, w)). A request (--props) inverts each y_j to u_j
-and moves the prior draw w0 by the least change that gives them: w = w0 + pinv(A) (u - A w0 - b), with rows
-A_j = a_j * m_j.
+and moves the prior draw w0 by the least change giving them: w = w0 + pinv(A) (u - A w0 - b), A_j = a_j m_j.
 
 Usage:
     python corrvae.py --train                        # ZN, CPU default: 2 epochs (3,064 steps), runs/corrvae
-    python corrvae.py --train --paper                # the authors' optimiser, batch and schedule (250 epochs)
+    python corrvae.py --train --paper                # the authors' objective, optimiser, batch (250 epochs)
     python corrvae.py --sample --ckpt runs/corrvae/ckpt.pt --n 1000 --out samples.npz
     python corrvae.py --sample --ckpt runs/corrvae/ckpt.pt --props "cog_x=10,sum=500" --out steered.npz
     python corrvae.py --eval --ckpt runs/corrvae/ckpt.pt --max-test 2000 --plot   # with the control table
@@ -44,14 +44,24 @@ import metrics
 # Configuration. Precedence: an explicit flag or --set > --smoke > --paper > CPU default
 # ----------------------------------------------------------------------------------------------------------
 NAME = "corrvae"
+PROPS = ["cog_x", "cog_y", "sum", "n_lit"]          # the properties a run may control, natural units
 DEFAULTS = dict(epochs=2, batch_size=128, lr=1e-3, width=8, hidden=64, z_dim=8, w_dim=8, schedule="cosine",
-                beta=4.0, tc=1.0, prop=100.0, consist=10.0, consist_prior=10.0, mask=1.0, tau=0.2,
-                val_every=500)
-PAPER = dict(epochs=250, batch_size=64, lr=1e-4, width=16, hidden=128, z_dim=8, w_dim=8, schedule="step")
+                controlled=list(PROPS), beta=4.0, kl_schedule="constant", tc=1.0, prop=100.0, consist=10.0,
+                consist_prior=10.0, mask=1.0, tau=0.2, clip=100.0, val_every=500)
+PAPER = dict(epochs=250, batch_size=64, lr=1e-4, width=16, hidden=128, z_dim=8, w_dim=8, schedule="step",
+             controlled=["cog_x", "cog_y"], beta=6.4, kl_schedule="ramp", tc=6.4e-5, consist=0.0,
+             consist_prior=0.0, clip=0.0, max_test=0, reps=3)
 SMOKE = dict(limit=1500, width=4, hidden=16, batch_size=32, max_steps=6, max_test=200, reps=2, ckpt_every=3,
              n_control=100)
 PUBLISHED = {}   # neither the poster nor the CorrVAE paper states a parameter count for the ZDC networks
-PROPS = ["cog_x", "cog_y", "sum", "n_lit"]          # the controllable properties, natural units
+DEVIATIONS = ("no condition latent c (so no TC(w, c), TC(c, z), sum/max-pixel loss on c): prior p(w | c)",
+              "sampling draws w ~ p(w | c) (authors: w fitted to the centre an XGBoost predicts from c)",
+              "the house conv encoder/decoder (1.03M parameters; the authors' 4x4-conv pair: about 1.4M)",
+              "linear mask pooling a.(m*w)+b, tanh residual predictor (authors: 8-16-1 MLP, sigmoid)",
+              "centre of gravity standardised, prop weight 100 (authors: [0, 1] targets, ~50 in our units)",
+              "mask penalty sum sigmoid(L), one logit an entry (authors: L1 of their two-class logits)",
+              "TC by the plain minibatch estimator (authors: with stratified importance weights)",
+              "Gumbel temperature x0.1 per 10 epochs, smoothly (authors: in steps at epochs 9, 19, ...)")
 PROP_FEATURE = [metrics.FEATURES.index(p) for p in PROPS]
 LOG_PROPS = [2, 3]                                   # trained on log1p of the sum and the lit-pixel count
 
@@ -150,14 +160,16 @@ class Predictor(nn.Module):
 
 
 class CorrVAE(nn.Module):
-    def __init__(self, shape, width=8, hidden=64, z_dim=8, w_dim=8, n_cond=9):
+    def __init__(self, shape, width=8, hidden=64, z_dim=8, w_dim=8, n_cond=9, controlled=PROPS):
         super().__init__()
         self.z_dim = z_dim
         self.w_dim = w_dim
+        self.controlled = list(controlled)                                 # the properties w carries
+        self.cols = [PROPS.index(p) for p in self.controlled]              # their columns of PROPS
         self.encoder = Encoder(shape, width, hidden, z_dim, w_dim, n_cond)
         self.decoder = Decoder(shape, width, hidden, z_dim + w_dim)
         self.prior = mlp(n_cond, hidden, 2 * w_dim)                       # p(w | c)
-        self.predictor = Predictor(len(PROPS), w_dim)
+        self.predictor = Predictor(len(self.controlled), w_dim)
 
     def prior_w(self, cond):
         mu, logvar = self.prior(cond).chunk(2, 1)
@@ -171,16 +183,30 @@ def build_networks(cfg):
 
 def build_model(cfg):
     """The network described by a run's settings (or a checkpoint's)."""
-    return CorrVAE(data.SHAPES[cfg["detector"]], cfg["width"], cfg["hidden"], cfg["z_dim"], cfg["w_dim"])
+    return CorrVAE(data.SHAPES[cfg["detector"]], cfg["width"], cfg["hidden"], cfg["z_dim"], cfg["w_dim"],
+                   controlled=cfg.get("controlled", PROPS))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The method: loss, properties, steering and sampler
 # ----------------------------------------------------------------------------------------------------------
-def corrvae_loss(model, x, cond, y, generator, cfg, tau=1.0, stats=None):
-    """(loss, dict of its terms) of a batch, each term averaged over the batch. y: standardised properties (n, 4);
-    stats: (mean, std) tensors of the property scaling, needed when cfg["consist"] > 0.
-    generator=None: posterior means and the mode of the mask (validation)."""
+def loss_weights(cfg, step=None, off=100_000):
+    """(KL weight, mask weight) at a 0-based training step (None: at the end). kl_schedule 'constant': beta,
+    mask. 'ramp' (the authors' utils/loss.py): `off` steps of no KL and the mask term; then no mask term and
+    a KL weight of beta w_kl / 1e5, their counter w_kl = 100 + 1 before each use (101 first), up to 1e5."""
+    if cfg.get("kl_schedule", "constant") == "constant":
+        return cfg["beta"], cfg["mask"]
+    if step is not None and step < off:
+        return 0.0, cfg["mask"]
+    return cfg["beta"] * (1.0 if step is None else min(1.0, (step - off + 101) / 1e5)), 0.0
+
+
+def corrvae_loss(model, x, cond, y, generator, cfg, tau=1.0, stats=None, step=None):
+    """(loss, dict of its terms) of a batch, each term averaged over the batch. y: the controlled properties,
+    standardised (n, k); stats: (mean, std) tensors of all PROPS' scaling, needed when cfg["consist"] > 0;
+    step: for loss_weights. generator=None: posterior means and the mode of the mask (validation)."""
+    cols = [PROPS.index(p) for p in cfg.get("controlled", PROPS)]
+    beta, mask_weight = loss_weights(cfg, step)
     (mz, lz), (mw, lw) = model.encoder(x, cond)
     if generator is None:
         z, w = mz, mw
@@ -189,22 +215,24 @@ def corrvae_loss(model, x, cond, y, generator, cfg, tau=1.0, stats=None):
         w = mw + data.noise(mw.shape, generator, x.device) * (0.5 * lw).exp()
     dec = model.decoder(torch.cat([z, w], 1))
     rec = (dec - x).pow(2).flatten(1).sum(1).mean()
-    consist = (image_properties(dec, *stats) - y).pow(2).mean(0).sum() if cfg.get("consist", 0) > 0 else rec.new_zeros(())
+    consist = rec.new_zeros(())
+    if cfg.get("consist", 0) > 0:                                   # ours: the decoded image holds them
+        consist = (image_properties(dec, *stats)[:, cols] - y).pow(2).mean(0).sum()
     kl = gaussian_kl(mz, lz).sum(1).mean() + gaussian_kl(mw, lw, *model.prior_w(cond)).sum(1).mean()
     tc_w, tc_zw = total_correlations(z, (mz, lz), w, (mw, lw)) if cfg["tc"] > 0 else (x.new_zeros(()),) * 2
     mask = model.predictor.mask(generator, tau)
     prop = (model.predictor(w, mask) - y).pow(2).mean(0)
     sparsity = torch.sigmoid(model.predictor.logits).sum()
-    loss = rec + cfg["beta"] * kl + cfg["tc"] * (tc_w + tc_zw) + cfg["prop"] * prop.sum() + cfg["mask"] * sparsity
+    loss = rec + beta * kl + cfg["tc"] * (tc_w + tc_zw) + cfg["prop"] * prop.sum() + mask_weight * sparsity
     loss = loss + cfg.get("consist", 0) * consist
     prior_term = rec.new_zeros(())
-    if cfg.get("consist_prior", 0) > 0 and generator is not None:   # the decoder on the samples it will draw
+    if cfg.get("consist_prior", 0) > 0 and generator is not None:   # ours: the same on prior draws
         mu_p, lv_p = model.prior_w(cond)
         w_p = (mu_p + data.noise(mu_p.shape, generator, x.device) * (0.5 * lv_p).exp()).detach()
         z_p = data.noise(z.shape, generator, x.device)
         promised = model.predictor(w_p, model.predictor.mask()).detach()   # what sampling (mode mask) promises
         dec_p = model.decoder(torch.cat([z_p, w_p], 1))
-        prior_term = (image_properties(dec_p, *stats) - promised).pow(2).mean(0).sum()
+        prior_term = (image_properties(dec_p, *stats)[:, cols] - promised).pow(2).mean(0).sum()
         loss = loss + cfg["consist_prior"] * prior_term
     return loss, dict(rec=rec, kl=kl, tc=tc_w + tc_zw, prop=prop.sum(), sparsity=sparsity, consist=consist,
                       consist_prior=prior_term)
@@ -272,7 +300,7 @@ def unscale(y, mean, std):
 
 
 def steer(model, w0, target):
-    """w closest to w0 whose pooled values give the standardised properties `target` (n, 4), NaN = free: each
+    """w closest to w0 whose pooled values give the standardised properties `target` (n, k), NaN = free: each
     set y_j is inverted to u_j, then w = w0 + pinv(A) (u - A w0 - b) with rows A_j = a_j * m_j (masked
     dimensions)."""
     cols = ~torch.isnan(target).all(0)
@@ -289,9 +317,9 @@ def steer(model, w0, target):
 
 class Sampler(data.Sampler):
     """The sampler as one module (bench.py, --export): counts from cond (n, 9), z (n, z_dim) and the prior's
-    standard normal eps_w (n, w_dim), w = mu(c) + eps_w sigma(c). `target` (n, 4; standardised, NaN = free)
-    steers w; without it, the sampler's own `request` (4,) (--sample --props) steers every event. Neither is
-    exported."""
+    standard normal eps_w (n, w_dim), w = mu(c) + eps_w sigma(c). `target` (n, k; the k controlled properties,
+    standardised, NaN = free) steers w; without it, the sampler's own `request` (k,) (--sample --props) steers
+    every event. Neither is exported."""
 
     def __init__(self, model, request=None):
         super().__init__()
@@ -314,8 +342,8 @@ class Sampler(data.Sampler):
 @torch.no_grad()
 def sample(model, cond, generator=None, target=None):
     """Raw photon counts (n, H, W) for standardised conditions `cond` (n, 9): z ~ N(0, I), w ~ p(w | c), and
-    with `target` (n, 4; standardised properties, NaN = free) w steered to them. Noise is drawn on the CPU
-    from `generator` and moved to the model's device, so a seed gives the same samples on any device."""
+    with `target` (n, k; the controlled properties, standardised, NaN = free) w steered to them. Noise is
+    drawn on the CPU from `generator` and moved to the model's device: a seed gives one sample anywhere."""
     s = Sampler(model)
     return s(cond, *s.draw(len(cond), generator, cond.device).values(), target)
 
@@ -340,10 +368,11 @@ def train(args):
     y_nat[:, LOG_PROPS] = np.log1p(y_nat[:, LOG_PROPS])
     prop_mean = y_nat.mean(0)
     prop_std = np.maximum(y_nat.std(0), 1e-6)
-    y_tr = torch.as_tensor((y_nat - prop_mean) / prop_std, dtype=torch.float32)
+    cols = [PROPS.index(p) for p in args.controlled]                    # the properties w carries
+    y_tr = torch.as_tensor(((y_nat - prop_mean) / prop_std)[:, cols], dtype=torch.float32)
     x_va, c_va = split.x("val")[:2000], split.cond("val")[:2000]
     y_va_nat = properties(split.counts("val")[:2000])
-    y_va = torch.as_tensor(scale(y_va_nat, prop_mean, prop_std), dtype=torch.float32)
+    y_va = torch.as_tensor(scale(y_va_nat, prop_mean, prop_std)[:, cols], dtype=torch.float32)
     stats = tuple(torch.as_tensor(v, dtype=torch.float32, device=dev) for v in (prop_mean, prop_std))
     model = build_model(cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -375,11 +404,12 @@ def train(args):
     for x, c, y in run.batches((x_tr, c_tr, y_tr)):
         tau = args.tau * 0.1 ** (run.step / (10 * run.steps_per_epoch))   # Gumbel: x0.1 per 10 epochs
         with data.autocast(dev, args.amp):
-            loss, terms = corrvae_loss(net, x, c, y, noise, cfg, tau, stats)   # DDP = 1 process exactly
+            loss, terms = corrvae_loss(net, x, c, y, noise, cfg, tau, stats, run.step)   # DDP = 1 process
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(model.parameters(), 100.0)
+        if args.clip > 0:                                               # ours: the authors do not clip
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         scaler.step(opt)
         scaler.update()
         sched.step()
@@ -400,11 +430,15 @@ def get_args(argv=None):
     for k in ("width", "hidden", "z_dim", "w_dim", "tau", "n_control"):
         if not getattr(args, k) > 0:
             p.error(f"{k} must be positive (got {getattr(args, k)})")
-    for k in ("beta", "tc", "prop", "mask", "consist", "consist_prior"):
+    for k in ("beta", "tc", "prop", "mask", "consist", "consist_prior", "clip"):
         if not getattr(args, k) >= 0:
             p.error(f"{k} must be >= 0 (got {getattr(args, k)})")
-    if args.schedule not in ("cosine", "step"):
-        p.error(f"schedule is cosine or step, not {args.schedule!r}")
+    for k, ok in (("schedule", ("cosine", "step")), ("kl_schedule", ("constant", "ramp"))):
+        if getattr(args, k) not in ok:
+            p.error(f"{k} is {' or '.join(ok)}, not {getattr(args, k)!r}")
+    names = args.controlled or []
+    if not names or len(set(names)) < len(names) or set(names) - set(PROPS):
+        p.error(f"controlled: distinct names among {', '.join(PROPS)} (got {','.join(names)})")
     if args.props is not None:
         if not args.sample or args.export:
             p.error("--props goes with --sample, and not with --export (the exported sampler is unsteered)")
@@ -445,8 +479,10 @@ def load_sampler(ck, args, device):
         if not 0 <= args.props.get(name, 0) <= hi:
             raise data.DataError(f"--props {name}={args.props[name]}: must lie in [0, {hi}] (pixels) on this "
                                  "detector")
+    if set(args.props) - set(model.controlled):
+        raise data.DataError(f"--props: this checkpoint controls {', '.join(model.controlled)} only")
     y = np.array([[args.props.get(k, np.nan) for k in PROPS]])
-    request = torch.as_tensor(scale(y, ck["prop_mean"], ck["prop_std"])[0], dtype=torch.float32)
+    request = torch.as_tensor(scale(y, ck["prop_mean"], ck["prop_std"])[0, model.cols], dtype=torch.float32)
     print("requested: " + ", ".join(f"{k}={v:g}" for k, v in args.props.items()))
     return Sampler(model, request)
 
@@ -462,7 +498,8 @@ def evaluate(args, ck, sampler, device):
     path = Path(args.ckpt or Path(args.out) / "ckpt.pt").with_name("eval.json")
     mask = model.predictor.mask().int().tolist()
     result = metrics.run_eval(data.generator(Sampler(model), device, args.amp), split, path, args, NAME,
-                              dict(control=ctrl, n_control=k, mask=dict(zip(PROPS, mask)), properties=PROPS,
+                              dict(control=ctrl, n_control=k, mask=dict(zip(model.controlled, mask)),
+                                   properties=model.controlled,
                                    n_params=ck["n_params"], train_steps=ck["step"]))
     if args.plot:
         plot_traversal(model, cond[:1].to(device), ck, path.with_suffix(".traversal.png"), args.seed)
@@ -476,28 +513,28 @@ def rank_corr(a, b):
 
 
 def control(model, cond, y_test, prop_mean, prop_std, device, seed=0):
-    """Control accuracy: for each property, requests drawn from the test values (shuffled with `seed`), one
-    property at a time; Spearman and MAE (natural units) of achieved vs requested, and the same for unsteered
-    samples. Returns {property: dict(rho, mae, rho_free, mae_free)}."""
+    """Control accuracy: for each controlled property, requests drawn from the test values y_test (n, 4;
+    shuffled with `seed`), one at a time; Spearman and MAE (natural units) of achieved vs requested, and the
+    same for unsteered samples. Returns {property: dict(rho, mae, rho_free, mae_free)}."""
     rng = np.random.default_rng(seed)
     free = properties(torch.cat([sample(model, c.to(device), torch.Generator().manual_seed(seed)).cpu()
                                  for c in torch.split(cond, 1024)]))
     out = {}
-    for j, name in enumerate(PROPS):
+    for j, (name, col) in enumerate(zip(model.controlled, model.cols)):
         req = y_test[rng.permutation(len(y_test))]
-        t = torch.full((len(cond), len(PROPS)), float("nan"))
-        t[:, j] = torch.as_tensor(scale(req, prop_mean, prop_std)[:, j], dtype=torch.float32)
+        t = torch.full((len(cond), len(model.cols)), float("nan"))
+        t[:, j] = torch.as_tensor(scale(req, prop_mean, prop_std)[:, col], dtype=torch.float32)
         g = torch.Generator().manual_seed(seed)
         got = properties(torch.cat([sample(model, c.to(device), g, tt).cpu()
                                     for c, tt in zip(torch.split(cond, 1024), torch.split(t, 1024))]))
-        r, a, f = req[:, j], got[:, j], free[:, j]
+        r, a, f = req[:, col], got[:, col], free[:, col]
         out[name] = dict(rho=rank_corr(r, a), mae=float(np.abs(r - a).mean()),
                          rho_free=rank_corr(r, f), mae_free=float(np.abs(r - f).mean()))
     return out
 
 
 def print_control(ctrl):
-    print(f"\ncontrol accuracy ({', '.join(PROPS)} requested one at a time; MAE in pixels / photons / "
+    print(f"\ncontrol accuracy ({', '.join(ctrl)} requested one at a time; MAE in pixels / photons / "
           "pixels)")
     print(f"{'property':10s} {'Spearman':>9s} {'MAE':>9s}   {'unsteered: Spearman':>20s} {'MAE':>9s}")
     for name, r in ctrl.items():
@@ -511,14 +548,15 @@ def plot_traversal(model, cond, ck, path, seed=0, n=7):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     qs = np.linspace(-1.645, 1.645, n)
-    fig, axes = plt.subplots(len(PROPS), n, figsize=(1.7 * n, 1.9 * len(PROPS)), squeeze=False)
-    for j, name in enumerate(PROPS):
-        t = torch.full((n, len(PROPS)), float("nan"))
+    rows = len(model.cols)
+    fig, axes = plt.subplots(rows, n, figsize=(1.7 * n, 1.9 * rows), squeeze=False)
+    for j, (name, col) in enumerate(zip(model.controlled, model.cols)):
+        t = torch.full((n, rows), float("nan"))
         t[:, j] = torch.as_tensor(qs, dtype=torch.float32)
         imgs = torch.cat([sample(model, cond, torch.Generator().manual_seed(seed), t[i:i + 1]).cpu()
                           for i in range(n)])
-        got = properties(imgs)[:, j]
-        req = unscale(np.where(np.isnan(t.numpy()), 0.0, t.numpy()), ck["prop_mean"], ck["prop_std"])[:, j]
+        got = properties(imgs)[:, col]
+        req = unscale(np.outer(qs, np.arange(len(PROPS)) == col), ck["prop_mean"], ck["prop_std"])[:, col]
         for i in range(n):
             axes[j, i].imshow(np.log1p(imgs[i].numpy()), cmap="magma")
             axes[j, i].set_xticks([])

@@ -244,3 +244,82 @@ def test_consist_prior_trains_the_decoder_on_prior_draws_against_the_predictors_
     assert grads["decoder"] > 0 and grads["prior"] == 0 and grads["predictor"] == 0 and grads["encoder"] == 0
     _, val = corrvae.corrvae_loss(model, x, cond, y, None, dict(cfg, consist_prior=10.0), stats=stats)
     assert val["consist_prior"] == 0
+
+
+def authors_kl_weight(steps):
+    """The KL weight of the authors' code (utils/loss.py with train.ipynb's loop) at 0-based steps 0..steps-1, in
+    our units: idx_kl counts batches from 1; while idx_kl <= 100000 there is no KL term; after, their w_kl
+    (from 100) grows by 1 below 1e5 before each use. Their reconstruction is 1e6 x the squared error summed / 64,
+    ours the sum: one of their units is 64 / 1e6 of ours."""
+    out, idx_kl, w_kl = [], 0, 100
+    for _ in range(steps):
+        idx_kl += 1
+        if idx_kl <= 100000:
+            out.append(0.0)
+            continue
+        if w_kl < 100000:
+            w_kl += 1
+        out.append(w_kl * 64 / 1e6)
+    return out
+
+
+def test_paper_kl_weight_and_mask_term_follow_the_authors_schedule():
+    paper, cpu = vars(corrvae.get_args(["--train", "--paper"])), vars(corrvae.get_args(["--train"]))
+    assert (paper["beta"], paper["kl_schedule"], paper["mask"]) == (6.4, "ramp", 1.0)
+    want = authors_kl_weight(210_001)
+    for step in (0, 50_000, 99_999, 100_000, 100_001, 150_000, 199_898, 199_899, 199_900, 210_000):
+        beta, mask = corrvae.loss_weights(paper, step)
+        assert beta == pytest.approx(want[step], rel=1e-12, abs=0), step
+        assert mask == (1.0 if step < 100_000 else 0.0), step          # the mask L1 only while the KL is off
+    assert corrvae.loss_weights(paper, 100_000)[0] == pytest.approx(6.4 * 101 / 1e5)   # first KL step: w_kl 101
+    assert corrvae.loss_weights(paper, 150_000)[0] == pytest.approx(6.4 * 50_101 / 1e5)  # mid-ramp
+    assert corrvae.loss_weights(paper)[0] == 6.4                          # after training (validation)
+    for step in (0, 100_000, 10**6, None):                               # the CPU default: constant
+        assert corrvae.loss_weights(cpu, step) == (4.0, 1.0)
+
+
+def test_paper_objective_is_the_authors_terms_only():
+    """--paper: two controlled properties (the centre of gravity), no decoded-property terms, TC at the authors'
+    1 / 15,625 of the reconstruction, the scheduled KL and mask weights, no gradient clipping."""
+    paper = vars(corrvae.get_args(["--train", "--paper"]))
+    assert paper["controlled"] == ["cog_x", "cog_y"] and paper["consist"] == paper["consist_prior"] == 0
+    assert paper["tc"] == pytest.approx(64 / 1e6) and paper["clip"] == 0
+    torch.manual_seed(0)
+    cfg = dict(paper, detector="neutron", width=4, hidden=16)
+    model = corrvae.build_model(cfg)
+    assert model.predictor.logits.shape == (2, 8) and model.cols == [0, 1]
+    x, cond, y = torch.log1p(torch.rand(8, 1, 44, 44) * 5), torch.randn(8, 9), torch.randn(8, 2)
+    for step, beta, mask in ((0, 0.0, 1.0), (150_000, 6.4 * 50_101 / 1e5, 0.0)):
+        loss, t = corrvae.corrvae_loss(model, x, cond, y, torch.Generator().manual_seed(1), cfg, 0.2, None, step)
+        assert t["consist"] == 0 and t["consist_prior"] == 0 and t["kl"] > 0
+        want = t["rec"] + beta * t["kl"] + cfg["tc"] * t["tc"] + cfg["prop"] * t["prop"] + mask * t["sparsity"]
+        torch.testing.assert_close(loss, want)
+
+
+def test_paper_trains_without_clipping_and_controls_its_two_properties(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: calls.append(max_norm))
+    corrvae.train(corrvae.get_args(["--train", "--smoke", "--out", str(tmp_path / "cpu"), "--max-steps", "2"]))
+    assert calls == [100.0, 100.0]                                        # the CPU default clips at norm 100
+    calls.clear()
+    out = tmp_path / "paper"
+    corrvae.train(corrvae.get_args(["--train", "--smoke", "--paper", "--out", str(out), "--max-steps", "2"]))
+    assert calls == []                                                    # the authors' code does not clip
+    cli(S, "--eval", "--ckpt", out / "ckpt.pt", "--max-test", 60, "--reps", 2, "--n-control", 50)
+    r = check_eval(out / "eval.json")
+    assert set(r["control"]) == {"cog_x", "cog_y"} and r["properties"] == ["cog_x", "cog_y"]
+    e = cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--props", "sum=500", "--out", tmp_path / "x.npz", ok=False)
+    assert "this checkpoint controls cog_x, cog_y only" in e.stderr
+    cli(S, "--sample", "--ckpt", out / "ckpt.pt", "--n", 10, "--props", "cog_y=12", "--out", tmp_path / "y.npz")
+    check_samples(tmp_path / "y.npz", (44, 44), 10)
+
+
+def test_paper_evaluates_as_the_authors_notebook_and_names_its_deviations():
+    """evaluation_metrics.ipynb: W per channel averaged over 3 generations of the whole test set, channels 1-4 on
+    (i + j)-even pixels (utils/helpers.py sum_channels_parallel)."""
+    a = corrvae.get_args(["--eval", "--paper", "--ckpt", "x.pt"])
+    assert (a.protocol, a.max_test, a.channels, a.reps) == ("mean-of-reps", 0, "even", 3)
+    assert corrvae.get_args(["--eval", "--paper", "--ckpt", "x.pt", "--reps", "5"]).reps == 5
+    assert corrvae.DEVIATIONS and all(0 < len(d) <= 100 for d in corrvae.DEVIATIONS)
+    line = data.paper_line(corrvae)
+    assert "docs/fidelity/corrvae.md" in line and all(d in line for d in corrvae.DEVIATIONS)

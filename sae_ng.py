@@ -53,7 +53,8 @@ DEFAULTS = dict(arch="cnn", matching="sinkhorn", epochs=4, batch_size=256, lr=1e
                 blur=1e-5, scaling=0.5, ng_steps=0, ng_batch=0, ng_lr=2e-3, straight_through=True)
 # None: Table A.1's optimiser column of the arch (TABLE_A1, below). straight_through: this project's ReLUs
 # with a straight-through gradient (the noise generator's output; code and output with l2 or the ViT);
-# false: the authors' plain ReLUs everywhere. protocol, max_test: the thesis' test (m-wojnar/zdc train_loop)
+# false: the authors' plain ReLUs everywhere (--paper; on the toy data they die within 40 steps of the CPU
+# budget: docs/models/sae_ng.md). protocol, max_test: the thesis' test (m-wojnar/zdc train_loop)
 PAPER = dict(arch="vit", epochs=100, batch_size=256, clip=0.0, scaling=0.95, ng_hidden=128, lr=None,
              betas=None, adam_eps=None, weight_decay=None, nesterov=None, onecycle=None,
              straight_through=False, protocol="pooled", max_test=0)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import data
 import gan
@@ -253,7 +254,7 @@ def _one_step_gradients(monkeypatch, tmp_path, argv):
         return g_loss(disc, fake, fake_cond, logit)
     monkeypatch.setattr(gan, "discriminator_loss", spy_d)
     monkeypatch.setattr(gan, "generator_loss", spy_g)
-    hook = torch.optim.optimizer.register_optimizer_step_pre_hook(
+    hook = register_optimizer_step_pre_hook(
         lambda opt, *_: steps.append([p.grad.clone() for p in opt.param_groups[0]["params"]]))
     try:
         gan.train(gan.get_args(["--train", "--smoke", "--max-steps", "1", "--out", str(tmp_path), *argv]))

@@ -254,3 +254,16 @@ def test_paper_builds_the_authors_plain_relus(argv):
             assert st == [False, False, False]
         elif a.arch == "vit":
             assert st == [True, True, True]
+
+
+def test_paper_evaluates_as_the_thesis_and_names_its_deviations():
+    """--eval --paper: the authors' train_loop scores the whole test split with the 5 generations pooled; an explicit
+    flag wins; the CPU default keeps the project's protocol. The --paper line names every deviation."""
+    a = sae_ng.get_args(["--eval", "--paper", "--ckpt", "x.pt"])
+    assert (a.protocol, a.max_test, a.channels) == ("pooled", 0, "even")
+    a = sae_ng.get_args(["--eval", "--paper", "--ckpt", "x.pt", "--protocol", "mean-of-reps"])
+    assert (a.protocol, a.max_test) == ("mean-of-reps", 0)
+    a = sae_ng.get_args(["--eval", "--ckpt", "x.pt"])
+    assert (a.protocol, a.max_test, a.straight_through) == ("mean-of-reps", 10000, True)
+    line = data.paper_line(sae_ng)
+    assert sae_ng.DEVIATIONS and all(d in line for d in sae_ng.DEVIATIONS) and "docs/fidelity/sae_ng.md" in line

@@ -12,9 +12,9 @@ conditions; what they are compared with comes from the real event that c' came f
     L_G = BCE(D(G(z1, c'), c'), 1) + sum over ZN, ZP of (l_div L_div + l_in L_in)
     L_div = mean f_div(c') / (d_I / d_z + 1e-5),  d_I = |G(z1, c') - G(z2, c')|_1,  d_z = |z1 - z2|_1  (eq. 3)
     L_in = mean |photon sum of expm1 G(z1, c') - photon sum of the real response|                    (eq. 4)
-l_div 0.1 (lambda_div=0: no SDI term), l_in 1e-10; the best generator by validation is kept beside the last
-(--weights). CPU default: widths 8, no dropout or BatchNorm in D, Adam 2e-4 (.5, .9), 600 steps, 150,000
-events (--detector joint: data.load_joint). --paper: widths 128 / 32, dropout 0.2, Adam 1e-4, 200 epochs.
+l_div 0.1, l_in 1e-10; the best generator by validation is kept beside the last (--weights). CPU default:
+widths 8, no dropout or BatchNorm in D, Adam 2e-4 (.5, .9), 600 steps, 150,000 events. --paper: widths 128 /
+32, dropout 0.2, Adam 1e-4, 200 epochs, no L_in (l_in 0, as the code), f_div min-max scaled (div_norm=minmax).
 
 Usage:
     python sdigan_joint.py --train                          # CPU default: 600 steps, ~5 min on 2 cores
@@ -50,9 +50,16 @@ DEFAULTS = dict(detector="joint", limit=150_000, epochs=1, max_steps=600, batch_
                 betas=[0.5, 0.9], width=8, d_width=8, dropout=0.0, d_norm="none", lambda_div=0.1,
                 lambda_int=1e-10, div_norm="dataset", val_every=100)
 PAPER = dict(limit=None, epochs=200, max_steps=None, lr=1e-4, d_lr=1e-4, betas=[0.9, 0.999], width=128,
-             d_width=32, dropout=0.2, d_norm="batch")
+             d_width=32, dropout=0.2, d_norm="batch", div_norm="minmax", lambda_int=0.0)   # the code: no L_in
 SMOKE = dict(limit=2000, width=4, d_width=4, max_steps=6, batch_size=32, max_test=200, reps=2, ckpt_every=3)
 PUBLISHED = {}   # neither the poster nor its code's comments state a parameter count
+DEVIATIONS = ("SDI term per detector on the generated images, the proton paper's eq. 3 (the code: d_I on D's "
+              "features)",
+              "SDI pair in one G pass sharing BatchNorm and dropout masks (the code: two passes)",
+              "D and G updated one after the other (the code: together, from one forward pass)",
+              "the best-by-validation generator is kept (the code: the last)",
+              "PyTorch's initialisation, BatchNorm momentum 0.1 / eps 1e-5, Adam eps 1e-8 (Keras: Glorot, "
+              "0.01 / 1e-3, 1e-7)")
 DETS = data.JOINT                               # ("neutron", "proton"): head, D branch and logit order
 NOISE = 8                                       # latent size (the authors' two-output code: latent_dim = 8)
 
@@ -270,8 +277,9 @@ def train(args):
                 logged[f"div_{det}"], d_img = sdi_term(fake[det], fake2[det], z1, z2, div[det])
                 logged[f"d_img_{det}"] = d_img.mean()
                 total = total + args.lambda_div * logged[f"div_{det}"]
-            logged[f"int_{det}"] = intensity_term(fake[det], photons[det])
-            total = total + args.lambda_int * logged[f"int_{det}"]
+            if args.lambda_int > 0:
+                logged[f"int_{det}"] = intensity_term(fake[det], photons[det])
+                total = total + args.lambda_int * logged[f"int_{det}"]
         opt_g.zero_grad(set_to_none=True)
         total.backward()
         opt_g.step()

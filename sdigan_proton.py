@@ -11,11 +11,11 @@ c' of the batch's conditions; what they are compared with comes from the real ev
     L_G = BCE(D(G(z1, c'), c'), 1) + l_div L_div + l_in L_in + l_aux L_aux                          (eq. 5)
     L_div = mean f_div(c') / (d_I / d_z + 1e-5),  d_I = |G(z1, c') - G(z2, c')|_1,  d_z = |z1 - z2|_1  (eq. 3)
     L_in = mean |photon sum of expm1 G(z1, c') - photon sum of x'|,  L_aux = |A(G(z1, c')) - rc(x')|^2  (4, 2)
-f_div(c): the summed pixel std of the training responses of condition c over the number of training responses.
-One D, A and G step per batch. --variant (the ablation): gan (L_G adversarial only) | sdi | sdi-int |
-sdi-int-aux (default). l_div 0.1, l_in 1e-10, l_aux 1e-3 (Appendix). CPU default: widths 8, no dropout or
-BatchNorm in D, Adam 2e-4 (.5, .9), 1000 steps. --paper: the code's widths 128/32/32, dropout 0.2, 350 epochs.
-
+f_div(c): the summed pixel std of the training responses of condition c over their number (div_norm=dataset)
+or min-max scaled to [0, 1] (minmax: --paper, the code). --paper's L_in is the code's (int_form=code): mean
+(photon sum of x' - sum of G's log1p outputs over the batch)^2. --variant: gan | sdi | sdi-int | sdi-int-aux.
+l_div 0.1, l_in 1e-10, l_aux 1e-3. CPU default: widths 8, no dropout or BatchNorm in D, Adam 2e-4 (.5, .9),
+1000 steps. --paper: widths 128/32/32, dropout 0.2, 350 epochs. One D, A and G step per batch.
 Usage:
     python sdigan_proton.py --train                          # ZP, sdi-int-aux: 1000 steps, ~5 min on 2 cores
     python sdigan_proton.py --train --variant gan --out runs/sdigan_gan     # ablation rows: gan|sdi|sdi-int
@@ -44,12 +44,21 @@ import metrics
 NAME = "sdigan_proton"
 DEFAULTS = dict(detector="proton", epochs=1, max_steps=1000, batch_size=128, lr=2e-4, d_lr=2e-4, aux_lr=1e-4,
                 betas=[0.5, 0.9], width=8, d_width=8, aux_width=8, dropout=0.0, d_norm="none", lambda_div=0.1,
-                lambda_int=1e-10, lambda_aux=1e-3, div_norm="dataset", val_every=500)
+                lambda_int=1e-10, lambda_aux=1e-3, div_norm="dataset", int_form="eq4", val_every=500,
+                train_seed=-1)                  # >= 0: seeds initialisation and noise (--seed: also the data)
 PAPER = dict(epochs=350, max_steps=None, lr=1e-4, d_lr=1e-5, betas=[0.9, 0.999], width=128, d_width=32,
-             aux_width=32, dropout=0.2, d_norm="batch")
+             aux_width=32, dropout=0.2, d_norm="batch", div_norm="minmax", int_form="code",
+             max_test=0, channels="odd")       # eval: the code's whole 20 % test split, ch1-4 on odd pixels
 SMOKE = dict(limit=1500, width=4, d_width=4, aux_width=2, max_steps=6, batch_size=32, max_test=200, reps=2,
              ckpt_every=3)
 PUBLISHED = {}   # the paper states no parameter counts (its Fig. 1 draws the generator without them)
+DEVIATIONS = ("intensity term in the code's form (MSE, event sums vs the batch's log1p total): eq. 4 at "
+              "1e-10 is inert",
+              "SDI pair in one G pass sharing BatchNorm and dropout masks (the code: two passes)",
+              "D, regressor and G updated one after the other (the code: together, from one forward pass)",
+              "regressor trained on real images (the code: on generated ones)",
+              "PyTorch's initialisation, BatchNorm momentum 0.1 / eps 1e-5, Adam eps 1e-8 (Keras: Glorot, "
+              "0.01 / 1e-3, 1e-7)")
 NOISE = 10                                       # latent size k (the authors' code: NOISE_DIM = 10)
 VARIANTS = {"gan": set(), "sdi": {"sdi"}, "sdi-int": {"sdi", "int"}, "sdi-int-aux": {"sdi", "int", "aux"}}
 
@@ -162,8 +171,12 @@ def sdi_term(x1, x2, z1, z2, div):
     return (div / (d_img / d_z + 1e-5)).mean(), d_img
 
 
-def intensity_term(fake, photons):
-    """Eq. 4, as a batch mean: |raw photon sum of the generated image - photon sum of the real response|."""
+def intensity_term(fake, photons, form="eq4"):
+    """Eq. 4 (form="eq4"), as a batch mean: |raw photon sum of the generated image - photon sum of the real
+    response|. form="code", the authors' code (the form l_in 1e-10 was tuned on): the mean over events of
+    (photon sum of the real response - the sum of G's log1p outputs over the whole batch)^2."""
+    if form == "code":
+        return (photons - fake.sum()).pow(2).mean()
     return (torch.expm1(fake.clamp(max=12)).flatten(1).sum(1) - photons).abs().mean()
 
 
@@ -231,6 +244,9 @@ def train(args):
     div = torch.as_tensor(diversity_target(counts, split.ds.cond_id[split.idx["train"]], args.div_norm))
     tensors = (split.x("train"), split.cond("train"), div, photons, torch.as_tensor(brightest(counts)))
     c_va = split.cond("val")[:1000]
+    seed = args.seed if args.train_seed < 0 else args.train_seed
+    if seed != args.seed:                       # another initialisation and noise on the same data and split
+        data.seed_everything(seed)
     gen, disc, aux = (m.to(dev) for m in build_networks(vars(args)).values())
     opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=tuple(args.betas))
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.d_lr, betas=tuple(args.betas))
@@ -238,7 +254,7 @@ def train(args):
     n_g, n_d, n_a = (sum(p.numel() for p in m.parameters()) for m in (gen, disc, aux))
     run.plan(len(counts), args.batch_size, n_g, drop_last=True,         # drop_last: BatchNorm; constant LRs
              about=f"{args.variant}: G {n_g:,} + D {n_d:,} + regressor {n_a:,} parameters")
-    noise = torch.Generator(dev).manual_seed(args.seed)
+    noise = torch.Generator(dev).manual_seed(seed)
     run.keep(weights=gen, disc=disc, aux=aux, opt_g=opt_g, opt_d=opt_d, opt_a=opt_a, noise=noise)
     G, D, A = (run.wrap(m) for m in (gen, disc, aux))    # torchrun: DDP, and still one process's losses
     if args.amp:
@@ -283,7 +299,7 @@ def train(args):
             logged["d_img"] = d_img.mean()
             total = total + args.lambda_div * logged["div_loss"]
         if "int" in use:
-            logged["int_loss"] = intensity_term(fake, photons[perm])
+            logged["int_loss"] = intensity_term(fake, photons[perm], args.int_form)
             total = total + args.lambda_int * logged["int_loss"]
         if "aux" in use:
             logged["aux_loss"] = aux_term(A(fake), coords[perm])
@@ -315,6 +331,7 @@ def get_args(argv=None):
                      (not 0 <= args.dropout < 1, f"dropout must be in [0, 1) (got {args.dropout})"),
                      (any(w < 2 or w % 2 for w in widths), f"widths must be even and >= 2 {widths}"),
                      (args.div_norm not in ("dataset", "minmax"), "div_norm is dataset or minmax"),
+                     (args.int_form not in ("eq4", "code"), "int_form is eq4 or code"),
                      (args.d_norm not in ("batch", "none"), "d_norm is batch or none")]:
         if bad:
             p.error(msg)

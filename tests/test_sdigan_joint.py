@@ -80,7 +80,7 @@ def test_bad_flags_are_argparse_errors(argv, message, capsys):
 def test_paper_setting_precedence_and_parameter_counts():
     a = vars(sj.get_args(["--train", "--paper"]))
     assert (a["epochs"], a["batch_size"], a["lr"], a["d_lr"], a["betas"], a["limit"]) == (200, 128, 1e-4, 1e-4, [0.9, 0.999], None)
-    assert (a["lambda_div"], a["lambda_int"], a["dropout"], a["d_norm"], a["detector"]) == (0.1, 1e-10, 0.2, "batch", "joint")
+    assert (a["lambda_div"], a["lambda_int"], a["dropout"], a["d_norm"], a["detector"]) == (0.1, 0.0, 0.2, "batch", "joint")
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in sj.build_networks(a).items()}
     # trainable parameters of the authors' two-output Keras networks (sdi_gan_proton_neutron_2_outputs.py)
     head = lambda k1, k2, k3: 128 * 256 * k1 + 256 + 512 + 256 * 128 * k2 + 128 + 256 + 128 * 64 * k3 + 64 + 128 + 64 * 2 + 1
@@ -89,8 +89,8 @@ def test_paper_setting_precedence_and_parameter_counts():
     d = 2 * branch + (16 * 12 * 12 + 16 * 9 * 19 + 9) * 128 + 128 + 256 + 128 * 64 + 64 + 128 + 64 * 2 + 2
     assert counts == dict(generator=g, discriminator=d)
     b = sj.get_args(["--train", "--paper", "--batch-size", "7", "--lr", "0.123", "--set", "width=6",
-                     "--set", "lambda_int=0"])
-    assert (b.batch_size, b.lr, b.width, b.lambda_int, b.d_lr) == (7, 0.123, 6, 0.0, 1e-4)    # explicit > --paper
+                     "--set", "lambda_int=1e-9"])
+    assert (b.batch_size, b.lr, b.width, b.lambda_int, b.d_lr) == (7, 0.123, 6, 1e-9, 1e-4)   # explicit > --paper
     assert (b.max_steps, b.epochs, b.val_every) == (None, 200, 100)
     c = sj.get_args(["--train", "--set", "d_lr=3e-3", "--limit", "5000"])
     assert (c.d_lr, c.lr, c.width, c.max_steps, c.limit) == (3e-3, 2e-4, 8, 600, 5000)      # > CPU default
@@ -120,6 +120,21 @@ def write_pair(folder, pn, pp, n=6):
         (folder / det).mkdir(parents=True)
         np.savez(folder / det / data.FILES[det][0], rng.poisson(0.5, (n,) + data.SHAPES[det]).astype(np.uint16))
         np.savez(folder / det / data.FILES[det][1], part)
+
+
+def test_paper_has_the_codes_terms_no_intensity_and_min_max_f_div(tmp_path):
+    """The poster's two-output code (SDI-GAN_proton_neutron_2_outputs.ipynb) has no intensity term and scales
+    each detector's f_div with MinMaxScaler to [0, 1]: --paper trains without L_in and with [0, 1] targets."""
+    img, cond = np.zeros((4, 2, 2)), np.array([0, 0, 1, 1])
+    img[[0, 1], 0, 0] = [0, 4]                                   # condition 0: f_div 2; condition 1: 0
+    paper, default = sj.get_args(["--train", "--paper"]), sj.get_args(["--train"])
+    assert (paper.lambda_int, paper.div_norm, default.lambda_int, default.div_norm) == (0.0, "minmax", 1e-10, "dataset")
+    np.testing.assert_allclose(sj.diversity_target(img, cond, paper.div_norm), [1, 1, 0, 0])
+    np.testing.assert_allclose(sj.diversity_target(img, cond, default.div_norm), [0.5, 0.5, 0, 0])
+    assert sj.DEVIATIONS and all(len(d) <= 110 for d in sj.DEVIATIONS)
+    cli(S, "--train", "--smoke", "--paper", "--out", tmp_path, "--max-steps", 2)
+    r = rows(tmp_path)[-1]
+    assert {"div_neutron", "div_proton"} <= r.keys() and not {"int_neutron", "int_proton"} & r.keys()
 
 
 def test_joint_loader_on_hand_made_folders(tmp_path):

@@ -57,6 +57,7 @@ def test_clear_errors(run, tmp_path):
                                            (["--train", "--set", "lambda_div=-1"], "lambda_* weights must be >= 0"),
                                            (["--train", "--set", "div_norm=max"], "div_norm is dataset or minmax"),
                                            (["--train", "--set", "d_norm=layer"], "d_norm is batch or none"),
+                                           (["--train", "--set", "int_form=mse"], "int_form is eq4 or code"),
                                            (["--train", "--set", "betas=0.5,1"], "betas takes b1,b2 in [0, 1)"),
                                            (["--train", "--set", "dropout=1"], "dropout must be in [0, 1)"),
                                            (["--train", "--set", "d_lr=0"], "d_lr and aux_lr must be positive"),
@@ -81,6 +82,10 @@ def test_determinism_resume_and_variants(tmp_path):
     for key in ("opt_g", "opt_d", "opt_a"):
         for p in ka[key]["state"]:
             assert_same_weights(ka[key]["state"][p], kc[key]["state"][p])
+    t = tmp_path / "t"                                  # the ablation's seeds: another start, the same data and split
+    cli(S, "--train", "--smoke", "--out", t, "--val-every", 2, "--max-steps", 2, "--set", "train_seed=1")
+    assert losses(t)[0] != pytest.approx(losses(a)[0], rel=1e-3)
+    assert torch.load(t / "ckpt.pt", weights_only=True)["data"] == ka["data"]
     cli(S, "--train", "--smoke", "--out", g, "--variant", "gan", "--max-steps", 2)      # the plain-GAN ablation row
     r = rows(g)[-1]
     assert "d_loss" in r and not {"div_loss", "int_loss", "aux_loss"} & r.keys()
@@ -118,6 +123,44 @@ def test_intensity_term_on_raw_photon_sums():
     assert sdi.get_args(["--train"]).lambda_int == sdi.get_args(["--train", "--paper"]).lambda_int == 1e-10
 
 
+def test_paper_f_div_is_min_max_scaled_to_0_1():
+    """Sec. 3.2's "[0, 1]" and the code (per-condition std sum / max, then MinMaxScaler): --paper's targets span
+    [0, 1]; dividing by the dataset length (the CPU default) gives values ~1/N, a ~200x weaker SDI term."""
+    img = np.zeros((6, 2, 2))
+    cond = np.array([0, 0, 1, 1, 2, 2])
+    img[[0, 1], 0, 0] = [0, 4]                          # condition 0: pixel std 2 -> f_div 2
+    img[[2, 3], 1, 1] = [1, 2]                          # condition 1: 0.5; condition 2: two equal responses, 0
+    paper = sdi.get_args(["--train", "--paper"])
+    np.testing.assert_allclose(sdi.diversity_target(img, cond, paper.div_norm), [1, 1, 0.25, 0.25, 0, 0])
+    np.testing.assert_allclose(sdi.diversity_target(img, cond, sdi.get_args(["--train"]).div_norm),
+                               np.array([2, 2, 0.5, 0.5, 0, 0]) / 6)
+
+
+def test_paper_intensity_term_is_the_codes():
+    """The authors' code (calculate_intensity_loss): keras MSE of each event's photon sum against the sum of the
+    generator's log1p outputs over the whole batch; eq. 4 literally is |photon sums| apart, 1e5x smaller here."""
+    counts = torch.tensor([[[3.0, 0.0], [0.0, 1.0]], [[2.0, 2.0], [1.0, 0.0]]])
+    fake = torch.log1p(counts).unsqueeze(1)
+    total = float(torch.log1p(counts).sum())                                     # ln4 + 2 ln2 + 2 ln3 = 4.969
+    expect = ((10 - total) ** 2 + (2 - total) ** 2) / 2
+    paper = sdi.get_args(["--train", "--paper"])
+    assert paper.int_form == "code" and sdi.get_args(["--train"]).int_form == "eq4"
+    assert sdi.intensity_term(fake, torch.tensor([10.0, 2.0]), paper.int_form).item() == pytest.approx(expect, rel=1e-5)
+    assert expect == pytest.approx(17.06, abs=0.01)                               # not eq. 4's (6 + 3) / 2
+
+
+def test_paper_run_prints_its_deviations_and_evaluates_as_the_code():
+    """DEVIATIONS name what --paper still does differently; --eval --paper scores as evaluate_models_1.py: the
+    whole test split, the mean of 5 generations' W, channels 1-4 on (row + col)-odd pixels (utils.py masks)."""
+    assert sdi.DEVIATIONS and all(isinstance(d, str) and len(d) <= 110 for d in sdi.DEVIATIONS)
+    assert any("intensity" in d for d in sdi.DEVIATIONS)
+    a = sdi.get_args(["--eval", "--paper", "--ckpt", "x.pt"])
+    assert (a.protocol, a.max_test, a.channels) == ("mean-of-reps", 0, "odd")
+    a = sdi.get_args(["--eval", "--ckpt", "x.pt"])
+    assert (a.protocol, a.max_test, a.channels) == ("mean-of-reps", 10000, "even")
+    assert "intensity term in the code's form" in data.paper_line(sdi)
+
+
 def test_aux_term_sums_the_two_coordinates():
     pred, target = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[4.0, 6.0], [0.0, 1.0]])
     assert sdi.aux_term(pred, target).item() == pytest.approx((9 + 16 + 1) / 2)          # eq. 2, not a mean of 4
@@ -135,7 +178,7 @@ def test_sdi_pairs_share_dropout_masks():
 def test_paper_setting_and_precedence():
     a = vars(sdi.get_args(["--train", "--paper"]))
     assert (a["epochs"], a["batch_size"], a["lr"], a["d_lr"], a["aux_lr"], a["betas"]) == (350, 128, 1e-4, 1e-5, 1e-4, [0.9, 0.999])
-    assert (a["lambda_div"], a["lambda_int"], a["lambda_aux"], a["dropout"], a["div_norm"]) == (0.1, 1e-10, 1e-3, 0.2, "dataset")
+    assert (a["lambda_div"], a["lambda_int"], a["lambda_aux"], a["dropout"], a["div_norm"]) == (0.1, 1e-10, 1e-3, 0.2, "minmax")
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in sdi.build_networks(a).items()}
     # trainable parameters of the authors' Keras networks (sin-gan-proton-aux-reg-1.py), layer by layer
     g = 19 * 256 + 256 + 2 * 256 + 256 * 25600 + 25600 + 2 * 25600 + 128 * 256 * 4 + 256 + 2 * 256 + 256 * 128 * 4 + 128 \

@@ -46,13 +46,20 @@ def test_an_explicit_flag_beats_paper(name):
     assert paper.epochs != default.epochs or paper.batch_size != default.batch_size   # --paper changes something
 
 
-@pytest.mark.parametrize("name", ["flow_matching", "vae"])
+EVAL_KEYS = ("protocol", "max_test", "channels")
+
+
+@pytest.mark.parametrize("name", SCRIPTS + ["sdigan_joint"])
 def test_paper_evaluates_with_the_publications_protocol(name):
-    """--eval --paper: the authors' code scores the whole test split with its 5 generations pooled into one W;
-    an explicit flag still wins, and without --paper the project's protocol holds."""
+    """--eval --paper: the publication's evaluation protocol from PAPER (the m-wojnar code scores the whole
+    test split with its 5 generations pooled into one W; the proton paper's code reads channels 1-4 on odd
+    pixels); an explicit flag still wins, and without --paper the project's protocol holds."""
     mod = importlib.import_module(name)
     a = mod.get_args(["--eval", "--paper", "--ckpt", "x.pt"])
-    assert (a.protocol, a.max_test, a.channels) == ("pooled", 0, "even")
+    want = dict(zip(EVAL_KEYS, ("mean-of-reps", 10000, "even")), **{k: mod.PAPER[k] for k in EVAL_KEYS if k in mod.PAPER})
+    assert {k: getattr(a, k) for k in EVAL_KEYS} == want
+    if name in ("vae", "sae_ng", "gan", "ddpm", "flow_matching", "latent_fm", "vqgan"):     # m-wojnar's train_loop
+        assert (a.protocol, a.max_test) == ("pooled", 0)
     a = mod.get_args(["--eval", "--paper", "--ckpt", "x.pt", "--protocol", "mean-of-reps", "--max-test", "50"])
     assert (a.protocol, a.max_test) == ("mean-of-reps", 50)
     a = mod.get_args(["--eval", "--ckpt", "x.pt"])

@@ -107,9 +107,13 @@ def test_smoke_runs_train_exactly_as_recorded(name, tmp_path):
 def test_the_trace_comparison_sees_a_changed_loss_and_weight():
     want = json.loads((ROOT / "tests" / "data" / "smoke_trace.json").read_text())["flow_matching"]
     got = json.loads(json.dumps(want))
-    got["log"][0]["train_loss"] *= 1.001
+    got["log"][0]["train_loss"] *= 1.05                  # 5 %: ten times what another CPU's rounding gives
     first = next(iter(got["weights"]["weights"]))
-    got["weights"]["weights"][first][1] += 1.0
+    got["weights"]["weights"][first][1] *= 1.05
     bad = smoke_trace.compare(got, want)
     assert any("train_loss" in b for b in bad) and any(first in b for b in bad)
     assert smoke_trace.compare(want, want) == []
+    rounding = json.loads(json.dumps(want))               # another CPU's rounding (3.6e-3, gan) passes
+    rounding["weights"]["weights"][first][0] += 4e-3 * want["weights"]["weights"][first][1]
+    rounding["log"][0]["train_loss"] *= 1.004
+    assert smoke_trace.compare(rounding, want) == []

@@ -48,7 +48,14 @@ def trace(run, workdir):
     return fingerprint(out)
 
 
-def close(a, b, rtol=1e-4, atol=1e-5):
+# A weight tensor's [sum, abs sum] may move by this share of its abs sum, a logged number by this share of
+# itself: another CPU (SIMD width, reduction order) rounds differently, and 6 training steps grow that to
+# 3.6e-3 (gan's conv.6.bias on an AMD EPYC against the recording machine; ddpm, latent_fm, vqgan ~3e-4). A
+# changed method (other initial weights, another loss) moves them by far more (tests/test_skeleton.py).
+WEIGHT_RTOL = 1e-2
+
+
+def close(a, b, rtol=1e-2, atol=1e-5):
     return abs(a - b) <= atol + rtol * abs(b) or (math.isnan(a) and math.isnan(b))   # corrvae: NaN Spearman
 
 
@@ -65,7 +72,7 @@ def compare(got, want):
         if set(mine) != set(tensors):
             bad.append(f"{entry}: tensors {sorted(set(mine) ^ set(tensors))[:5]} differ")
         bad += [f"{entry}.{k}: {mine[k]} vs {v}" for k, v in tensors.items()
-                if k in mine and not all(close(x, y, atol=1e-4) for x, y in zip(mine[k], v))]
+                if k in mine and not all(abs(x - y) <= WEIGHT_RTOL * v[1] + 1e-4 for x, y in zip(mine[k], v))]
     return bad
 
 

@@ -312,7 +312,9 @@ def get_args(argv=None):
                      (not 0 <= args.dropout < 1, f"dropout must be in [0, 1) (got {args.dropout})"),
                      (any(w < 2 or w % 2 for w in widths), f"widths must be even and >= 2 {widths}"),
                      (args.div_norm not in ("dataset", "minmax"), "div_norm is dataset or minmax"),
-                     (args.d_norm not in ("batch", "none"), "d_norm is batch or none")]:
+                     (args.d_norm not in ("batch", "none"), "d_norm is batch or none"),
+                     ((args.protocol, args.channels) != ("mean-of-reps", "even"),
+                      "--eval of the joint model scores the mean of the repetitions' W, channels even only")]:
         if bad:
             p.error(msg)
     return args

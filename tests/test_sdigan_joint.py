@@ -236,3 +236,12 @@ def test_sampling_uses_the_best_weights_unless_told_otherwise(tmp_path):
     torch.save(ck, a / "ckpt.pt")
     err = cli(S, "--eval", "--ckpt", a / "ckpt.pt", ok=False).stderr
     assert "trained by an older version of sdigan_joint.py" in err
+
+
+def test_eval_refuses_a_protocol_it_does_not_compute():
+    """The joint model's evaluation has its own loop: a W convention it does not apply is an error, not ignored."""
+    import sdigan_joint
+    for flag in (["--channels", "odd"], ["--protocol", "pooled"]):
+        with pytest.raises(SystemExit):
+            sdigan_joint.get_args(["--eval", "--ckpt", "x.pt", *flag])
+    assert sdigan_joint.get_args(["--eval", "--ckpt", "x.pt"]).channels == "even"

@@ -729,6 +729,10 @@ def parser(doc, name, detectors=None):
     return p
 
 
+W_PROTOCOLS = ("mean-of-reps", "pooled")    # --protocol, --channels: what metrics.run_eval computes
+CHANNEL_PARITIES = ("even", "odd")
+
+
 def add_common_args(p, name, detectors=None):
     """The shared flags, in the same order in every model script (STYLE.md). `detectors`: the --detector
     choices of a script that does not take neutron|proton (sdigan_joint.py: joint only)."""
@@ -762,9 +766,9 @@ def add_common_args(p, name, detectors=None):
     g.add_argument("--particles", default=None, help="--sample: .npz of particles (N, 9 or 10) (default: test)")
     g.add_argument("--reps", type=int, default=5, help="--eval: repetitions with different seeds")
     g.add_argument("--max-test", type=int, default=10000, help="--eval: the first N test events (0: all)")
-    g.add_argument("--protocol", default="mean-of-reps", choices=["mean-of-reps", "pooled"],
+    g.add_argument("--protocol", default="mean-of-reps", choices=W_PROTOCOLS,
                    help="--eval: W as the mean of the repetitions' W, or one W of them pooled (the authors' code)")
-    g.add_argument("--channels", default="even", choices=["even", "odd"],
+    g.add_argument("--channels", default="even", choices=CHANNEL_PARITIES,
                    help="--eval: channels 1-4 read the (row+col)-even pixels (DATA.md) or the odd ones")
     g.add_argument("--plot", action="store_true", help="--eval: also write sample grids, histograms (PNG)")
     g.add_argument("--export", default=None, metavar="PATH.onnx", help="the sampler as one ONNX graph, checked "

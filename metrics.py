@@ -78,7 +78,7 @@ import data
 # ----------------------------------------------------------------------------------------------------------
 
 
-CHANNELS = ("even", "odd")
+CHANNELS = data.CHANNEL_PARITIES
 
 
 def channel_masks(shape, channels="even"):
@@ -480,7 +480,7 @@ def evaluate(generate, split, reps=5, seed=0, max_test=None, batch_size=None, pa
     return (summarize(scores), kept) if keep else summarize(scores)
 
 
-PROTOCOLS = ("mean-of-reps", "pooled")
+PROTOCOLS = data.W_PROTOCOLS
 N_BOOT = 200                                 # bootstrap draws over test particles
 
 

@@ -14,8 +14,8 @@ from helpers import cli
 MODELS = ["vae", "gan", "flow_matching"]
 
 
-def test_cpu_table_end_to_end(tmp_path):
-    cli("flow_matching.py", "--train", "--smoke", "--out", tmp_path / "runs" / "flow_matching")   # one trained model
+def test_cpu_table_end_to_end(tmp_path, smoke_run):
+    smoke_run("flow_matching.py", to=tmp_path / "runs" / "flow_matching")   # one trained model
     out = tmp_path / "b.json"
     cli("bench.py", "--models", ",".join(MODELS), "--batch", 4, "--steps", "1,2", "--repeats", 1,
         "--device", "cpu", "--runs", tmp_path / "runs", "--json", out)
@@ -47,8 +47,8 @@ def test_cpu_table_end_to_end(tmp_path):
             assert 0 <= x["check_W"] < float("inf") and 0 <= x["check_rel_sum"] < float("inf"), x
 
 
-def test_paper_ignores_checkpoints_and_a_broken_one_does_not_stop_the_table(tmp_path):
-    cli("flow_matching.py", "--train", "--smoke", "--out", tmp_path / "runs" / "flow_matching")
+def test_paper_ignores_checkpoints_and_a_broken_one_does_not_stop_the_table(tmp_path, smoke_run):
+    smoke_run("flow_matching.py", to=tmp_path / "runs" / "flow_matching")
     (tmp_path / "runs" / "vae").mkdir(parents=True)
     (tmp_path / "runs" / "vae" / "ckpt.pt").write_bytes(b"not a checkpoint")    # e.g. a stage-1-only or a broken one
     out = tmp_path / "b.json"
@@ -170,10 +170,10 @@ def test_table_is_regenerated_from_the_committed_gpu_json(tmp_path):
     assert "is not a bench.py JSON" in err and "Traceback" not in err
 
 
-def test_a_paper_checkpoint_is_timed_with_the_papers_sampler(tmp_path):
-    cli("flow_matching.py", "--train", "--smoke", "--paper", "--out", tmp_path / "runs" / "flow_matching")
+def test_a_paper_checkpoint_is_timed_with_the_papers_sampler(tmp_path, smoke_run):
+    smoke_run("flow_matching.py", "--paper", to=tmp_path / "runs" / "flow_matching")
     rows = bench.main(["--models", "flow_matching", "--batch", "2", "--device", "cpu", "--no-toy", "--runs",
-                       str(tmp_path / "runs"), "--json", str(tmp_path / "b.json")])
+                       str(tmp_path / "runs"), "--json", str(tmp_path / "b.json"), "--only", "eager"])
     assert rows and all(x["weights"].endswith("flow_matching/ckpt.pt") for x in rows)
     assert {x["steps"] for x in rows} == {11}                 # Euler 11 (its --eval's sampler), not midpoint 4's 8
 
@@ -239,8 +239,8 @@ def test_traffic_counts_inputs_and_outputs_of_every_op():
     assert ops == 2 and moved == 2 * (2 * 4 * 10 * 4) / 4        # two ops, each reads and writes 4 x 10 floats
 
 
-def test_fresh_weights_take_the_memory_format_of_a_loaded_checkpoint(tmp_path):
-    cli("flow_matching.py", "--train", "--smoke", "--out", tmp_path / "runs" / "flow_matching")
+def test_fresh_weights_take_the_memory_format_of_a_loaded_checkpoint(tmp_path, smoke_run):
+    smoke_run("flow_matching.py", to=tmp_path / "runs" / "flow_matching")
     nhwc = lambda nets: all(p.is_contiguous(memory_format=torch.channels_last)
                             for n in nets for p in n.parameters() if p.dim() == 4)
     loaded, ck, _ = bench.load_nets("flow_matching", fm, "neutron", tmp_path / "runs", False, torch.device("cpu"))

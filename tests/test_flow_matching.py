@@ -13,10 +13,8 @@ S = "flow_matching.py"
 
 
 @pytest.fixture(scope="module", params=["neutron", "proton"])
-def run(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"fm_{request.param}")
-    cli(S, "--train", "--smoke", "--detector", request.param, "--out", out)
-    return request.param, out
+def run(request, smoke_run):
+    return request.param, smoke_run(S, "--detector", request.param)
 
 
 def test_smoke_train_sample_eval(run):
@@ -170,8 +168,8 @@ def test_bad_network_flags_are_argparse_errors(flags, msg, capsys):
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
-def test_paper_smoke_trains_the_published_unet(tmp_path):
-    cli(S, "--train", "--smoke", "--paper", "--out", tmp_path / "p")
+def test_paper_smoke_trains_the_published_unet(tmp_path, smoke_run):
+    smoke_run(S, "--paper", to=tmp_path / "p")
     ck = torch.load(tmp_path / "p" / "ckpt.pt", weights_only=True)
     assert ck["args"]["unet"] == "published" and ck["args"]["t_max"] == 0.99 and ck["step"] == 6
     assert ck["n_params"] == n_params(fm.build_model(ck["args"]))

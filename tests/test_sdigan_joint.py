@@ -17,10 +17,8 @@ def rows(run):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sdigan_joint")
-    cli(S, "--train", "--smoke", "--out", out)
-    return out
+def run(smoke_run):
+    return smoke_run(S)
 
 
 def test_smoke_train_sample_eval(run):
@@ -46,9 +44,9 @@ def test_smoke_train_sample_eval(run):
         assert "auc" in r["model"] and r["floor"]["below_cut"][0] <= 1
 
 
-def test_compare_with_separate_models_on_the_same_particles(run, tmp_path):
-    cli("gan.py", "--train", "--smoke", "--out", tmp_path / "gan")
-    cli("sdigan_proton.py", "--train", "--smoke", "--out", tmp_path / "sdi")
+def test_compare_with_separate_models_on_the_same_particles(run, tmp_path, smoke_run):
+    smoke_run("gan.py", to=tmp_path / "gan")                  # the model tests' smoke runs of the two scripts
+    smoke_run("sdigan_proton.py", to=tmp_path / "sdi")
     cli(S, "--eval", "--ckpt", run / "ckpt.pt", "--max-test", 60, "--reps", 1, "--plot",
         "--compare-ckpt", tmp_path / "gan" / "ckpt.pt", tmp_path / "sdi" / "ckpt.pt")
     pngs = [f"eval_{d}.{k}.png" for d in ("neutron", "proton") for k in ("grid", "hist", "features")] + ["eval.curve.png"]

@@ -17,10 +17,8 @@ def rows(run):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sdigan")
-    cli(S, "--train", "--smoke", "--out", out)                          # no --detector: ZP
-    return out
+def run(smoke_run):
+    return smoke_run(S)                                          # no --detector: ZP
 
 
 def test_smoke_train_sample_eval(run):

@@ -97,10 +97,11 @@ def test_a_long_docstring_misses_its_target():
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_smoke_runs_train_exactly_as_recorded(name, tmp_path):
-    """Pure refactor: the same seed gives the recorded losses and weights (default settings of each script)."""
+def test_smoke_runs_train_exactly_as_recorded(name, smoke_run):
+    """Pure refactor: the same seed gives the recorded losses and weights (default settings of each script;
+    the run is the model tests' own smoke run, `python tools/smoke_trace.py --check` trains it afresh)."""
     want = json.loads((ROOT / "tests" / "data" / "smoke_trace.json").read_text())
-    bad = smoke_trace.compare(smoke_trace.trace(name, tmp_path), want[name])
+    bad = smoke_trace.compare(smoke_trace.fingerprint(smoke_run(f"{name}.py")), want[name])
     assert not bad, bad[:5]
 
 

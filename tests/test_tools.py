@@ -48,7 +48,7 @@ def test_gpu_table43_names_a_wrong_arch_and_stops_at_once_without_a_gpu():
     assert out.returncode == 2 and "no CUDA GPU" in out.stderr
 
 
-def test_round_probe_evaluates_whole_photons_and_restores_the_sampler(monkeypatch, tmp_path):
+def test_round_probe_evaluates_whole_photons_and_restores_the_sampler(monkeypatch, tmp_path, smoke_run):
     """The probe runs a script's own --eval (data.main) on a real checkpoint with to_counts rounding; the
     script's evaluate is replaced only to look at what it sees."""
     import importlib.util
@@ -56,8 +56,7 @@ def test_round_probe_evaluates_whole_photons_and_restores_the_sampler(monkeypatc
     import data
     import flow_matching as fm
     import vqgan
-    from helpers import cli
-    cli("flow_matching.py", "--train", "--smoke", "--out", tmp_path / "fm")
+    smoke_run("flow_matching.py", to=tmp_path / "fm")
     ckpt = str(tmp_path / "fm" / "ckpt.pt")
     spec = importlib.util.spec_from_file_location("round_probe", ROOT / "tools" / "round_probe.py")
     probe = importlib.util.module_from_spec(spec)
@@ -93,9 +92,8 @@ def test_round_probe_evaluates_whole_photons_and_restores_the_sampler(monkeypatc
     assert out.returncode == 1 and "--script takes one of flow_matching, latent_fm" in out.stderr and "(got 'bench')" in out.stderr
 
 
-def test_sampler_features_prints_each_sampler_and_rejects_bad_specs(tmp_path):
-    subprocess.run([sys.executable, "flow_matching.py", "--train", "--smoke", "--out", str(tmp_path / "fm")], cwd=ROOT,
-                   check=True, capture_output=True, timeout=300)
+def test_sampler_features_prints_each_sampler_and_rejects_bad_specs(tmp_path, smoke_run):
+    smoke_run("flow_matching.py", to=tmp_path / "fm")
     out = subprocess.run([sys.executable, "tools/sampler_features.py", "--ckpt", str(tmp_path / "fm" / "ckpt.pt"),
                           "--n", "40", "--samplers", "euler2,midpoint1r"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)

@@ -13,10 +13,8 @@ S = "vqgan.py"
 
 
 @pytest.fixture(scope="module", params=["neutron", "proton"])
-def run(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"vq_{request.param}")
-    cli(S, "--train", "--smoke", "--detector", request.param, "--out", out)
-    return request.param, out
+def run(request, smoke_run):
+    return request.param, smoke_run(S, "--detector", request.param)
 
 
 def test_smoke_train_sample_eval(run):

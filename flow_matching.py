@@ -14,7 +14,7 @@ CPU default: a compact UNet (GroupNorm, the condition added to the time embeddin
 counts.
 
 Usage:
-    python flow_matching.py --train                      # ZN, CPU default: two epochs, ~20 min on 2 cores
+    python flow_matching.py --train                      # ZN, CPU default: two epochs, ~45 min on 2 cores
     python flow_matching.py --train --split disjoint     # test particles never seen in training
     python flow_matching.py --train --paper              # the publication's network and training
     python flow_matching.py --eval --ckpt runs/flow_matching/ckpt.pt --max-test 2000 --plot

@@ -432,7 +432,8 @@ def test_part(split, max_test=None, part="test", typed=False):
 
 def default_batch_size(generate=None):
     """Generation batch for evaluate(): 256 on a CPU (the pixel samplers run ~2x faster per sample there than at
-    1,024: flow_matching 8.2 vs 17.4 ms, ddpm 40-42 vs 87-99, issue 36), 1,024 on CUDA (the earlier default; a
+    1,024: flow_matching 8.2 vs 17.4 ms, ddpm 40-42 vs 87-99, issue 36; results/eval_batch_cpu.json: 1.2-2.4x for
+    9 of the 10 scripts, vqgan's KV-cached prior the exception at 0.71x), 1,024 on CUDA (the earlier default; a
     GPU is not slower with the larger batch). The device: the generator's `device` attribute when it has one,
     else CUDA when available (the scripts' --device auto)."""
     dev = getattr(generate, "device", None)

@@ -23,8 +23,8 @@ def smoke_run(tmp_path_factory):
     """smoke_run(SCRIPT, *FLAGS): a fresh copy of the run folder of `python SCRIPT --train --smoke FLAGS`, trained
     once per test session. Smoke trainings are most of the suite's time and many tests start from the same one
     (the model tests, the recorded traces of test_skeleton, bench, the joint model's comparison). Each caller
-    gets its own copy (at `to`, if given), so what one test writes (an eval.json, a resumed run) no other test sees. `--detector D`
-    with the script's default D is the same run as no flag, and is trained once."""
+    gets its own copy (at `to`, if given), so what one test writes (an eval.json, a resumed run) no other test
+    sees. `--detector D` with the script's default D is the same run as no flag, and is trained once."""
     from helpers import cli
     runs = {}
 

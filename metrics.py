@@ -1295,7 +1295,10 @@ def compare(path_a, path_b, n_boot=N_BOOT, protocol=None, level=0.95):
         r = json.loads(p.read_text())
         if not r.get("sums"):
             raise ValueError(f"{p}: no per-event sums (a protocol-1 eval.json, written before issue 36): rerun its --eval")
-        sums = load_sums(p.parent / r["sums"])
+        named, beside = p.parent / r["sums"], p.with_name(p.stem + ".sums.npz")   # beside: a copied, renamed eval
+        if not (beside.exists() or named.exists()):
+            raise FileNotFoundError(f"{p}: its per-event sums are missing (looked for {beside} and {named})")
+        sums = load_sums(beside if beside.exists() else named)
         if not sums[3].get("model"):
             raise ValueError(f"{p}: no model row (a reference file holds the floor and the lookup only); a model's "
                              "paired gaps to them are in its own eval.json, under 'uncertainty'")

@@ -3,6 +3,7 @@ deliberately broken copy monkeypatched into metrics (it must fail), so none of t
 does. Then the bootstrap (known answers), run_eval's per-event sums, --compare and the protocol labels of the
 results tables."""
 import json
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -336,6 +337,31 @@ def test_compare_resolves_a_real_gap_and_not_a_tie(evals):
     r = subprocess.run([sys.executable, "metrics.py", "--compare", str(old), str(out["bright"][0])], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "protocol-1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_compare_finds_the_sums_of_a_copied_eval_and_names_missing_ones(evals, tmp_path):
+    """A run's eval.json names eval.sums.npz; results/ keeps both under the row's name (X.json, X.sums.npz)."""
+    folder, out = evals
+    path, r = out["good"]
+    shutil.copy(path, tmp_path / "copied.json")
+    shutil.copy(folder / r["sums"], tmp_path / "copied.sums.npz")
+    (tmp_path / "eval.sums.npz").write_bytes(b"stale")       # what the stale name points at: never read
+    (tmp_path / "copied.json").write_text(json.dumps(dict(r, sums="eval.sums.npz")))
+    _, res = metrics.compare(tmp_path / "copied.json", out["twin"][0], n_boot=20)
+    assert res["W"]["diff"] == 0
+    (tmp_path / "copied.sums.npz").unlink()
+    (tmp_path / "eval.sums.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="per-event sums are missing"):
+        metrics.compare(tmp_path / "copied.json", out["twin"][0], n_boot=20)
+
+
+def test_every_committed_eval_has_its_sums():
+    """A protocol-2 row in results/ without its .sums.npz cannot be compared (`--compare`) with anything."""
+    for p in sorted((ROOT / "results").rglob("*.json")):
+        r = json.loads(p.read_text())
+        if isinstance(r, dict) and r.get("sums") and "model" in r:
+            assert p.with_name(p.stem + ".sums.npz").exists(), f"{p} has no {p.stem}.sums.npz beside it"
+            assert r["sums"] == p.stem + ".sums.npz", f"{p}: 'sums' names {r['sums']}, not {p.stem}.sums.npz"
 
 
 def test_tables_never_mix_protocols(evals, tmp_path):

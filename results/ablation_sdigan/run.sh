@@ -16,7 +16,8 @@ for seed in $SEEDS; do
     ${LOCK:-flock /tmp/zdc.lock} bash -c "python sdigan_proton.py --train --variant $v --set train_seed=$seed --out $out $SETTINGS \
       > $out.train.log 2>&1 && python sdigan_proton.py --eval --ckpt $out/ckpt.pt --max-test 2000 $plot \
       > $out.eval.log 2>&1" && cp "$out/eval.json" "$HERE/$name.json" \
-      && cp "$out/eval.sums.npz" "$HERE/$name.sums.npz" && echo "$(date -u +%T) done $name" \
+      && cp "$out/eval.sums.npz" "$HERE/$name.sums.npz" \
+      && sed -i "s/\"sums\": \"eval.sums.npz\"/\"sums\": \"$name.sums.npz\"/" "$HERE/$name.json" && echo "$(date -u +%T) done $name" \
       || echo "$(date -u +%T) FAILED $name (see $out.*.log)"
   done
 done

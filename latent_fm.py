@@ -16,7 +16,7 @@ CPU default: 1 + 6 epochs, AdamW 2e-3 with cosine decay, EMA 0.999, midpoint 2 (
 --paper: VAE 58k parameters, the published UNet (Appendix A: 127,824), 50 + 50 epochs, one-cycle, Euler 8.
 
 Usage:
-    python latent_fm.py --train                      # both stages, ZN (~26 min on 2 cores)
+    python latent_fm.py --train                      # both stages, ZN (~50 min on 2 cores)
     python latent_fm.py --train --stage 1            # only the autoencoder; --stage 2 then continues it
     python latent_fm.py --train --paper              # the paper's sizes and training
     python latent_fm.py --eval --ckpt runs/latent_fm/ckpt.pt --max-test 2000 --plot   # [--sweep 1,2,4,8]

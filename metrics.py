@@ -435,8 +435,8 @@ def default_batch_size(generate=None):
     1,024: flow_matching 8.2 vs 17.4 ms, ddpm 40-42 vs 87-99, issue 36; results/eval_batch_cpu.json: 1.2-2.4x for
     9 of the 10 scripts; vqgan's KV-cached prior gains a little from larger batches, 0.93x at 1,024 and 0.84x at
     2,048 over 3 repeats, results/eval_batch_cpu_vqgan.json: under 10 s per eval, so no exception), 1,024 on
-    CUDA (the earlier default; a GPU is not slower with the larger batch). The device: the generator's `device` attribute when it has one,
-    else CUDA when available (the scripts' --device auto)."""
+    CUDA (the earlier default; a GPU is not slower with the larger batch). The device: the generator's `device`
+    attribute when it has one, else CUDA when available (the scripts' --device auto)."""
     dev = getattr(generate, "device", None)
     cuda = str(dev).startswith("cuda") if dev is not None else torch.cuda.is_available()
     return 1024 if cuda else 256

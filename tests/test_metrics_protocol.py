@@ -364,6 +364,21 @@ def test_every_committed_eval_has_its_sums():
             assert r["sums"] == p.stem + ".sums.npz", f"{p}: 'sums' names {r['sums']}, not {p.stem}.sums.npz"
 
 
+def test_table43_compares_protocol_2_rows_on_paired_intervals_and_never_across_protocols(evals, tmp_path):
+    folder, out = evals
+    for stem, name in (("vae", "good"), ("vae_vit", "bright"), ("sae_ng", "good"), ("sae_ng_vit", "twin")):
+        shutil.copy(out[name][0], tmp_path / f"{stem}_neutron_random.json")
+        shutil.copy(folder / out[name][1]["sums"], tmp_path / f"{stem}_neutron_random.sums.npz")
+    old = {k: v for k, v in out["good"][1].items() if k not in ("sums", "protocol", "uncertainty")}
+    md = metrics.table43(tmp_path)
+    assert "MIXED protocols" not in md
+    assert "- VAE, ViT vs CNN (thesis: CNN): CNN (" in md and "paired difference +" in md
+    assert "- AE + Sinkhorn noise generator, ViT vs CNN (thesis: ViT): not resolved (" in md
+    (tmp_path / "vae_vit_neutron_random.json").write_text(json.dumps(dict(old, model=out["bright"][1]["model"])))
+    md = metrics.table43(tmp_path)
+    assert "MIXED protocols" in md and "- VAE, ViT vs CNN (thesis: CNN): not comparable (" in md
+
+
 def test_tables_never_mix_protocols(evals, tmp_path):
     folder, out = evals
     new = dict(out["good"][1])

@@ -544,7 +544,9 @@ def uncertainty(boot, level=0.95):
                 p = b["point_" + key] / fl["point_" + key]
                 row[f"{key}/floor"] = dict(value=p, ci=ratio_interval(b[key], fl[key], p, level))
         out[name] = row
-    for a, c in (("model", "lookup"), ("model", "floor"), ("lookup", "floor")):
+    pairs = [("model", "lookup"), ("model", "floor"), ("lookup", "floor")]
+    pairs += [("model", k) for k in boot if k not in ("model", "floor", "lookup")]     # run_eval's others
+    for a, c in pairs:
         if a in boot and c in boot:
             d = {}
             for key in ("W", "W_pooled", "auc"):
@@ -596,14 +598,18 @@ def protocol_block(protocol, n_test, reps, n_boot, channels="even"):
                 kpd=f"degree-{KPD_DEGREE} polynomial kernel, same-particle pairs left out")
 
 
-def run_eval(generate, split, path, args, name, extra=None):
+def run_eval(generate, split, path, args, name, extra=None, floor_fn=None, others=None):
     """The full evaluation of one model: its row beside the floor and lookup rows, printed as a table and
     written as JSON to `path` (with the command line); with args.plot, PNGs next to it. With --amp (bf16 or fp16
     autocast) the file gets an _amp suffix, so it never replaces the float32 evaluation it is compared with.
     Beside the JSON, <stem>.sums.npz holds the per-event channel sums of every row (and the classifier's held-out
     scores), named in the JSON under "sums": `python metrics.py --compare A.json B.json` compares two models on
     the same events from them. Optional attributes of args: protocol ("mean-of-reps", the default, or "pooled":
-    which W the tables use), channels ("even", the default, or "odd": channel_masks), bootstrap (draws, default 200; 0 = none), eval_batch_size (generation batch; default_batch_size)."""
+    which W the tables use), channels ("even", the default, or "odd": channel_masks), bootstrap (draws, default 200; 0 = none), eval_batch_size (generation batch; default_batch_size).
+    sdigan_joint.py scores each detector's view with two more arguments: floor_fn(split, reps, max_test, record,
+    channels) replaces floor() (the joint set's re-simulation), and others {key: (label, row, record)} are further
+    models scored on the same events (its --compare-ckpt models): rows of the table, under "separate" in the
+    JSON, in the same bootstrap, with a paired model - key difference."""
     if getattr(args, "amp", False):
         path, name = path.with_name(f"{path.stem}_amp{path.suffix}"), f"{name} amp"
     protocol = getattr(args, "protocol", None) or "mean-of-reps"
@@ -614,20 +620,26 @@ def run_eval(generate, split, path, args, name, extra=None):
     channels = getattr(args, "channels", None) or "even"
     max_test = args.max_test or None
     records = {"model": {}, "floor": {}, "lookup": {}}
+    others = others or {}
+    if {"model", "floor", "lookup"} & set(others):
+        raise ValueError(f"others: the keys model, floor and lookup are taken ({', '.join(others)})")
     t0 = time.time()
     out = evaluate(generate, split, args.reps, args.seed, max_test, keep=args.plot, record=records["model"],
                    batch_size=getattr(args, "eval_batch_size", None), channels=channels)
     row, kept = out if args.plot else (out, None)
     seconds = time.time() - t0
-    fl = floor(split, args.reps, max_test, record=records["floor"], channels=channels)
+    fl = (floor_fn or floor)(split, args.reps, max_test, record=records["floor"], channels=channels)
     lk = lookup(split, args.reps, max_test, record=records["lookup"], channels=channels)
+    records.update({key: rec for key, (_, _, rec) in others.items()})
     records = {k: v if v else None for k, v in records.items()}
     idx = split.idx["test"][:max_test]
     true_sums = channel_sums(split.ds.images[idx], channels)
     unc = uncertainty(boot_rows(true_sums, split.ds.cond_id[idx], records, n_boot)) if n_boot else None
     print(f"\n{split.ds.detector} detector, split '{split.mode}', {len(idx)} test events, {args.reps} repetitions "
           f"({seconds / args.reps / len(idx) * 1e3:.3f} ms per sample including metrics)")
-    print(table({name: row, "floor (re-simulation)": fl, "lookup (nearest train)": lk}, fl))
+    seps = {label: dict(r, key=key) for key, (label, r, _) in others.items()}
+    fl_name = "floor (joint re-sim)" if floor_fn else "floor (re-simulation)"
+    print(table({name: row, **seps, fl_name: fl, "lookup (nearest train)": lk}, fl))
     if unc:
         print(uncertainty_text(unc, name))
     sums = path.with_suffix(".sums.npz")
@@ -636,7 +648,7 @@ def run_eval(generate, split, path, args, name, extra=None):
                   reps=args.reps, n_shower=min(len(idx), SHOWER_N), seconds=seconds, command=" ".join(sys.argv),
                   amp=bool(getattr(args, "amp", False)),
                   protocol=protocol_block(protocol, len(idx), args.reps, n_boot, channels), uncertainty=unc,
-                  sums=sums.name,
+                  sums=sums.name, **({"separate": seps} if others else {}),
                   **(extra or {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_sums(sums, idx, split.ds.cond_id[idx], true_sums, records)
@@ -657,7 +669,8 @@ def uncertainty_text(unc, name="model"):
     """The printed form of uncertainty(): intervals of W (both protocols), W / floor and AUC, and the paired
     model - lookup differences."""
     lines = ["", f"95 % intervals, bootstrap over test particles ({'paired: the same resampled events for every row'})"]
-    for row in ("model", "floor", "lookup"):
+    others = [k for k in unc if "-" not in k and k not in ("model", "floor", "lookup")]
+    for row in ("model", *others, "floor", "lookup"):
         u = unc.get(row)
         if not u:
             continue
@@ -668,7 +681,7 @@ def uncertainty_text(unc, name="model"):
                 v = u[key]
                 parts.append(f"{label} {v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]")
         lines.append(f"  {name if row == 'model' else row:<20} " + "; ".join(parts))
-    for pair in ("model-lookup", "model-floor"):
+    for pair in ("model-lookup", "model-floor", *(f"model-{k}" for k in others)):
         for key, v in (unc.get(pair) or {}).items():
             lines.append(f"  {pair.replace('model', name)} {key}: {v['value']:+.3f} [{v['ci'][0]:+.3f}, "
                          f"{v['ci'][1]:+.3f}] " + ("excludes 0" if v["excludes_zero"] else "includes 0: not resolved"))
@@ -1023,12 +1036,14 @@ def results_markdown(folder):
             row(r.get("name", name[:-5]), r["model"], params, f"[{name}]({link}{name})", f=r, key="model")
             for label, sep in (r.get("separate") or {}).items():    # sdigan_joint --compare-ckpt: same test events
                 seen = sep.get("seen_in_training", [None])[0]
+                unc_key = sep.get("key") if sep.get("key") in (r.get("uncertainty") or {}) else None
                 row(label + (f", {100 * seen:.0f} % of these particles seen in training" if seen is not None else ""),
-                    sep, "", f"[{name}]({link}{name})")
+                    sep, "", f"[{name}]({link}{name})", f=r if unc_key else None, key=unc_key)
         if new:
             lines.append("")
         for name, r in group:                   # paired differences on the same events (protocol 2)
             pairs = ("model-lookup", "model-floor") if "model" in r else ("lookup-floor",)
+            pairs += tuple(f"model-{sep['key']}" for sep in (r.get("separate") or {}).values() if "key" in sep)
             for pair, d in ((k, v) for k, v in (r.get("uncertainty") or {}).items() if k in pairs):
                 lines.append(f"- {pair.replace('model', r.get('name', name[:-5]))}, paired on the same events: " + "; ".join(
                     f"{k} {v['value']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"

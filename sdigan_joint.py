@@ -312,9 +312,7 @@ def get_args(argv=None):
                      (not 0 <= args.dropout < 1, f"dropout must be in [0, 1) (got {args.dropout})"),
                      (any(w < 2 or w % 2 for w in widths), f"widths must be even and >= 2 {widths}"),
                      (args.div_norm not in ("dataset", "minmax"), "div_norm is dataset or minmax"),
-                     (args.d_norm not in ("batch", "none"), "d_norm is batch or none"),
-                     ((args.protocol, args.channels) != ("mean-of-reps", "even"),
-                      "--eval of the joint model scores the mean of the repetitions' W, channels even only")]:
+                     (args.d_norm not in ("batch", "none"), "d_norm is batch or none")]:
         if bad:
             p.error(msg)
     return args
@@ -353,27 +351,32 @@ def part_generator(sampler, device, det=None, amp=False):
     return generate
 
 
-def joint_floor(split, reps, max_test):
-    """The noise floor per detector: the test particles re-simulated jointly (redrawn while neither response
-    passes its cut, as the joint set was selected), each detector scored against its test responses."""
-    if not split.ds.is_toy:
-        return {det: None for det in DETS}
-    idx = split.idx["test"][:max_test]
-    cond = data.standardize(split.ds.features[idx], split.mean, split.std)
-    scores = {det: [] for det in DETS}
-    for r in range(reps):
-        sim, below = data.resimulate(split.ds.particles[idx], "joint", 10_000 + r, split.ds.cut)
-        for det in DETS:
-            row = metrics.score(split.ds.images[det][idx], sim[det], split.ds.cond_id[idx],
-                                split.ds.particles[idx, 9], cond.numpy(), seed=r)
-            scores[det].append(dict(row, below_cut=below))
-    return {det: metrics.summarize(s) for det, s in scores.items()}
+def joint_floor(split, det):
+    """metrics.run_eval's floor_fn for detector det's view of the joint split: the test particles re-simulated jointly (redrawn
+    while neither response passes its cut, as the joint set was selected), repetition r with simulator seed
+    10,000 + r, this detector's responses scored against its test responses."""
+    def floor(view, reps, max_test, record=None, channels="even"):
+        ds = split.ds
+        if not ds.is_toy:
+            return None
+        idx, true, cond = metrics.test_part(view, max_test)
+        scores, recs = [], []
+        for r in range(reps):
+            sim, below = data.resimulate(ds.particles[idx], "joint", 10_000 + r, ds.cut)
+            recs.append({})
+            scores.append(dict(metrics.score(true, sim[det], ds.cond_id[idx], ds.particles[idx, 9], cond.numpy(),
+                                             seed=r, record=recs[-1], channels=channels), below_cut=below))
+        if record is not None:
+            record.update(sums=np.stack([x["sums"] for x in recs]), auc=[x.get("auc") for x in recs],
+                          seeds=[10_000 + r for r in range(reps)])
+        return metrics.summarize(scores)
+    return floor
 
 
 def separate_rows(args, split, idx):
-    """--compare-ckpt: each separate model's row on the joint test particles, sampled by its own script's
-    --sample (seeds seed, seed+1, ... as metrics.evaluate), and the fraction of these particles it saw in
-    training."""
+    """--compare-ckpt: each separate model's (label, row, record) on the joint test particles, sampled by its own
+    script's --sample (seeds seed, seed+1, ... as metrics.evaluate), with the fraction of these particles it saw
+    in training; keyed by detector and script name (metrics.run_eval's `others`)."""
     rows = {det: {} for det in DETS}
     cond = data.standardize(split.ds.features[idx], split.mean, split.std).numpy()
     with tempfile.TemporaryDirectory() as tmp:
@@ -390,10 +393,12 @@ def separate_rows(args, split, idx):
             if det not in DETS or not script.exists():
                 raise data.DataError(f"--compare-ckpt {path}: a {model}.py checkpoint of detector {det}: "
                                      "need a single-detector model (gan.py for ZN, sdigan_proton.py for ZP)")
+            if model in rows[det]:
+                raise data.DataError(f"--compare-ckpt: two {model}.py checkpoints; give one per script")
             sep = data.split_from_checkpoint(ck, progress=False)
             known = {r.tobytes() for r in np.unique(sep.ds.features[sep.idx["train"]], axis=0)}
             seen = float(np.mean([p.tobytes() in known for p in split.ds.features[idx]]))
-            reps = []
+            reps, recs = [], []
             for r in range(args.reps):
                 out = Path(tmp) / f"{model}_{r}.npz"
                 cmd = [sys.executable, str(script), "--sample", "--ckpt", str(path), "--particles",
@@ -403,59 +408,42 @@ def separate_rows(args, split, idx):
                 if done.returncode:
                     raise data.DataError(f"--compare-ckpt {path}: {' '.join(cmd)} failed: "
                                          f"{done.stderr[-500:]}")
+                recs.append({})
                 reps.append(metrics.score(split.ds.images[det][idx], np.load(out)["responses"],
-                                          split.ds.cond_id[idx], split.ds.particles[idx, 9], cond, seed=r))
-            rows[det][f"{model} (separate)"] = dict(metrics.summarize(reps), seen_in_training=[seen, 0.0],
-                                                    ckpt=str(path), n_params=ck.get("n_params"))
+                                          split.ds.cond_id[idx], split.ds.particles[idx, 9], cond, seed=r,
+                                          record=recs[-1], channels=args.channels))
+            record = dict(sums=np.stack([x["sums"] for x in recs]), auc=[x.get("auc") for x in recs],
+                          seeds=[args.seed + r for r in range(args.reps)])
+            row = dict(metrics.summarize(reps), seen_in_training=[seen, 0.0], ckpt=str(path),
+                       n_params=ck.get("n_params"))
+            rows[det][model] = (f"{model} (separate)", row, record)
             print(f"{model}.py ({det}): {100 * seen:.1f} % of the joint test particles are in its training "
                   "split")
     return rows
 
 
 def evaluate(args, ck, sampler, device):
-    """--eval: per detector the usual table on the joint test events (the model, the joint floor, the lookup,
-    and the --compare-ckpt models on the same particles), eval.json (both) and eval_<detector>.json."""
+    """--eval: per detector metrics.run_eval on the joint test events (the model, the joint floor, the lookup,
+    and the --compare-ckpt models on the same particles, all in one paired bootstrap), written as
+    eval_<detector>.json with its sums, and eval.json holding both."""
     split = data.split_from_checkpoint(ck)
     path = Path(args.ckpt or Path(args.out) / "ckpt.pt").with_name("eval.json")
-    max_test = args.max_test or None
-    idx = split.idx["test"][:max_test]
+    idx = split.idx["test"][:args.max_test or None]
     separate = separate_rows(args, split, idx) if args.compare_ckpt else {}
-    floors = joint_floor(split, args.reps, max_test)
     ms = metrics.time_per_sample(part_generator(sampler, device, None, args.amp), split.cond("test")[:256])
     results = {}
     for det in DETS:
         view = split.views[det]
-        row = metrics.evaluate(part_generator(sampler, device, det, args.amp), view, args.reps, args.seed,
-                               max_test, keep=args.plot)
-        if args.plot:
-            row, kept = row
-            png = path.with_name(f"eval_{det}.png")
-            true = split.ds.images[det][idx]
-            title = f"{NAME} {det}: "
-            metrics.plot_grid(true, kept, png.with_suffix(".grid.png"), 8, title=title + "test vs generated")
-            metrics.plot_histograms(true, kept, png.with_suffix(".hist.png"), title=title + "channel sums")
-            metrics.plot_features(true, kept, png.with_suffix(".features.png"),
-                                  title=title + "shower features")
-        fl = floors[det]
-        lk = metrics.lookup(view, args.reps, max_test)
-        sep = separate.get(det, {})
-        print(f"\n{det} detector (joint set), split '{split.mode}', {len(idx)} test events, {args.reps} "
-              "repetitions")
-        print(metrics.table({f"{NAME} ({det})": row, **sep, "floor (joint re-sim)": fl,
-                             "lookup (nearest train)": lk}, fl))
-        results[det] = dict(name=f"{NAME} ({det} part)", weights=ck["weights_used"], model=row, floor=fl,
-                            lookup=lk, separate=sep, W_over_floor=row["W"][0] / fl["W"][0] if fl else None,
-                            detector=det, data=split.ds.source, split=split.mode, n_test=len(idx),
-                            reps=args.reps, n_shower=min(len(idx), metrics.SHOWER_N),
-                            command=" ".join(sys.argv), n_params=ck["n_params"], train_steps=ck["step"],
-                            ms_per_particle=ms, threads=torch.get_num_threads())
-        path.with_name(f"eval_{det}.json").write_text(json.dumps(results[det], indent=1))
+        print(f"\n{det} detector (joint set):")
+        results[det] = metrics.run_eval(
+            part_generator(sampler, device, det, args.amp), view, path.with_name(f"eval_{det}.json"), args,
+            f"{NAME} ({det} part)", floor_fn=joint_floor(split, det), others=separate.get(det),
+            extra=dict(weights=ck["weights_used"], n_params=ck["n_params"], train_steps=ck["step"],
+                       ms_per_particle=ms, threads=torch.get_num_threads()))
     path.write_text(json.dumps(results, indent=1))
-    if args.plot:                                               # validation W of both parts against steps
-        metrics.plot_run_curve(path, NAME)
     print(f"\n{ms:.4f} ms per particle (both responses, batch 256, {device}, {torch.get_num_threads()} "
           "threads)\n"
-          f"written {path} and eval_neutron.json / eval_proton.json beside it")
+          f"written {path} (both) beside eval_neutron.json / eval_proton.json and their .sums.npz")
     return results
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import metrics
 import sdigan_joint as sj
 from helpers import assert_same_weights, check_eval, cli, losses, weights
 
@@ -49,13 +50,18 @@ def test_compare_with_separate_models_on_the_same_particles(run, tmp_path, smoke
     smoke_run("sdigan_proton.py", to=tmp_path / "sdi")
     cli(S, "--eval", "--ckpt", run / "ckpt.pt", "--max-test", 60, "--reps", 1, "--plot",
         "--compare-ckpt", tmp_path / "gan" / "ckpt.pt", tmp_path / "sdi" / "ckpt.pt")
-    pngs = [f"eval_{d}.{k}.png" for d in ("neutron", "proton") for k in ("grid", "hist", "features")] + ["eval.curve.png"]
+    pngs = [f"eval_{d}.{k}.png" for d in ("neutron", "proton") for k in ("grid", "hist", "features", "curve")]
     assert all((run / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)   # --plot: the curve from both val_W keys
     for det, model in (("neutron", "gan"), ("proton", "sdigan_proton")):
         r = json.loads((run / f"eval_{det}.json").read_text())
         row = r["separate"][f"{model} (separate)"]
         assert list(r["separate"]) == [f"{model} (separate)"] and np.isfinite(row["W"][0]) and 0 <= row["empty"][0] <= 1
-        assert 0 <= row["seen_in_training"][0] <= 1
+        assert 0 <= row["seen_in_training"][0] <= 1 and row["key"] == model
+        d = r["uncertainty"][f"model-{model}"]["W"]                  # paired on the same events, in the bootstrap
+        assert d["ci"][0] <= d["value"] <= d["ci"][1] and "W/floor" in r["uncertainty"][model]
+        assert f"{model}_sums" in np.load(run / r["sums"]).files
+        md = metrics.results_markdown(str(run))                         # its row carries its interval
+        assert f"- sdigan_joint ({det} part)-{model}, paired on the same events: W " in md
     bad = cli(S, "--eval", "--ckpt", run / "ckpt.pt", "--compare-ckpt", run / "ckpt.pt", ok=False).stderr
     assert "need a single-detector model" in bad
 
@@ -184,7 +190,7 @@ def test_joint_floor_uses_both_detectors():
     only_p, _ = data.resimulate(j.particles, "proton", seed=5)             # a single-detector floor never is
     assert (only_p.reshape(len(j), -1).sum(1) >= 1).all()
     split = data.JointSplit(j, "random", 0)
-    fl = sj.joint_floor(split, reps=1, max_test=None)                    # ~400 test events
+    fl = {d: sj.joint_floor(split, d)(split.views[d], 1, None) for d in ("neutron", "proton")}   # ~400 test events
     assert fl["proton"]["empty"][0] == pytest.approx((p == 0).mean(), abs=0.1) and fl["proton"]["empty"][0] > 0.1
     assert all(np.isfinite(fl[d]["W"][0]) for d in ("neutron", "proton"))
 
@@ -236,10 +242,29 @@ def test_sampling_uses_the_best_weights_unless_told_otherwise(tmp_path):
     assert "trained by an older version of sdigan_joint.py" in err
 
 
-def test_eval_refuses_a_protocol_it_does_not_compute():
-    """The joint model's evaluation has its own loop: a W convention it does not apply is an error, not ignored."""
-    import sdigan_joint
-    for flag in (["--channels", "odd"], ["--protocol", "pooled"]):
-        with pytest.raises(SystemExit):
-            sdigan_joint.get_args(["--eval", "--ckpt", "x.pt", *flag])
-    assert sdigan_joint.get_args(["--eval", "--ckpt", "x.pt"]).channels == "even"
+def test_eval_is_the_common_protocol_per_detector(run):
+    """Issue 36: each detector's eval goes through metrics.run_eval (a paired bootstrap over test particles, the
+    per-event sums, the protocol block) with the joint set's floor; --protocol and --channels apply as elsewhere."""
+    cli(S, "--eval", "--ckpt", run / "ckpt.pt", "--max-test", 80, "--reps", 2, "--channels", "odd",
+        "--protocol", "pooled")
+    for det in ("neutron", "proton"):
+        r = json.loads((run / f"eval_{det}.json").read_text())
+        assert r["protocol"]["version"] == 2 and r["protocol"]["W"] == "pooled" and r["protocol"]["channels"] == "odd"
+        assert r["sums"] == f"eval_{det}.sums.npz" and r["protocol"]["bootstrap"]["draws"] == metrics.N_BOOT
+        idx, _, true, recs = metrics.load_sums(run / r["sums"])
+        assert len(idx) == 80 and recs["floor"]["sums"].shape == (2, 80, 5) and true.shape == (80, 5)
+        u = r["uncertainty"]
+        assert u["model"]["W/floor"]["ci"][0] <= u["model"]["W/floor"]["value"] <= u["model"]["W/floor"]["ci"][1]
+        assert "W" in u["model-lookup"] and r["floor"]["below_cut"][0] <= 1
+
+
+def test_the_floor_is_the_joint_re_simulation():
+    """The floor of a detector's view re-simulates the joint set (redrawn while neither response passes its cut),
+    not that detector alone: its responses are those of data.resimulate(..., 'joint'), seed 10,000 + r."""
+    split = data.JointSplit(data.load("joint", "toy", limit=3000, progress=False), "random")
+    rec = {}
+    fl = sj.joint_floor(split, "proton")(split.views["proton"], 2, 50, record=rec)
+    idx = split.idx["test"][:50]
+    sim, _ = data.resimulate(split.ds.particles[idx], "joint", 10_001, split.ds.cut)
+    np.testing.assert_allclose(rec["sums"][1], metrics.channel_sums(sim["proton"]), rtol=1e-6)
+    assert rec["seeds"] == [10_000, 10_001] and fl["W"][0] >= 0

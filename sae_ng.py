@@ -52,7 +52,7 @@ DEFAULTS = dict(arch="cnn", matching="sinkhorn", epochs=4, batch_size=256, lr=1e
                 width=0, hidden=0, blocks=4, ng_hidden=32, beta=20.0, l2_weight=10.0, diameter=1e-2,
                 blur=1e-5, scaling=0.5, ng_steps=0, ng_batch=0, ng_lr=2e-3, straight_through=True)
 # None: Table A.1's optimiser column of the arch (TABLE_A1, below). straight_through: this project's ReLUs
-# with a straight-through gradient (the noise generator's output; code and output with l2 or the ViT);
+# with a straight-through gradient (the noise generator's and the decoder's output; the ViT's code too);
 # false: the authors' plain ReLUs everywhere (--paper; on the toy data they die within 40 steps of the CPU
 # budget: docs/models/sae_ng.md). protocol, max_test: the thesis' test (m-wojnar/zdc train_loop)
 PAPER = dict(arch="vit", epochs=100, batch_size=256, clip=0.0, scaling=0.95, ng_hidden=128, lr=None,
@@ -115,9 +115,10 @@ class Decoder(nn.Module):
                                  nn.Conv2d(width, 1, 3, padding=1))
 
     def forward(self, code):
-        """ReLU output (exact zeros); with straight_through (--matching l2) its gradient passes as if linear:
+        """ReLU output (exact zeros); with straight_through (all but --paper) its gradient passes as if linear:
         a plain ReLU whose input turned negative everywhere stops all reconstruction gradient, and the l2 run
-        collapsed that way (docs/models/sae_ng.md). The same outputs either way; only training differs."""
+        and the default's 2026-12-06 rerun collapsed that way (docs/models/sae_ng.md). The same outputs either
+        way; only training differs."""
         h = self.head(code).view(-1, 2 * self.w, self.h0, self.w0)
         o = self.net(h)
         o = o + (F.relu(o) - o).detach() if self.st else F.relu(o)
@@ -187,10 +188,11 @@ class SAE(nn.Module):
 
 def build_model(cfg):
     """The autoencoder and noise generator of a run's settings (or a checkpoint's). straight_through (not
-    under --paper): the noise generator's output ReLU, and with --matching l2 or the ViT the code's and the
-    decoder's, pass their gradient straight through (plain ones died in those runs: docs/models/sae_ng.md)."""
+    under --paper): the noise generator's output ReLU and the decoder's output (cnn, vit; the ViT's code too,
+    and vdvae's with --matching l2) pass their gradient straight through: plain ones died in those runs, the
+    CPU default's too (docs/models/sae_ng.md). Forward outputs are the same, so old checkpoints sample alike."""
     ours = cfg.get("straight_through", True)            # (checkpoints written before the setting: True)
-    st = ours and (cfg["matching"] == "l2" or cfg["arch"] == "vit")
+    st = ours and (cfg["matching"] == "l2" or cfg["arch"] in ("cnn", "vit"))
     return SAE(data.SHAPES[cfg["detector"]], cfg["width"], cfg["hidden"], cfg["ng_hidden"], cfg["arch"],
                cfg["blocks"], straight_through=st, ng_straight_through=ours)
 

@@ -186,15 +186,16 @@ def test_shapes_seeds_and_non_negativity(shape):
 
 
 def test_a_decoder_output_dead_everywhere_still_gets_reconstruction_gradient():
-    """With --matching l2 the CNN decoder's output ReLU passes the gradient straight through: with its last bias at
-    -100 every pixel is exactly 0, and the reconstruction error still moves that bias up; the plain ReLU of the
-    Sinkhorn default gives it zero gradient, and both give the same outputs."""
+    """The CNN decoder's output ReLU passes the gradient straight through (either matching; the default's plain one
+    died in its 2026-12-06 rerun): with its last bias at -100 every pixel is exactly 0, and the reconstruction
+    error still moves that bias up; the authors' plain ReLU (straight_through=false, --paper) gives it zero
+    gradient, and both give the same outputs."""
     torch.manual_seed(0)
     code, target = torch.rand(3, sae_ng.CODE), torch.rand(3, 1, 44, 44)
     grads = {}
-    for matching in ("l2", "sinkhorn"):
+    for matching, st in (("l2", True), ("sinkhorn", True), ("sinkhorn", False)):
         model = sae_ng.build_model({**sae_ng.DEFAULTS, "detector": "neutron", "width": 4, "hidden": 16,
-                                    "ng_hidden": 8, "matching": matching})
+                                    "ng_hidden": 8, "matching": matching, "straight_through": st})
         torch.manual_seed(1)
         model.dec.load_state_dict(sae_ng.Decoder((44, 44), width=4, hidden=16).state_dict())
         with torch.no_grad():
@@ -202,8 +203,9 @@ def test_a_decoder_output_dead_everywhere_still_gets_reconstruction_gradient():
         out = model.dec(code)
         assert torch.equal(out, torch.zeros_like(out))
         (out - target).pow(2).sum().backward()
-        grads[matching] = model.dec.net[-1].bias.grad.item()
-    assert grads["l2"] < 0 and grads["sinkhorn"] == 0                # descent raises the bias only through ST
+        grads[matching, st] = model.dec.net[-1].bias.grad.item()
+    assert grads["l2", True] < 0 and grads["sinkhorn", True] < 0    # descent raises the bias only through ST
+    assert grads["sinkhorn", False] == 0
 
 
 def test_the_vit_code_and_output_pass_gradient_when_dead():

@@ -17,7 +17,7 @@ CPU default: a compact conv pair, 4 epochs. --paper: the thesis' ViT pair with t
 noise generator alone on the frozen encoder's codes.
 
 Usage:
-    python sae_ng.py --train                       # ZN, CPU default: end to end, ~15 min on 2 cores
+    python sae_ng.py --train                       # ZN, CPU default: end to end, ~11 min on 2 cores
     python sae_ng.py --train --matching l2         # eq. 3.7
     python sae_ng.py --train --paper               # the thesis' ViT pair and optimiser, 100 epochs: a GPU job
     python sae_ng.py --train --resume --set ng_steps=20000   # add stage 2 to a finished run

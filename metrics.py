@@ -688,16 +688,19 @@ def uncertainty_text(unc, name="model"):
     return "\n".join(lines)
 
 
-def floor(split, reps=5, max_test=None, part="test", shower=True, record=None, channels="even"):
+def floor(split, reps=5, max_test=None, part="test", shower=True, record=None, channels="even", simulate=None):
     """The noise floor: independent toy re-simulations of the test conditions, repetition r with simulator seed
-    10,000 + r. None for real data. record: as in evaluate()."""
-    if not split.ds.is_toy:
-        return None
+    10,000 + r. None for real data. record: as in evaluate(). simulate(particles, seed) -> (counts, below cut):
+    another re-simulation (sdigan_joint.py: the joint set's, one detector's responses); default data.resimulate."""
+    if simulate is None:
+        if not split.ds.is_toy:
+            return None
+        simulate = lambda p, seed: data.resimulate(p, split.ds.detector, seed, split.ds.cut)   # noqa: E731
     idx, true, cond = test_part(split, max_test, part)
     cid, pdg = split.ds.cond_id[idx], split.ds.particles[idx, 9]
     scores, recs = [], []
     for r in range(reps):
-        sim, below = data.resimulate(split.ds.particles[idx], split.ds.detector, 10_000 + r, split.ds.cut)
+        sim, below = simulate(split.ds.particles[idx], 10_000 + r)
         recs.append({})
         scores.append(dict(score(true, sim, cid, pdg, cond.numpy(), shower, seed=r, record=recs[-1],
                                  channels=channels), below_cut=below))

@@ -27,6 +27,7 @@ Usage:
 Every setting beside its source, and the deviations from the poster: docs/fidelity/sdigan_joint.md.
 Runs, what --eval writes, what each logged number means, and their history: docs/models/sdigan_joint.md.
 """
+import functools
 import json
 import math
 import subprocess
@@ -352,25 +353,13 @@ def part_generator(sampler, device, det=None, amp=False):
 
 
 def joint_floor(split, det):
-    """metrics.run_eval's floor_fn for detector det's view of the joint split: the test particles re-simulated jointly (redrawn
-    while neither response passes its cut, as the joint set was selected), repetition r with simulator seed
-    10,000 + r, this detector's responses scored against its test responses."""
-    def floor(view, reps, max_test, record=None, channels="even"):
-        ds = split.ds
-        if not ds.is_toy:
-            return None
-        idx, true, cond = metrics.test_part(view, max_test)
-        scores, recs = [], []
-        for r in range(reps):
-            sim, below = data.resimulate(ds.particles[idx], "joint", 10_000 + r, ds.cut)
-            recs.append({})
-            scores.append(dict(metrics.score(true, sim[det], ds.cond_id[idx], ds.particles[idx, 9], cond.numpy(),
-                                             seed=r, record=recs[-1], channels=channels), below_cut=below))
-        if record is not None:
-            record.update(sums=np.stack([x["sums"] for x in recs]), auc=[x.get("auc") for x in recs],
-                          seeds=[10_000 + r for r in range(reps)])
-        return metrics.summarize(scores)
-    return floor
+    """metrics.run_eval's floor_fn for detector det's view of the joint split: metrics.floor with the test particles
+    re-simulated jointly (redrawn while neither response passes its cut, as the joint set was selected), this
+    detector's responses scored against its test responses. None for real data."""
+    def simulate(particles, seed):
+        sim, below = data.resimulate(particles, "joint", seed, split.ds.cut)
+        return sim[det], below
+    return functools.partial(metrics.floor, simulate=simulate) if split.ds.is_toy else lambda *a, **k: None
 
 
 def separate_rows(args, split, idx):
@@ -412,8 +401,8 @@ def separate_rows(args, split, idx):
                 reps.append(metrics.score(split.ds.images[det][idx], np.load(out)["responses"],
                                           split.ds.cond_id[idx], split.ds.particles[idx, 9], cond, seed=r,
                                           record=recs[-1], channels=args.channels))
-            record = dict(sums=np.stack([x["sums"] for x in recs]), auc=[x.get("auc") for x in recs],
-                          seeds=[args.seed + r for r in range(args.reps)])
+            record = dict(seeds=[args.seed + r for r in range(args.reps)])
+            metrics._collect(record, recs)
             row = dict(metrics.summarize(reps), seen_in_training=[seen, 0.0], ckpt=str(path),
                        n_params=ck.get("n_params"))
             rows[det][model] = (f"{model} (separate)", row, record)

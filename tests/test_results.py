@@ -69,6 +69,22 @@ def test_summary_table_from_hand_made_files(tmp_path):
     assert "only metric here that checks conditioning" in md[-1]
 
 
+def test_summary_shows_no_table_for_a_protocol_with_only_variant_rows(tmp_path):
+    # every script row is protocol 2; a protocol-1 variant file (no script of that name) left beside them must not
+    # produce a second table of nothing but its lookup row, nor the sentence about protocol-1 cells
+    base = dict(floor=row(2.0, 0.5), lookup=row(3.0, 0.52), detector="neutron", split="random", n_test=2000,
+                protocol=metrics.protocol_block("mean-of-reps", 2000, 5, 200))
+    (tmp_path / "vae_neutron_random.json").write_text(json.dumps(dict(base, model=row(8.0, 0.9))))
+    old = {k: v for k, v in base.items() if k != "protocol"}
+    (tmp_path / "vae_vit_neutron_random.json").write_text(json.dumps(dict(old, model=row(6.0, 0.9))))
+    md = metrics.results_summary(str(tmp_path))
+    assert md.startswith("protocol 2") and "protocol 1" not in md and "Protocol-1 cells" not in md
+    assert md.count("| lookup") == 1 and md.count("| `vae.py`") == 1
+    (tmp_path / "gan_neutron_random.json").write_text(json.dumps(dict(old, model=row(9.0, 0.9))))   # a script row
+    md = metrics.results_summary(str(tmp_path))
+    assert "\n\nprotocol 1 (before issue 36)" in md and "| `gan.py`" in md and "Protocol-1 cells" in md
+
+
 def test_summary_skips_files_that_are_not_eval_json(tmp_path):
     (tmp_path / "vqgan_neutron_random_stage1_check.json").write_text(json.dumps({"rows": [1]}))
     assert metrics.results_summary(str(tmp_path)).count("\n") == 2               # the header only

@@ -178,7 +178,7 @@ def test_table43_layout_marks_missing_cells_and_answers_the_thesis_questions(tmp
     assert thesis_cnn.count("| missing | missing | missing | missing |") == 5 and "vae_vdvae_neutron_random" in md
     write("vae_vdvae", 9.0)
     row = next(s for s in metrics.table43(tmp_path).splitlines() if s.startswith("| VAE | 4.50 |"))
-    assert row.endswith("| ViT (6.00 vs 9.00) |")
+    assert row.endswith("| not established (6.00 vs 9.00: protocol 1, no test-set interval; regenerate both rows) |")
 
 
 def test_vqgan_vit_tokenizer_trains_both_stages_and_samples(tmp_path):

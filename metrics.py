@@ -1115,8 +1115,6 @@ def results_summary(folder):
     by_protocol = {}
     for k, r in evals.items():
         by_protocol.setdefault(protocol_label(r), {})[k] = r
-    for split, r in refs.items():
-        by_protocol.setdefault(protocol_label(r), {})
     lines = []
 
     def ratio(r, row="model"):

@@ -38,9 +38,10 @@ Protocol (version 2, issue 36): `evaluate(generate, split)` generates once for e
 with different seeds, and reports the mean and std over the repetitions of each metric. That std leaves out the
 test-set noise (which events are in the test set), so run_eval adds 95 % intervals from a bootstrap over test
 particles (all events of a resampled particle together, the same draws for the model, the floor and the lookup:
-paired) for W, W / floor (a ratio interval) and the AUC, and paired intervals of the model - lookup and model -
-floor differences; it writes every row's per-event channel sums to <eval>.sums.npz, so `python metrics.py
---compare A.json B.json` gives the paired interval of the difference of two models on the same events. W comes
+paired) for W, W / floor (a ratio interval), the AUC and the shower metrics separation, FPD and KPD (boot_shower),
+and paired intervals of the model - lookup and model - floor differences; it writes every row's per-event channel
+sums and shower features to <eval>.sums.npz, so `python metrics.py --compare A.json B.json` gives the paired
+interval of the difference of two models on the same events. W comes
 in two forms: the mean of the repetitions' W (the default) and the publications' pooled W (one W of all
 repetitions together against the test set; on the first 2,000 ZN random test events the floor is 2.07 as a
 mean of 5 and 1.66 pooled); `--max-test 0` is the whole test split. Every eval.json records its protocol and
@@ -233,6 +234,9 @@ def score(true, gen, cond_id, pdg, cond=None, shower=True, seed=0, record=None, 
     if shower:
         out.update(shower_scores(true, gen, cond, seed, groups=cond_id,
                                  record=None if record is None else record.setdefault("auc", {})))
+        if record is not None:                   # for the bootstrap of the shower metrics (boot_shower)
+            record["true_feats"] = shower_features(true[:SHOWER_N])
+            record["feats"] = shower_features(gen[:SHOWER_N])
     return out
 
 
@@ -271,17 +275,23 @@ def shower_features(counts):
     return np.c_[total, channel_sums(counts), cx, cy, wx, wy, flat.max(1), (flat >= 0.5).sum(1)]
 
 
+def separation_bins(true_col, bins=30):
+    """The bin edges of separation_power for one feature: `bins` quantiles of the true column (ties merged), plus an
+    underflow and an overflow bin, so values outside the true range (e.g. overbright outliers) are counted apart,
+    not folded into the end bins. np.searchsorted(edges, x, "right") - 1 is the bin of x (np.histogram's)."""
+    inner = np.unique(np.quantile(true_col, np.linspace(0, 1, bins + 1)))
+    inner[-1] = np.nextafter(inner[-1], np.inf)                # the true maximum belongs to the last inner bin
+    return np.r_[-np.inf, inner, np.inf]
+
+
 def separation_power(true, gen, bins=30):
     """Per-column separation power (triangular discrimination) 1/2 sum_i (p_i - q_i)^2 / (p_i + q_i) of the
-    normalised histograms of true (n, F) and gen (m, F): 0 for identical histograms, 1 for disjoint ones.
-    Bins: `bins` quantiles of the true column (ties merged), plus an underflow and an overflow bin, so values
-    outside the true range (e.g. overbright outliers) are counted apart, not folded into the end bins."""
+    normalised histograms of true (n, F) and gen (m, F), binned by separation_bins: 0 for identical histograms,
+    1 for disjoint ones."""
     true, gen = np.asarray(true, np.float64), np.asarray(gen, np.float64)
     out = np.empty(true.shape[1])
     for k in range(true.shape[1]):
-        inner = np.unique(np.quantile(true[:, k], np.linspace(0, 1, bins + 1)))
-        inner[-1] = np.nextafter(inner[-1], np.inf)            # the true maximum belongs to the last inner bin
-        edges = np.r_[-np.inf, inner, np.inf]
+        edges = separation_bins(true[:, k], bins)
         p = np.histogram(true[:, k], edges)[0] / len(true)
         q = np.histogram(gen[:, k], edges)[0] / len(gen)
         s = p + q > 0
@@ -443,10 +453,14 @@ def default_batch_size(generate=None):
 
 
 def _collect(record, reps_records):
-    """Stack per-repetition records (score(record=...)) into one: sums (reps, n, 5) float32, auc: list."""
+    """Stack per-repetition records (score(record=...)) into one: sums (reps, n, 5) float32, auc: list, and with
+    the shower metrics the shower features: feats (reps, n_shower, 12), true_feats (n_shower, 12)."""
     if record is not None:
         record["sums"] = np.stack([r["sums"] for r in reps_records])
         record["auc"] = [r.get("auc") for r in reps_records]
+        if all("feats" in r for r in reps_records):
+            record["feats"] = np.stack([r["feats"] for r in reps_records])
+            record["true_feats"] = reps_records[0]["true_feats"]
 
 
 @torch.no_grad()
@@ -504,11 +518,68 @@ def weighted_auc(events, s_true, s_gen, weights):
     return ((G * (below + 0.5 * T)).sum(1) / (tot * tot)) if k else np.full(len(w), np.nan)
 
 
+SHOWER_BOOT = ("separation", "fpd", "kpd")     # the shower metrics with a bootstrap interval (boot_shower)
+
+
+def boot_shower(true_feats, gen_feats, groups, weights, bins=30):
+    """The shower metrics of one row under bootstrap weights: {"separation", "fpd", "kpd": (B,)}, each the mean over
+    the repetitions, from true features (n, F) and generated ones (reps, n, F) of the first n test events
+    (shower_features), event i of every repetition weighted like true event i (weights (B, n): paired, as in
+    weighted_wasserstein). The transforms of the point estimate are held fixed: the separation bins are the
+    unweighted true quantiles, the standardisation the unweighted true mean and std. KPD leaves out the pairs of
+    events that share a particle (`groups` (n,), as kernel_distance). Unit weights give shower_scores' values."""
+    from scipy.linalg import sqrtm
+    ft = np.asarray(true_feats, np.float64)
+    W = np.atleast_2d(np.asarray(weights, np.float64))
+    tot = W.sum(1)
+    zt = standardized_features(ft, ft)
+    d = zt.shape[1]
+    groups = np.asarray(groups)
+    keep = (groups[:, None] != groups[None, :]).astype(np.float64)
+    den = ((W @ keep) * W).sum(1)
+
+    def kernel_mean(a, b):                     # (B,) weighted mean of the kernel over pairs of different particles
+        k = a @ b.T / d + 1
+        k = k * k * k * k if KPD_DEGREE == 4 else k ** KPD_DEGREE
+        return ((W @ (k * keep)) * W).sum(1) / den
+
+    def moments(z):                            # (B, d) weighted means, (B, d, d) weighted covariances (ddof 1)
+        mu = W @ z / tot[:, None]
+        second = np.einsum("bi,ij,ik->bjk", W, z, z, optimize=True)
+        return mu, (second - tot[:, None, None] * mu[:, :, None] * mu[:, None, :]) / (tot - 1)[:, None, None]
+
+    edges = [separation_bins(ft[:, k], bins) for k in range(ft.shape[1])]
+
+    def hist(f, k):                            # (B, bins + 2) weighted, normalised histogram of feature k
+        onehot = np.zeros((len(f), len(edges[k]) - 1))
+        onehot[np.arange(len(f)), np.searchsorted(edges[k], f[:, k], "right") - 1] = 1
+        return W @ onehot / tot[:, None]
+
+    kxx = kernel_mean(zt, zt)
+    mt, ct = moments(zt)
+    pt = [hist(ft, k) for k in range(ft.shape[1])]
+    out = {key: np.zeros(len(W)) for key in SHOWER_BOOT}
+    gen_feats = np.asarray(gen_feats, np.float64)
+    for fg in gen_feats:
+        zg = standardized_features(fg, ft)
+        out["kpd"] += kxx + kernel_mean(zg, zg) - 2 * kernel_mean(zt, zg)
+        mg, cg = moments(zg)
+        for b in range(len(W)):
+            root = sqrtm(ct[b] @ cg[b])
+            root = root.real if np.iscomplexobj(root) else root
+            out["fpd"][b] += max(np.sum((mt[b] - mg[b]) ** 2) + np.trace(ct[b] + cg[b] - 2 * root), 0.0)
+        for k in range(ft.shape[1]):
+            pq, diff = pt[k] + hist(fg, k), pt[k] - hist(fg, k)
+            out["separation"] += 0.5 * np.sum(diff ** 2 / np.where(pq > 0, pq, 1), 1) / ft.shape[1]
+    return {key: v / len(gen_feats) for key, v in out.items()}
+
+
 def boot_rows(true_sums, cond_id, records, n_boot=N_BOOT, seed=0):
     """Bootstrap draws of every row: {row: {"W": (B,), "W_pooled": (B,), "auc": (B,) or None}} from the records
     of evaluate / floor / lookup (per-event channel sums of every repetition, classifier scores), all with the
-    same weights (paired: the same resampled test particles for every row). Also the point values (unit
-    weights) under "point"."""
+    same weights (paired: the same resampled test particles for every row); where a record holds the shower
+    features also "separation", "fpd" and "kpd" (boot_shower). Also the point values (unit weights) under
+    "point_<key>"."""
     wts = condition_weights(cond_id, n_boot, seed)
     ones = np.ones((1, len(cond_id)))
     out = {}
@@ -523,19 +594,24 @@ def boot_rows(true_sums, cond_id, records, n_boot=N_BOOT, seed=0):
         if aucs:
             o["auc"] = np.mean([weighted_auc(a["events"], a["true"], a["gen"], wts) for a in aucs], 0)
             o["point_auc"] = float(np.mean([weighted_auc(a["events"], a["true"], a["gen"], ones)[0] for a in aucs]))
+        if rec.get("feats") is not None and rec.get("true_feats") is not None:
+            n_s = rec["feats"].shape[1]
+            sh = boot_shower(rec["true_feats"], rec["feats"], np.asarray(cond_id)[:n_s], np.r_[ones, wts][:, :n_s])
+            for key, v in sh.items():
+                o["point_" + key], o[key] = float(v[0]), v[1:]
         out[name] = o
     return out
 
 
 def uncertainty(boot, level=0.95):
-    """The JSON block of intervals from boot_rows(): per row W (mean of the repetitions), W_pooled and auc with
-    their bootstrap sd and 95 % interval; per row other than the floor W/floor (both protocols) as a ratio
+    """The JSON block of intervals from boot_rows(): per row W (mean of the repetitions), W_pooled, auc and (where
+    recorded) the shower metrics separation, fpd, kpd with their bootstrap sd and 95 % interval; per row other than the floor W/floor (both protocols) as a ratio
     interval; model - lookup differences (W, W_pooled, auc) with an interval and whether it excludes 0."""
     out = {}
     fl = boot.get("floor")
     for name, b in boot.items():
         row = {}
-        for key in ("W", "W_pooled", "auc"):
+        for key in ("W", "W_pooled", "auc", *SHOWER_BOOT):
             if key in b:
                 p = b["point_" + key]
                 row[key] = dict(value=p, sd=float(np.std(b[key], ddof=1)), ci=interval(b[key], p, level))
@@ -549,7 +625,7 @@ def uncertainty(boot, level=0.95):
     for a, c in pairs:
         if a in boot and c in boot:
             d = {}
-            for key in ("W", "W_pooled", "auc"):
+            for key in ("W", "W_pooled", "auc", *SHOWER_BOOT):
                 if key in boot[a] and key in boot[c]:
                     p = boot[a]["point_" + key] - boot[c]["point_" + key]
                     ci = interval(boot[a][key] - boot[c][key], p, level)
@@ -559,12 +635,16 @@ def uncertainty(boot, level=0.95):
 
 
 def save_sums(path, idx, cond_id, true_sums, records):
-    """The per-event channel sums behind an eval.json, compressed: what `--compare` and the bootstrap need."""
+    """The per-event channel sums behind an eval.json, compressed: what `--compare` and the bootstrap need; with
+    the shower features of the first SHOWER_N events where the records hold them (float32)."""
     arrays = dict(idx=np.asarray(idx), cond_id=np.asarray(cond_id), true=np.asarray(true_sums, np.float32))
     for name, rec in records.items():
         if rec is None:
             continue
         arrays[f"{name}_sums"] = rec["sums"].astype(np.float32)
+        if rec.get("feats") is not None:         # shower features: the bootstrap of separation, FPD and KPD
+            arrays[f"{name}_feats"] = np.asarray(rec["feats"], np.float32)
+            arrays.setdefault("true_feats", np.asarray(rec["true_feats"], np.float32))
         aucs = rec.get("auc") or []
         if aucs and all(aucs):
             arrays[f"{name}_auc_events"] = np.stack([a["events"] for a in aucs])
@@ -584,6 +664,8 @@ def load_sums(path):
             if f"{name}_auc_events" in a:
                 rec["auc"] = [dict(events=e, true=t, gen=g) for e, t, g in
                               zip(a[f"{name}_auc_events"], a[f"{name}_auc_true"], a[f"{name}_auc_gen"])]
+            if f"{name}_feats" in a and "true_feats" in a:
+                rec.update(feats=a[f"{name}_feats"].astype(np.float64), true_feats=a["true_feats"].astype(np.float64))
             records[name] = rec
     return a["idx"], a["cond_id"], a["true"].astype(np.float64), records
 
@@ -666,8 +748,8 @@ def run_eval(generate, split, path, args, name, extra=None, floor_fn=None, other
 
 
 def uncertainty_text(unc, name="model"):
-    """The printed form of uncertainty(): intervals of W (both protocols), W / floor and AUC, and the paired
-    model - lookup differences."""
+    """The printed form of uncertainty(): intervals of W (both protocols), W / floor, AUC and the shower metrics,
+    and the paired model - lookup differences."""
     lines = ["", f"95 % intervals, bootstrap over test particles ({'paired: the same resampled events for every row'})"]
     others = [k for k in unc if "-" not in k and k not in ("model", "floor", "lookup")]
     for row in ("model", *others, "floor", "lookup"):
@@ -676,15 +758,17 @@ def uncertainty_text(unc, name="model"):
             continue
         parts = []
         for key, label in (("W", "W mean of reps"), ("W_pooled", "W pooled"), ("W/floor", "W/floor"),
-                           ("W_pooled/floor", "pooled W/floor"), ("auc", "AUC")):
+                           ("W_pooled/floor", "pooled W/floor"), ("auc", "AUC"), ("separation", "separation"),
+                           ("fpd", "FPD"), ("kpd", "KPD")):
             if key in u:
-                v = u[key]
-                parts.append(f"{label} {v['value']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]")
+                v, f = u[key], ".4f" if key == "kpd" else ".3f"
+                parts.append(f"{label} {v['value']:{f}} [{v['ci'][0]:{f}}, {v['ci'][1]:{f}}]")
         lines.append(f"  {name if row == 'model' else row:<20} " + "; ".join(parts))
     for pair in ("model-lookup", "model-floor", *(f"model-{k}" for k in others)):
         for key, v in (unc.get(pair) or {}).items():
-            lines.append(f"  {pair.replace('model', name)} {key}: {v['value']:+.3f} [{v['ci'][0]:+.3f}, "
-                         f"{v['ci'][1]:+.3f}] " + ("excludes 0" if v["excludes_zero"] else "includes 0: not resolved"))
+            f = "+.4f" if key == "kpd" else "+.3f"
+            lines.append(f"  {pair.replace('model', name)} {key}: {v['value']:{f}} [{v['ci'][0]:{f}}, "
+                         f"{v['ci'][1]:{f}}] " + ("excludes 0" if v["excludes_zero"] else "includes 0: not resolved"))
     return "\n".join(lines)
 
 
@@ -1021,6 +1105,8 @@ def results_markdown(folder):
             lines += ["| row | W | W / floor | MAE | empty | separation | FPD | KPD (biased) | AUC | parameters | file |",
                       "|---|---|---|---|---|---|---|---|---|---|---|"]
 
+        seeds_only = []                         # rows whose shower metrics have no test-set interval
+
         def row(label, r, params="", file="", f=None, key=None):
             if new and f is not None:
                 wk = "W_pooled" if f["protocol"]["W"] == "pooled" else "W"
@@ -1030,8 +1116,11 @@ def results_markdown(folder):
                 w, auc_ = _pm(r, "W"), _pm(r, "auc")
                 ratio = f"{r['W'][0] / fw:.2f}" if r and fw else "-"
             mae, empty = (f"{r['MAE'][0]:.1f}", f"{r['empty'][0]:.2f}") if r else ("-", "-")
-            lines.append(f"| {label} | {w} | {ratio} | {mae} | {empty} | {_pm(r, 'separation')} | "
-                         f"{_pm(r, 'fpd')} | {_pm(r, 'kpd', '.4f')} | {auc_} | {params} | {file} |")
+            u = ((f or {}).get("uncertainty") or {}).get(key) or {} if new else {}
+            shower = [_ci(f, key, k, fmt) if k in u else _pm(r, k, fmt)
+                      for k, fmt in (("separation", ".3f"), ("fpd", ".3f"), ("kpd", ".4f"))]
+            seeds_only.append(bool(new and r and "kpd" in r and "kpd" not in u))
+            lines.append(f"| {label} | {w} | {ratio} | {mae} | {empty} | {' | '.join(shower)} | {auc_} | {params} | {file} |")
         row("noise floor (re-simulation)", ref["floor"], f=ref, key="floor")
         row("lookup (nearest training particle)", ref["lookup"], f=ref, key="lookup")
         for name, r in sorted((g for g in group if "model" in g[1]), key=lambda g: headline_W(g[1])):
@@ -1044,13 +1133,18 @@ def results_markdown(folder):
                     sep, "", f"[{name}]({link}{name})", f=r if unc_key else None, key=unc_key)
         if new:
             lines.append("")
+            if any(seeds_only):
+                lines += ["Separation, FPD and KPD written as value ± std: the spread over the repetitions alone, "
+                          "test-set noise left out (the eval.json predates the shower features in its .sums.npz; "
+                          "rerun its --eval for the bootstrap interval); do not rank rows on those cells.", ""]
         for name, r in group:                   # paired differences on the same events (protocol 2)
             pairs = ("model-lookup", "model-floor") if "model" in r else ("lookup-floor",)
             pairs += tuple(f"model-{sep['key']}" for sep in (r.get("separate") or {}).values() if "key" in sep)
             for pair, d in ((k, v) for k, v in (r.get("uncertainty") or {}).items() if k in pairs):
                 lines.append(f"- {pair.replace('model', r.get('name', name[:-5]))}, paired on the same events: " + "; ".join(
-                    f"{k} {v['value']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
-                    + ("" if v["excludes_zero"] else " (includes 0)") for k, v in d.items()))
+                    f"{k} {v['value']:{f}} [{v['ci'][0]:{f}}, {v['ci'][1]:{f}}]"
+                    + ("" if v["excludes_zero"] else " (includes 0)")
+                    for k, v in d.items() for f in ["+.4f" if k == "kpd" else "+.3f"]))
         lines += ["", "Commands:", ""] + [f"- `{name}`: `{r['command']}`" for name, r in group] + [""]
         for name, r in group:                   # property control (corrvae.py): requested vs achieved
             if r.get("control"):
@@ -1323,7 +1417,7 @@ def compare(path_a, path_b, n_boot=N_BOOT, protocol=None, level=0.95):
     test particles draws the same particles for both models (and the floor). Returns (text, dict) with, for W
     (the files' protocol, or `protocol`) and W / floor, the difference A - B, its interval and whether it
     excludes 0; the AUC difference too where both files hold the classifier's scores (same seeds, same held-out
-    events)."""
+    events), and separation, FPD and KPD where both hold the shower features."""
     files = []
     for p in (Path(path_a), Path(path_b)):
         r = json.loads(p.read_text())
@@ -1360,6 +1454,11 @@ def compare(path_a, path_b, n_boot=N_BOOT, protocol=None, level=0.95):
         pr = p / f["point_" + key]
         res["W/floor"] = dict(a=boot["a"]["point_" + key] / f["point_" + key],
                               b=boot["b"]["point_" + key] / f["point_" + key], diff=pr, ci=interval(dr, pr, level))
+    if all(k in boot[x] for k in SHOWER_BOOT for x in "ab"):      # both files hold the shower features
+        for k in SHOWER_BOOT:
+            pk = boot["a"]["point_" + k] - boot["b"]["point_" + k]
+            res[k] = dict(a=boot["a"]["point_" + k], b=boot["b"]["point_" + k], diff=pk,
+                          ci=interval(boot["a"][k] - boot["b"][k], pk, level))
     if "auc" in boot["a"] and "auc" in boot["b"]:
         same = all(np.array_equal(x["events"], y["events"]) for x, y in zip(reca["model"]["auc"], recb["model"]["auc"]))
         if same:
@@ -1374,8 +1473,9 @@ def compare(path_a, path_b, n_boot=N_BOOT, protocol=None, level=0.95):
             v["excludes_zero"] = bool(v["ci"][0] > 0 or v["ci"][1] < 0)
             verdict = (f"excludes 0: {'A' if v['diff'] < 0 else 'B'} is closer to the simulation (lower {k})"
                        if v["excludes_zero"] else "includes 0: not resolved")
-            lines.append(f"  {k:<8} A {v['a']:.3f}  B {v['b']:.3f}  A - B {v['diff']:+.3f} "
-                         f"[{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]  {verdict}")
+            f = "4f" if k == "kpd" else "3f"
+            lines.append(f"  {k:<10} A {v['a']:.{f}}  B {v['b']:.{f}}  A - B {v['diff']:+.{f}} "
+                         f"[{v['ci'][0]:+.{f}}, {v['ci'][1]:+.{f}}]  {verdict}")
     return "\n".join(lines) + "\n", res
 
 

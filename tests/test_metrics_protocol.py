@@ -259,6 +259,39 @@ def test_condition_weights_keep_a_particle_together():
     assert (w.reshape(500, -1) % 1 == 0).all() and abs(w.sum(1).mean() - 7) < 0.3  # 4 particles drawn 4 times
 
 
+def test_boot_shower_gives_the_point_and_equals_repeated_events():
+    """boot_shower: unit weights give separation_power, frechet_distance and kernel_distance as shower_scores calls
+    them (run_eval's test checks that call); integer weights equal the metrics of the events repeated that many
+    times (true and generated together), with the point estimate's transforms (bins and standardisation from the
+    unweighted true features) and same-particle pairs left out of KPD."""
+    rng = np.random.default_rng(5)
+    n, gid = 240, np.repeat(np.arange(80), 3)                        # 80 particles, 3 events each
+    c = rng.gamma(2, 2, (80, 1, 1))[gid]
+    true = rng.poisson(c * np.ones((n, 12, 10))).astype(float)
+    gens = rng.poisson(1.2 * c * np.ones((2, n, 12, 10))).astype(float)
+    ft, fg = metrics.shower_features(true), np.stack([metrics.shower_features(x) for x in gens])
+    w = metrics.condition_weights(gid, 1, seed=3)[0]
+    got = metrics.boot_shower(ft, fg, gid, np.stack([np.ones(n), w]))
+    zt = metrics.standardized_features(ft, ft)
+    point = [dict(separation=metrics.separation_power(ft, f).mean(), kpd=metrics.kernel_distance(zt, zg, gid),
+                  fpd=metrics.frechet_distance(zt, zg)) for f in fg for zg in [metrics.standardized_features(f, ft)]]
+    rep = np.repeat(np.arange(n), w.astype(int))
+    zt = zt[rep]
+    edges = [metrics.separation_bins(ft[:, k]) for k in range(12)]
+    hist = lambda f, k: np.histogram(f[rep, k], edges[k])[0] / len(rep)                       # noqa: E731
+    want = dict(separation=[], fpd=[], kpd=[])
+    for f in fg:
+        zg = metrics.standardized_features(f, ft)[rep]
+        want["fpd"].append(metrics.frechet_distance(zt, zg))
+        want["kpd"].append(metrics.kernel_distance(zt, zg, gid[rep]))
+        sep = [(hist(ft, k), hist(f, k)) for k in range(12)]
+        want["separation"].append(np.mean([0.5 * np.sum((p - q) ** 2 / np.where(p + q > 0, p + q, 1)) for p, q in sep]))
+    for key in metrics.SHOWER_BOOT:
+        assert got[key][0] == pytest.approx(np.mean([r[key] for r in point]), rel=1e-9), key
+        assert got[key][1] == pytest.approx(np.mean(want[key]), rel=1e-9), key
+    assert got["separation"][0] > 0.01 and got["fpd"][0] > 0.05                 # a 20 % gain error is seen
+
+
 def test_bootstrap_sd_follows_the_spread_across_test_sets():
     """Synthetic per-particle data: the spread of a model-minus-reference W difference across 40 independent test
     sets, against the mean bootstrap sd within one: the bootstrap neither shrinks nor inflates it by 2x."""
@@ -319,6 +352,12 @@ def test_run_eval_writes_the_protocol_and_the_sums(evals, split):
     assert u["model"]["W"]["ci"][0] < r["model"]["W"][0] < u["model"]["W"]["ci"][1]
     assert u["model"]["W/floor"]["ci"][0] < u["model"]["W/floor"]["value"] < u["model"]["W/floor"]["ci"][1]
     assert "auc" in u["model"] and "W_pooled" in u["floor"]
+    # the shower metrics: features stored, intervals around the rows' values, paired differences
+    assert recs["model"]["feats"].shape == (2, 300, 12) and recs["model"]["true_feats"].shape == (300, 12)
+    for key in metrics.SHOWER_BOOT:
+        assert u["model"][key]["value"] == pytest.approx(r["model"][key][0], rel=1e-6, abs=1e-9)
+        assert u["floor"][key]["ci"][0] < u["floor"][key]["value"] < u["floor"][key]["ci"][1]
+        assert key in u["model-lookup"] and key in u["model-floor"]
     on_disk = json.loads(path.read_text())
     assert on_disk["sums"] == path.with_suffix(".sums.npz").name
 
@@ -327,8 +366,10 @@ def test_compare_resolves_a_real_gap_and_not_a_tie(evals):
     folder, out = evals
     _, res = metrics.compare(out["good"][0], out["bright"][0], n_boot=100)
     assert res["W"]["excludes_zero"] and res["W"]["diff"] < 0 and res["W/floor"]["excludes_zero"]
+    assert res["separation"]["excludes_zero"] and res["separation"]["diff"] < 0 and res["fpd"]["diff"] < 0
     _, res = metrics.compare(out["good"][0], out["twin"][0], n_boot=100)      # the same model twice
     assert res["W"]["diff"] == 0 and not res["W"]["excludes_zero"]
+    assert res["kpd"]["diff"] == 0 and not res["kpd"]["excludes_zero"]
     r = subprocess.run([sys.executable, "metrics.py", "--compare", str(out["good"][0]), str(out["bright"][0])],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "excludes 0: A is closer" in r.stdout, r.stderr
@@ -392,9 +433,21 @@ def test_tables_never_mix_protocols(evals, tmp_path):
     p2 = next(s for s in sections if "protocol 2" in s.splitlines()[2])
     p1 = next(s for s in sections if "protocol 1" in s.splitlines()[2])
     assert "| good |" in p2 and "old bright" not in p2 and "| old bright |" in p1 and "| good |" not in p1
-    assert "paired on the same events" in p2
+    assert "paired on the same events" in p2 and "kpd" in p2
+    good = next(s for s in p2.splitlines() if s.startswith("| good |")).split(" | ")
+    kpd = new["uncertainty"]["model"]["kpd"]
+    assert good[7] == f"{kpd['value']:.4f} [{kpd['ci'][0]:.4f}, {kpd['ci'][1]:.4f}]"
+    assert "do not rank rows on those cells" not in p2
     for s in (p1, p2):
         assert s.splitlines()[0].startswith("neutron, random split, 300 test events")
+
+    # a protocol-2 file from before the shower features were stored: its shower cells say ± and are flagged
+    unc = {k: {m: v for m, v in u.items() if m not in metrics.SHOWER_BOOT} for k, u in new["uncertainty"].items()}
+    (tmp_path / "twin_neutron_random.json").write_text(json.dumps(dict(new, name="twin", uncertainty=unc)))
+    p2 = next(s for s in metrics.results_markdown(str(tmp_path)).split("\n## ") if "protocol 2" in s[:400])
+    twin = next(s for s in p2.splitlines() if s.startswith("| twin |")).split(" | ")
+    assert " ± " in twin[7] and "[" not in twin[7] and "do not rank rows on those cells" in p2
+    (tmp_path / "twin_neutron_random.json").unlink()
 
     # the README summary: one table per protocol (file names of real scripts, so they get rows)
     (tmp_path / "good_neutron_random.json").rename(tmp_path / "vae_neutron_random.json")

@@ -6,10 +6,13 @@
 2. `--calibrate`: is the bootstrap's sd the test-set noise? K disjoint chunks of N test events: the spread across
    chunks of the floor's and the lookup's W, W / floor and lookup - floor, against the mean bootstrap sd within a
    chunk (the bootstrap sees only one chunk). W only (shower=False): the classifier is the slow part.
+   With --shower: the same for the shower metrics separation, FPD and KPD (boot_shower on the floor's and the
+   lookup's shower features; no classifier).
 
     python tools/protocol_check.py --before-after --orig /tmp/orig --json results/protocol_check_before_after.json
     python tools/protocol_check.py --calibrate --chunks 20 --json results/protocol_check_calibration_chunks.json
     python tools/protocol_check.py --calibrate --chunks 20 --across seeds --json results/protocol_check_calibration_seeds.json
+    python tools/protocol_check.py --calibrate --shower --chunks 20 --across seeds --json results/protocol_check_calibration_shower.json
 
 --orig: a folder holding the old metrics.py (`git show <commit>:metrics.py > DIR/metrics.py`).
 """
@@ -119,10 +122,47 @@ def calibrate(args):
     return out
 
 
+def calibrate_shower(args):
+    """--calibrate --shower: per test set (chunk), separation, FPD and KPD of the floor and the lookup and their
+    bootstrap sds (boot_shower, the same draws for both: paired); then the spread across test sets against the
+    mean bootstrap sd, for each row and for the difference lookup - floor."""
+    ds = data.load(args.detector, "toy", progress=False)
+    out = {}
+    for mode in args.splits:
+        split = data.Split(ds, mode, 0)
+        rows = []
+        for k in range(args.chunks):
+            s = chunk(split, k, args.n, args.across)
+            idx = s.idx["test"][:metrics.SHOWER_N]
+            ft = metrics.shower_features(ds.images[idx])
+            fl = np.stack([metrics.shower_features(data.resimulate(ds.particles[idx], ds.detector, 10_000 + r, ds.cut)[0])
+                           for r in range(args.reps)])
+            lk = np.stack([metrics.shower_features(ds.images[pick[:len(idx)]]) for pick in metrics.lookup_picks(s, args.reps)])
+            w = np.r_[np.ones((1, len(idx))), metrics.condition_weights(ds.cond_id[idx], args.boot, seed=k)]
+            bf, bl = (metrics.boot_shower(ft, f, ds.cond_id[idx], w) for f in (fl, lk))
+            r = {key: dict(floor=bf[key][0], lookup=bl[key][0], diff=bl[key][0] - bf[key][0],
+                           sd_floor=float(np.std(bf[key][1:], ddof=1)), sd_lookup=float(np.std(bl[key][1:], ddof=1)),
+                           sd_diff=float(np.std(bl[key][1:] - bf[key][1:], ddof=1))) for key in metrics.SHOWER_BOOT}
+            rows.append(r)
+            print(f"{mode} chunk {k}: " + "; ".join(f"{key} floor {v['floor']:.4f} (sd {v['sd_floor']:.4f}) lookup "
+                                                    f"{v['lookup']:.4f} (sd {v['sd_lookup']:.4f})" for key, v in r.items()),
+                  flush=True)
+        summ = {}
+        for key in metrics.SHOWER_BOOT:
+            col = {c: np.array([r[key][c] for r in rows]) for c in rows[0][key]}
+            summ[key] = {f"{c}_mean": float(col[c].mean()) for c in ("floor", "lookup")}
+            for c in ("floor", "lookup", "diff"):
+                summ[key].update({f"{c}_sd_across": float(col[c].std(ddof=1)), f"{c}_boot_sd": float(col["sd_" + c].mean())})
+            print(f"{mode} {key}: " + ", ".join(f"{c} {v:.4f}" for c, v in summ[key].items()), flush=True)
+        out[mode] = dict(chunks=rows, summary=summ)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--before-after", action="store_true")
     p.add_argument("--calibrate", action="store_true")
+    p.add_argument("--shower", action="store_true", help="--calibrate: the shower metrics instead of W")
     p.add_argument("--orig", default="/tmp/orig", help="folder with the old metrics.py (for --before-after)")
     p.add_argument("--detector", default="neutron")
     p.add_argument("--splits", nargs="+", default=["random", "disjoint"])
@@ -138,7 +178,8 @@ def main():
     if args.before_after:
         result["before_after"] = before_after(args)
     if args.calibrate:
-        result.update(chunks=args.chunks, across=args.across, boot=args.boot, calibration=calibrate(args))
+        result.update(chunks=args.chunks, across=args.across, boot=args.boot,
+                      calibration=(calibrate_shower if args.shower else calibrate)(args))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=float))
         print(f"written {args.json}")

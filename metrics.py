@@ -540,7 +540,7 @@ def boot_shower(true_feats, gen_feats, groups, weights, bins=30):
 
     def kernel_mean(a, b):                     # (B,) weighted mean of the kernel over pairs of different particles
         k = a @ b.T / d + 1
-        k = k * k * k * k if KPD_DEGREE == 4 else k ** KPD_DEGREE
+        k = k * k * k * k if KPD_DEGREE == 4 else k ** KPD_DEGREE    # products: ~4x faster than ** 4 here
         return ((W @ (k * keep)) * W).sum(1) / den
 
     def moments(z):                            # (B, d) weighted means, (B, d, d) weighted covariances (ddof 1)

@@ -605,8 +605,9 @@ def boot_rows(true_sums, cond_id, records, n_boot=N_BOOT, seed=0):
 
 def uncertainty(boot, level=0.95):
     """The JSON block of intervals from boot_rows(): per row W (mean of the repetitions), W_pooled, auc and (where
-    recorded) the shower metrics separation, fpd, kpd with their bootstrap sd and 95 % interval; per row other than the floor W/floor (both protocols) as a ratio
-    interval; model - lookup differences (W, W_pooled, auc) with an interval and whether it excludes 0."""
+    recorded) the shower metrics separation, fpd, kpd with their bootstrap sd and 95 % interval; per row other
+    than the floor W/floor (both protocols) as a ratio interval; paired differences model - lookup, model - floor,
+    lookup - floor (the same keys) with an interval and whether it excludes 0."""
     out = {}
     fl = boot.get("floor")
     for name, b in boot.items():

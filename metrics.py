@@ -1299,10 +1299,18 @@ def table43(folder):
              "separation, ViT | AUC, CNN | AUC, ViT |", "|---" * 10 + "|"]
 
     def cell(r, key, fmt=".3f"):
+        """A protocol-2 file's cell is 'value [95 % interval]' (bootstrap over test particles); a protocol-1 file's
+        is the bare ratio or 'value ± std' over the seeds, the spread that leaves out test-set noise."""
         if r is None:
             return "missing"
+        u = (r.get("uncertainty") or {}).get("model") or {}
+        wk = "W_pooled" if (r.get("protocol") or {}).get("W") == "pooled" else "W"
         if key == "ratio":
+            if f"{wk}/floor" in u:
+                return _ci(r, "model", f"{wk}/floor", ".2f")
             return f"{r['model']['W'][0] / r['floor']['W'][0]:.2f}" if r.get("floor") else "-"
+        if (wk if key == "W" else key) in u:
+            return _ci(r, "model", wk if key == "W" else key, fmt)
         return _pm(r["model"], key, fmt)
     for label, w_cnn, w_vit, stem, _ in TABLE43:
         c, v = runs.get((stem, "CNN")), runs.get((stem, "ViT"))
@@ -1325,6 +1333,10 @@ def table43(folder):
             gap = f"{wa:.2f} vs {wb:.2f}, paired difference {d['diff']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
             return f"{name_a if wa < wb else name_b} ({gap})" if d["excludes_zero"] else f"not resolved ({gap})"
         return f"not established ({wa:.2f} vs {wb:.2f}: protocol 1, no test-set interval; regenerate both rows)"
+    if any(r and r.get("protocol") for r in runs.values()):
+        lines += ["", "Cells of protocol-2 files: value [95 % interval] from the bootstrap over test particles (issue "
+                  "36); cells of protocol-1 files: value ± std over the seeds on one fixed set of test events, a "
+                  "spread that leaves out test-set noise (too small to rank on)."]
     lines += ["", "The thesis' conclusions, here (lower W wins where the paired 95 % interval of the difference on the "
               "same events excludes 0, protocol 2 only; protocol-1 rows are not ranked, their spread leaves out "
               "test-set noise; rows of different protocols are not compared):", ""]

@@ -415,9 +415,18 @@ def test_table43_compares_protocol_2_rows_on_paired_intervals_and_never_across_p
     assert "MIXED protocols" not in md
     assert "- VAE, ViT vs CNN (thesis: CNN): CNN (" in md and "paired difference +" in md
     assert "- AE + Sinkhorn noise generator, ViT vs CNN (thesis: ViT): not resolved (" in md
+    u = out["good"][1]["uncertainty"]["model"]                      # cells: the value and its test-set interval
+    ci = lambda k, f: f"{u[k]['value']:{f}} [{u[k]['ci'][0]:{f}}, {u[k]['ci'][1]:{f}}]"
+    vae_row = next(s for s in md.splitlines() if s.startswith("| VAE |")).split(" | ")
+    assert [vae_row[i] for i in (2, 4, 6, 8)] == [ci("W/floor", ".2f"), ci("W", ".2f"), ci("separation", ".3f"),
+                                                  ci("auc", ".3f")]
+    assert "± " not in vae_row[2] + vae_row[3] + vae_row[4] + vae_row[5] and "Cells of protocol-2 files" in md
     (tmp_path / "vae_vit_neutron_random.json").write_text(json.dumps(dict(old, model=out["bright"][1]["model"])))
     md = metrics.table43(tmp_path)
     assert "MIXED protocols" in md and "- VAE, ViT vs CNN (thesis: CNN): not comparable (" in md
+    vae_row = next(s for s in md.splitlines() if s.startswith("| VAE |")).split(" | ")
+    w = out["bright"][1]["model"]["W"]                              # the protocol-1 ViT cell: the seed spread only
+    assert vae_row[4] == ci("W", ".2f") and vae_row[5] == f"{w[0]:.2f} ± {w[1]:.2f}" and "[" not in vae_row[3]
 
 
 def test_tables_never_mix_protocols(evals, tmp_path):

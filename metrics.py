@@ -1503,7 +1503,8 @@ def main(argv=None):
     p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test events only")
     p.add_argument("--seed", type=int, default=0, help="seed of the toy data and of the split")
     p.add_argument("--plot", default=None, metavar="DIR", help="write sample grids and channel histograms here")
-    p.add_argument("--json", default=None, help="also write everything to this JSON file")
+    p.add_argument("--json", default=None, help="also write everything to this JSON file (with --compare: the "
+                   "differences and their intervals)")
     p.add_argument("--results", default=None, metavar="DIR", help="print the results tables (markdown) of the "
                    "eval.json files in DIR and exit: `python metrics.py --results results/ > RESULTS.md`")
     p.add_argument("--summary", action="store_true", help="with --results: the README's one-row-per-model table")
@@ -1529,10 +1530,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.compare:
         try:
-            text, _ = compare(*args.compare, n_boot=args.bootstrap or N_BOOT, protocol=args.protocol)
+            text, res = compare(*args.compare, n_boot=args.bootstrap or N_BOOT, protocol=args.protocol)
         except (FileNotFoundError, ValueError, KeyError) as e:
             sys.exit(f"error: --compare: {e}")
         sys.stdout.write(text)
+        if args.json:                             # e.g. results/compare_A_B_<split>.json, cited by the README
+            Path(args.json).write_text(json.dumps(dict(
+                res, command="python metrics.py " + " ".join(sys.argv[1:] if argv is None else argv)), indent=1) + "\n")
+            print(f"written {args.json}")
         return
     if args.sweep_table:
         try:

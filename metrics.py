@@ -1535,8 +1535,11 @@ def main(argv=None):
             sys.exit(f"error: --compare: {e}")
         sys.stdout.write(text)
         if args.json:                             # e.g. results/compare_A_B_<split>.json, cited by the README
-            Path(args.json).write_text(json.dumps(dict(
-                res, command="python metrics.py " + " ".join(sys.argv[1:] if argv is None else argv)), indent=1) + "\n")
+            try:
+                Path(args.json).write_text(json.dumps(dict(
+                    res, command="python metrics.py " + " ".join(sys.argv[1:] if argv is None else argv)), indent=1) + "\n")
+            except OSError as e:
+                sys.exit(f"error: --json {args.json}: cannot write it ({e.strerror})")
             print(f"written {args.json}")
         return
     if args.sweep_table:

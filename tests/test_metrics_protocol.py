@@ -376,6 +376,10 @@ def test_compare_resolves_a_real_gap_and_not_a_tie(evals):
     written = json.loads((folder / "cmp.json").read_text())                 # --json keeps what it printed
     assert written["W"]["excludes_zero"] and written["W"]["diff"] < 0 and "kpd" in written
     assert written["command"].startswith("python metrics.py --compare ") and written["a"] == str(out["good"][0])
+    r = subprocess.run([sys.executable, "metrics.py", "--compare", str(out["good"][0]), str(out["bright"][0]),
+                        "--json", str(folder / "no_such_dir" / "cmp.json")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "--json" in r.stderr and "cannot write" in r.stderr and "Traceback" not in r.stderr
     old = folder / "old.json"
     old.write_text(json.dumps({k: v for k, v in out["good"][1].items() if k not in ("sums", "protocol")}))
     r = subprocess.run([sys.executable, "metrics.py", "--compare", str(old), str(out["bright"][0])], cwd=ROOT,

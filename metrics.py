@@ -1059,6 +1059,11 @@ def headline_W(r, row="model"):
     return r[row]["W"][0]
 
 
+def _w_key(r):
+    """The uncertainty key of the W a protocol-2 file's tables use: "W_pooled" or "W" (mean of the repetitions)."""
+    return "W_pooled" if (r.get("protocol") or {}).get("W") == "pooled" else "W"
+
+
 def _ci(r, row, key, fmt=".3f"):
     """'value [lo, hi]' of a protocol-2 file's uncertainty block; '-' when it has none."""
     u = ((r.get("uncertainty") or {}).get(row) or {}).get(key)
@@ -1110,7 +1115,7 @@ def results_markdown(folder):
 
         def row(label, r, params="", file="", f=None, key=None):
             if new and f is not None:
-                wk = "W_pooled" if f["protocol"]["W"] == "pooled" else "W"
+                wk = _w_key(f)
                 w, ratio, auc_ = _ci(f, key, wk), _ci(f, key, wk + "/floor", ".2f"), _ci(f, key, "auc")
                 ratio = "1.00" if key == "floor" else ratio
             else:
@@ -1216,7 +1221,7 @@ def results_summary(folder):
         if not (r and r.get("floor")):
             return "-"
         if r.get("protocol"):
-            return _ci(r, row, ("W_pooled" if r["protocol"]["W"] == "pooled" else "W") + "/floor", ".2f")
+            return _ci(r, row, _w_key(r) + "/floor", ".2f")
         return f"{r[row]['W'][0] / r['floor']['W'][0]:.2f}"
 
     def auc_cell(r, row="model"):
@@ -1304,7 +1309,7 @@ def table43(folder):
         if r is None:
             return "missing"
         u = (r.get("uncertainty") or {}).get("model") or {}
-        wk = "W_pooled" if (r.get("protocol") or {}).get("W") == "pooled" else "W"
+        wk = _w_key(r)
         if key == "ratio":
             if f"{wk}/floor" in u:
                 return _ci(r, "model", f"{wk}/floor", ".2f")

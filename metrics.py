@@ -1051,17 +1051,17 @@ def protocol_label(r):
             + (", channels 1-4 on the (row+col)-odd pixels (the proton paper's code)" if odd else ""))
 
 
-def headline_W(r, row="model"):
-    """The W a file's protocol reports for `row` (mean of the repetitions, or pooled)."""
-    p, u = r.get("protocol"), r.get("uncertainty") or {}
-    if p and p["W"] == "pooled" and row in u:
-        return u[row]["W_pooled"]["value"]
-    return r[row]["W"][0]
-
-
 def _w_key(r):
     """The uncertainty key of the W a protocol-2 file's tables use: "W_pooled" or "W" (mean of the repetitions)."""
     return "W_pooled" if (r.get("protocol") or {}).get("W") == "pooled" else "W"
+
+
+def headline_W(r, row="model"):
+    """The W a file's protocol reports for `row` (mean of the repetitions, or pooled)."""
+    u = r.get("uncertainty") or {}
+    if _w_key(r) == "W_pooled" and row in u:
+        return u[row]["W_pooled"]["value"]
+    return r[row]["W"][0]
 
 
 def _ci(r, row, key, fmt=".3f"):
